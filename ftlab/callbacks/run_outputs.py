@@ -1,0 +1,147 @@
+"""What a run leaves in its run directory: `summary.json` and the Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ftlab.errors import ConfigError
+from ftlab.export import export_model
+
+
+def peak_memory_mb() -> float:
+    """Peak device memory: CUDA's allocator peak when on GPU, else this process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _scalar(v):
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class RunOutputs(L.Callback):
+    """Writes `summary.json` (updated after fit, validate and test) and exports the model after fit.
+
+    Its counters (training tokens, wall time) are saved in checkpoints, so a resumed run's summary covers
+    the whole run.
+    """
+
+    def __init__(self, export: bool = True, merge_adapter: bool = True):
+        """
+        Args:
+            export: Save the final model in Hugging Face format to `<run dir>/export` after fit.
+            merge_adapter: For adapter runs, also save the adapter merged into the base weights.
+        """
+        self.export = export
+        self.merge_adapter = merge_adapter
+        self.train_tokens = 0
+        self.train_samples = 0
+        self.wall_time_s = 0.0
+        self._fit_start: float | None = None
+
+    @staticmethod
+    def run_dir(trainer: L.Trainer) -> str:
+        return trainer.default_root_dir
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        root = self.run_dir(trainer)
+        try:
+            os.makedirs(root, exist_ok=True)
+            probe = os.path.join(root, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise ConfigError(f"trainer.default_root_dir={root!r} is not writable ({err.strerror}); "
+                              "choose a run directory you can write to") from None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        mask = batch.get("attention_mask")
+        self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self.train_samples += batch["input_ids"].shape[0]
+
+    def _elapsed(self) -> float:
+        return self.wall_time_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"train_tokens": self.train_tokens, "train_samples": self.train_samples, "wall_time_s": self._elapsed()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_tokens = state_dict.get("train_tokens", 0)
+        self.train_samples = state_dict.get("train_samples", 0)
+        self.wall_time_s = state_dict.get("wall_time_s", 0.0)
+
+    def _global_counts(self, trainer) -> tuple[int, int]:
+        counts = torch.tensor([self.train_tokens, self.train_samples], dtype=torch.long)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
+        return int(counts[0]), int(counts[1])
+
+    def _write(self, trainer, pl_module, extra: dict) -> None:
+        path = os.path.join(self.run_dir(trainer), "summary.json")
+        summary = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+        summary.update(
+            {
+                "task": pl_module.task.name,
+                **pl_module.policy.describe(),
+                "model": pl_module.name_or_path,
+                "trainable_params": pl_module.trainable_params,
+                "total_params": pl_module.total_params,
+                "world_size": trainer.world_size,
+                "num_nodes": trainer.num_nodes,
+                "strategy": type(trainer.strategy).__name__,
+                "precision": str(trainer.precision),
+                "peak_memory_mb": round(max(summary.get("peak_memory_mb", 0), peak_memory_mb()), 1),
+                **extra,
+            }
+        )
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("val/", "test/")):
+                summary[key] = _scalar(value)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        tokens, samples = self._global_counts(trainer)
+        wall = self._elapsed()
+        if trainer.is_global_zero:
+            extra = {
+                "steps": trainer.global_step,
+                "epochs": trainer.current_epoch,
+                "train_tokens": tokens,
+                "train_samples": samples,
+                "wall_time_s": round(wall, 2),
+                "train_samples_per_s": round(samples / wall, 2) if wall else None,
+                "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
+            }
+            if self.export:
+                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+                folders = export_model(pl_module.model, tokenizer, os.path.join(self.run_dir(trainer), "export"),
+                                       merge_adapter=self.merge_adapter)
+                extra["export"] = folders
+                rank_zero_info(f"ftlab: exported {', '.join(f'{k}: {v}' for k, v in folders.items())}")
+            self._write(trainer, pl_module, extra)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate" and trainer.is_global_zero:
+            self._write(trainer, pl_module, {})
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, {})

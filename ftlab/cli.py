@@ -1,0 +1,82 @@
+"""The command line: LightningCLI (fit / validate / test / predict, YAML configs, dotted overrides,
+`--print_config`, `--help` from the docstrings), plus ftlab's run directory conventions."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from ftlab.callbacks import RunOutputs
+from ftlab.data import TextDataModule
+from ftlab.module import FineTuneModule
+
+
+def _checkpoint_dir(run_dir: str | None) -> str:
+    return os.path.join(run_dir or "runs/default", "checkpoints")
+
+
+class FtlabCLI(LightningCLI):
+    """LightningCLI with the run directory (`trainer.default_root_dir`) holding everything a run writes:
+    `config.yaml`, `checkpoints/`, `export/`, `summary.json`."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
+        parser.add_lightning_class_args(RunOutputs, "outputs")
+        parser.link_arguments("model.name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit, evaluate the final model on the test split (when there is one).")
+
+    def after_fit(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config)
+        if cfg.get("test_after_fit") and "test" in getattr(self.datamodule, "splits", {}):
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        if self.trainer.is_global_zero:
+            _print_summary(self.trainer.default_root_dir)
+
+
+def _print_summary(run_dir: str) -> None:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        summary = json.load(f)
+    table = Table(title=f"ftlab run {run_dir}", show_header=False)
+    for key in ("task", "policy", "peft_method", "trainable_params", "total_params", "steps", "epochs",
+                "wall_time_s", "train_samples_per_s", "peak_memory_mb"):
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    for key in sorted(k for k in summary if k.startswith(("val/", "test/"))):
+        table.add_row(key, f"{summary[key]:.4f}")
+    table.add_row("outputs", f"{run_dir}/ (summary.json, config.yaml, checkpoints/, export/)")
+    Console().print(table)
+
+
+def progress_bar():
+    """Rich's bar on a terminal; a plain line every 50 steps in logs (rich redraws fill log files)."""
+    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50)
+
+
+def run_cli(args: list[str] | None = None) -> FtlabCLI:
+    return FtlabCLI(
+        FineTuneModule,
+        TextDataModule,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+        trainer_defaults={"default_root_dir": "runs/default", "callbacks": [progress_bar()],
+                          "use_distributed_sampler": False},
+        auto_configure_optimizers=False,
+        args=args,
+    )

@@ -1,0 +1,42 @@
+"""Dynamic padding: pad each batch to its own longest row.
+
+Why not transformers' DataCollatorWithPadding: it goes through `tokenizer.pad` per batch, a slow path
+(transformers itself warns about it); rows here are already token ids, so padding is a tensor fill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_PAD_ZERO = ("attention_mask", "token_type_ids")
+
+
+class PadCollator:
+    """Stacks rows of token ids into padded tensors; `labels` lists are padded with -100 (ignored)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+        self.left = padding_side == "left"
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0]:
+            if key == "length":
+                continue
+            values = [r[key] for r in rows]
+            if not isinstance(values[0], list):
+                batch[key] = torch.tensor(values)
+                continue
+            fill = -100 if key == "labels" else 0 if key in _PAD_ZERO else self.pad_token_id
+            out = torch.full((len(rows), longest), fill, dtype=torch.long)
+            for i, v in enumerate(values):
+                if self.left:
+                    out[i, longest - len(v):] = torch.tensor(v, dtype=torch.long)
+                else:
+                    out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
+            batch[key] = out
+        return batch

@@ -1,0 +1,413 @@
+"""Data modules: load a source, check it, split it, tokenise it once into a cache, serve padded batches.
+
+`TextDataModule` holds everything tasks share; a task family's data module (e.g.
+`TextClassificationData`) adds its columns and how a row becomes model inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from ftlab.data.collate import PadCollator
+from ftlab.data.samplers import GroupedBatchSampler
+from ftlab.data.sources import Source, resolve_model_path
+from ftlab.errors import ConfigError
+
+_SPLIT_ALIASES = {"validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
+                  "test": "test", "train": "train"}
+CACHE_FORMAT = 2  # bump when the cached layout changes
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("FTLAB_CACHE", os.path.expanduser("~/.cache/ftlab")), "data")
+
+
+def _size(value: int | float, n: int, option: str) -> int:
+    if isinstance(value, float) and not value.is_integer() or 0 < value < 1:
+        if not 0 < value < 1:
+            raise ConfigError(f"{option}={value}: a fraction must be in (0, 1), or give a row count")
+        return max(1, round(value * n))
+    if value < 0:
+        raise ConfigError(f"{option}={value} must be >= 0")
+    return int(value)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Shared data handling: source, filtering, splits, tokenisation cache, batching."""
+
+    def __init__(
+        self,
+        source: str | dict[str, str],
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 0.1,
+        test_size: int | float = 0.1,
+        split_seed: int = 0,
+        keep_rows: dict[str, list] | None = None,
+        deduplicate: bool = False,
+        max_train_rows: int | None = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        """
+        Args:
+            source: A hub dataset id, a local file (csv, tsv, json, jsonl, parquet; .gz/.bz2/.xz/.zst too) or
+                glob, a `pkg://package/path` file inside an installed package, a named offline source
+                (`rotten-tomatoes-snippets`), or a mapping split -> file (`{train: a.csv, test: b.csv}`).
+            tokenizer: Tokenizer name or path; by default the model's (`model.name_or_path`).
+            max_length: Truncate rows to this many tokens.
+            batch_size: Training batch size per device.
+            eval_batch_size: Validation/test batch size per device (default: 2 x batch_size).
+            val_size: Held-out validation rows taken from train when the source has no validation split
+                (fraction in (0, 1) or a row count).
+            test_size: Held-out test rows taken from train when the source has no test split.
+            split_seed: Seed of those splits (fixed separately from the training seed so that runs with
+                different seeds are evaluated on the same rows).
+            keep_rows: Keep only rows whose column holds one of the listed values, e.g.
+                `{category: [fresh, rotten]}`.
+            deduplicate: Drop rows whose text repeats an earlier row's (before splitting, so no test row
+                is also a training row).
+            max_train_rows: Use at most this many training rows (quick trials).
+            group_by_length: Batch rows of similar length together (little padding, faster); off = random.
+            num_workers: DataLoader worker processes.
+            cache_dir: Where tokenised splits are cached (default `$FTLAB_CACHE/data` or
+                `~/.cache/ftlab/data`). The cache key covers the data files, tokenizer and options.
+            trust_remote_code: Allow the tokenizer's own code from its repository (off: safer).
+        """
+        super().__init__()
+        if max_length <= 0:
+            raise ConfigError(f"data.max_length={max_length} must be a positive number of tokens (e.g. 128)")
+        if batch_size <= 0:
+            raise ConfigError(f"data.batch_size={batch_size} must be a positive integer (e.g. 32)")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        if max_train_rows is not None and max_train_rows <= 0:
+            raise ConfigError(f"data.max_train_rows={max_train_rows} must be positive")
+        for option, value in (("data.val_size", val_size), ("data.test_size", test_size)):
+            if value < 0 or isinstance(value, float) and value >= 1 and not value.is_integer():
+                raise ConfigError(f"{option}={value}: give a fraction in (0, 1) or a row count >= 0")
+        self.source = Source(source)
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
+        self.keep_rows = keep_rows or {}
+        self.deduplicate = deduplicate
+        self.max_train_rows = max_train_rows
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.cache_root = cache_dir or default_cache_dir()
+        self.trust_remote_code = trust_remote_code
+        self._tokenizer = None
+        self.splits: dict = {}
+        self.meta: dict = {}
+
+    # ---- what subclasses provide
+    def required_columns(self) -> dict[str, str]:
+        """Option name -> column name, for every column the rows must have."""
+        return {}
+
+    def text_column_for_dedup(self) -> str | None:
+        return None
+
+    def prepare_labels(self, raw) -> tuple:
+        """Check labels, map them to ids; returns (dataset dict, meta to cache)."""
+        return raw, {}
+
+    def encode(self, batch: dict) -> dict:
+        """A batch of raw rows (column -> list) to model inputs (input_ids, labels...)."""
+        raise NotImplementedError
+
+    def apply_meta(self, meta: dict) -> None:
+        """Take back what prepare_labels put in the cache meta (e.g. label names)."""
+
+    # ---- tokenizer
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not self.tokenizer_name:
+                raise ConfigError("data.tokenizer is not set (it defaults to model.name_or_path); set one of them")
+            from transformers import AutoTokenizer
+
+            path = resolve_model_path(self.tokenizer_name)
+            try:
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"data.tokenizer={self.tokenizer_name!r}: no tokenizer could be loaded "
+                                  f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None
+            if tok.pad_token is None:  # decoder tokenizers (GPT-2, Llama) have none: reuse end-of-sequence
+                tok.pad_token = tok.eos_token
+            self._tokenizer = tok
+        return self._tokenizer
+
+    # ---- cache
+    def cache_key(self) -> str:
+        tok = self.tokenizer
+        tok_id = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(tok.get_vocab())
+        parts = {
+            "format": CACHE_FORMAT,
+            "class": type(self).__qualname__,
+            "source": self.source.fingerprint(),
+            "tokenizer": hashlib.sha256(tok_id.encode()).hexdigest()[:16],
+            "options": self.cache_options(),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def cache_options(self) -> dict:
+        return {
+            "max_length": self.max_length, "val_size": self.val_size, "test_size": self.test_size,
+            "split_seed": self.split_seed, "keep_rows": self.keep_rows, "deduplicate": self.deduplicate,
+            "max_train_rows": self.max_train_rows,
+        }
+
+    @property
+    def cache_path(self) -> str:
+        return os.path.join(self.cache_root, self.cache_key())
+
+    def prepare_data(self) -> None:
+        """Runs once per node (rank 0): load, check, split, tokenise, and cache. A later run with the same
+        data, tokenizer and options reuses the cache and tokenises nothing."""
+        path = self.cache_path
+        if os.path.exists(os.path.join(path, "meta.json")):
+            rank_zero_info(f"ftlab: tokenised data from cache {path}")
+            return
+        raw = self._load_checked()
+        raw, meta = self.prepare_labels(raw)
+        splits = self._split(raw)
+        columns = list(next(iter(splits.values())).column_names)
+        encoded = {}
+        for name, ds in splits.items():
+            if len(ds) == 0:
+                raise ConfigError(f"data: the {name} split is empty; check data.source, keep_rows and split sizes")
+            encoded[name] = ds.map(self.encode, batched=True, remove_columns=columns, desc=f"tokenising {name}")
+            encoded[name] = encoded[name].map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+        meta.update({"sizes": {k: len(v) for k, v in encoded.items()}})
+        os.makedirs(self.cache_root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=self.cache_root, prefix=".tmp-")
+        try:
+            import datasets
+
+            datasets.DatasetDict(encoded).save_to_disk(tmp)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rank_zero_info(f"ftlab: tokenised {meta['sizes']} rows into {path}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        import datasets
+
+        path = self.cache_path
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            self.prepare_data()  # e.g. the data module used on its own, outside a Trainer
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.apply_meta(self.meta)
+        self.splits = dict(datasets.load_from_disk(path))
+
+    # ---- load, filter, split
+    def _load_checked(self):
+        import datasets
+
+        raw = self.source.load()
+        renamed = {}
+        for name, ds in raw.items():
+            key = _SPLIT_ALIASES.get(name.lower())
+            if key is None:
+                continue
+            renamed[key] = ds
+        if "train" not in renamed:
+            raise ConfigError(f"data.source has splits {list(raw)}; one must be 'train' (or give a single file)")
+        raw = datasets.DatasetDict(renamed)
+        for split, ds in raw.items():
+            for option, column in {**self.required_columns(), **{f"keep_rows.{c}": c for c in self.keep_rows}}.items():
+                if column not in ds.column_names:
+                    raise ConfigError(f"data.{option}: column {column!r} is not in the {split} data; "
+                                      f"its columns are {ds.column_names}")
+        if self.keep_rows:
+            wanted = {c: {str(v) for v in vals} for c, vals in self.keep_rows.items()}
+            raw = raw.filter(lambda row: all(str(row[c]) in vs for c, vs in wanted.items()), desc="keep_rows")
+        text = self.text_column_for_dedup()
+        if text:
+            raw = raw.filter(lambda row: isinstance(row[text], str) and row[text].strip() != "", desc="drop empty rows")
+        if self.deduplicate and text:
+            seen: set[str] = set()
+
+            def first_time(row):
+                key = row[text].strip()
+                if key in seen:
+                    return False
+                seen.add(key)
+                return True
+
+            # one pass over the splits in order, so a row repeated across splits stays in the first only
+            raw = datasets.DatasetDict({k: raw[k].filter(first_time) for k in ("train", "validation", "test") if k in raw})
+        return raw
+
+    def _split(self, raw) -> dict:
+        train = raw["train"]
+        out = {}
+        if "test" in raw:
+            out["test"] = raw["test"]
+        elif self.test_size:
+            n = _size(self.test_size, len(train), "data.test_size")
+            if n >= len(train):
+                raise ConfigError(f"data.test_size={self.test_size} leaves no training rows (train has {len(train)})")
+            parts = train.train_test_split(test_size=n, seed=self.split_seed)
+            train, out["test"] = parts["train"], parts["test"]
+        if "validation" in raw:
+            out["validation"] = raw["validation"]
+        elif self.val_size:
+            n = _size(self.val_size, len(train), "data.val_size")
+            if n >= len(train):
+                raise ConfigError(f"data.val_size={self.val_size} leaves no training rows (train has {len(train)})")
+            parts = train.train_test_split(test_size=n, seed=self.split_seed)
+            train, out["validation"] = parts["train"], parts["validation"] if "validation" in parts else parts["test"]
+        if self.max_train_rows:
+            train = train.select(range(min(self.max_train_rows, len(train))))
+        out["train"] = train
+        return out
+
+    # ---- loaders
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.splits:
+            raise ConfigError(f"data: there is no {split} split (set data.{'val' if split == 'validation' else split}_size > 0)")
+        ds = self.splits[split]
+        world, rank = self._rank()
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = GroupedBatchSampler(
+            ds["length"], self.batch_size if train else self.eval_batch_size, shuffle=train,
+            group_by_length=self.group_by_length, seed=seed, num_replicas=world, rank=rank,
+        )
+        return DataLoader(
+            ds.remove_columns("length"), batch_sampler=sampler, collate_fn=self.collator(),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def collator(self):
+        return PadCollator(self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class TextClassificationData(TextDataModule):
+    """Text (or text pair) classification data: a text column, an optional second text, a label column."""
+
+    def __init__(
+        self,
+        source: str | dict[str, str],
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        label_names: list[str] | None = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            source: See TextDataModule.
+            text_column: Column with the text to classify.
+            text_pair_column: Optional second text (e.g. the hypothesis of an NLI pair).
+            label_column: Column with the label (a name, or an integer id).
+            label_names: The labels, in id order. Every row's label must be one of them. Default: the
+                dataset's own label names, else the sorted distinct values of the training labels.
+            **kwargs: The options of TextDataModule (batch_size, max_length, splits, cache...).
+        """
+        super().__init__(source, **kwargs)
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.label_column = label_column
+        if label_names is not None and len(set(map(str, label_names))) != len(label_names):
+            raise ConfigError(f"data.label_names={label_names} has duplicates; list each label once")
+        self.label_names = [str(n) for n in label_names] if label_names else None
+
+    def required_columns(self) -> dict[str, str]:
+        cols = {"text_column": self.text_column, "label_column": self.label_column}
+        if self.text_pair_column:
+            cols["text_pair_column"] = self.text_pair_column
+        return cols
+
+    def text_column_for_dedup(self) -> str | None:
+        return self.text_column
+
+    def cache_options(self) -> dict:
+        return {**super().cache_options(), "columns": [self.text_column, self.text_pair_column, self.label_column],
+                "label_names": self.label_names}
+
+    def prepare_labels(self, raw):
+        import datasets
+
+        feature = raw["train"].features[self.label_column]
+        own_names = getattr(feature, "names", None)
+        counts: Counter = Counter()
+        for ds in raw.values():
+            values = ds[self.label_column]
+            counts.update(own_names[v] if own_names and isinstance(v, int) else v for v in values)
+        if None in counts:
+            raise ConfigError(f"data.label_column={self.label_column!r}: {counts[None]} rows have no label; "
+                              "fill them or drop them from the file")
+        names = self.label_names or own_names or sorted(str(v) for v in counts)
+        names = [str(n) for n in names]
+        unknown = {str(v): c for v, c in counts.items() if str(v) not in names}
+        if unknown:
+            shown = ", ".join(f"{v!r} ({c} rows)" for v, c in sorted(unknown.items())[:5])
+            raise ConfigError(
+                f"data: labels {shown} in column {self.label_column!r} are not in data.label_names={names}; add them "
+                f"to label_names, or keep only known labels with data.keep_rows: {{{self.label_column}: {names}}}"
+            )
+        if len(names) < 2:
+            raise ConfigError(f"data: only one label {names} in column {self.label_column!r}; classification needs two or more")
+        label2id = {n: i for i, n in enumerate(names)}
+        column = self.label_column
+
+        def to_id(batch):
+            return {column: [label2id[str(own_names[v] if own_names and isinstance(v, int) else v)] for v in batch[column]]}
+
+        # explicit features: datasets would otherwise keep the column's old (string) type for the ids
+        features = raw["train"].features.copy()
+        features[column] = datasets.Value("int64")
+        raw = raw.map(to_id, batched=True, features=features, desc="label ids")
+        return raw, {"label_names": names}
+
+    def apply_meta(self, meta: dict) -> None:
+        self.label_names = meta["label_names"]
+
+    def encode(self, batch: dict) -> dict:
+        pair = batch[self.text_pair_column] if self.text_pair_column else None
+        enc = self.tokenizer(batch[self.text_column], pair, truncation=True, max_length=self.max_length)
+        enc["labels"] = batch[self.label_column]
+        return dict(enc)

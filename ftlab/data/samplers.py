@@ -1,0 +1,79 @@
+"""Batch samplers: length-grouped (little padding) and plain random, deterministic from (seed, epoch)
+and sharded across ranks by the sampler itself.
+
+Why our own: Lightning's injected DistributedSampler shuffles indices again and would undo length
+grouping, and transformers' LengthGroupedSampler draws from a generator whose position is not
+restorable; here the order is a pure function of (seed, epoch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Yields lists of indices (one batch each) for this rank.
+
+    Training: shuffle, cut into mega-batches of `group_factor` batches, sort each by length, shuffle the
+    resulting batches; every rank gets the same number of batches (drop the tail that does not divide).
+    Evaluation (`shuffle=False`): sort everything by length, no drops, shards may differ by one batch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        group_factor: int = 50,
+    ):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.group_factor = group_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of each epoch."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = torch.argsort(self.lengths, descending=True, stable=True) if self.group_by_length else torch.arange(n)
+            return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(n, generator=g)
+        if self.group_by_length:
+            mega = self.batch_size * self.group_factor
+            chunks = []
+            for i in range(0, n, mega):
+                chunk = order[i : i + mega]
+                chunks.append(chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)])
+            order = torch.cat(chunks)
+        batches = [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+        if self.group_by_length:
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            batches = [batches[i] for i in perm]
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[:usable]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        n_batches = math.ceil(len(self.lengths) / self.batch_size)
+        if self.shuffle:
+            return n_batches // self.num_replicas
+        return len(range(self.rank, n_batches, self.num_replicas))

@@ -1,0 +1,20 @@
+"""The one exception type for mistakes a user can fix (bad config, bad data, bad paths)."""
+
+
+class ConfigError(ValueError):
+    """A user error: the message names the bad value and the fix.
+
+    The CLI prints it as one line and exits with code 2, without a traceback.
+    """
+
+
+def did_you_mean(value: str, choices) -> str:
+    """A short hint naming the closest valid choices, for error messages."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), choices, n=3)
+    if close:
+        return f"did you mean {', '.join(repr(c) for c in close)}?"
+    shown = ", ".join(repr(c) for c in choices[:12])
+    return f"choose from {shown}{', ...' if len(choices) > 12 else ''}"

@@ -1,0 +1,189 @@
+"""The LightningModule: builds a Hugging Face model in `configure_model`, applies the policy, and runs
+the task's loss and metrics. It knows tasks and policies only through their interfaces."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics import MeanMetric
+
+from ftlab.data.sources import resolve_model_path
+from ftlab.errors import ConfigError
+from ftlab.optim import Optim
+from ftlab.policies import Full, Policy
+from ftlab.tasks import SequenceClassification, Task
+
+
+def summarize_trainable(model: torch.nn.Module) -> tuple[int, int, list[str]]:
+    """(trainable, total, trainable module names with block indices folded: `layer.{0-5}.query`)."""
+    import re
+
+    trainable = total = 0
+    modules: dict[str, set[int]] = {}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+            module = name.rsplit(".", 1)[0]
+            m = re.search(r"\.(\d+)\.", module)
+            key = module[: m.start()] + ".{}." + module[m.end():] if m else module
+            modules.setdefault(key, set())
+            if m:
+                modules[key].add(int(m.group(1)))
+    names = []
+    for key, idx in modules.items():
+        if idx:
+            lo, hi = min(idx), max(idx)
+            span = str(lo) if lo == hi else f"{lo}-{hi}" if len(idx) == hi - lo + 1 else ",".join(map(str, sorted(idx)))
+            key = key.replace("{}", "{" + span + "}")
+        names.append(key)
+    return trainable, total, names
+
+
+class FineTuneModule(L.LightningModule):
+    """A pretrained Hugging Face model, a task and a policy."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        task: Task | None = None,
+        policy: Policy | None = None,
+        optim: Optim | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        dtype: str | None = None,
+    ):
+        """
+        Args:
+            name_or_path: Hugging Face hub id, local folder (e.g. an earlier run's `export/`), `pkg://` path,
+                or a named offline model (`all-MiniLM-L6-v2`).
+            task: What the model learns (default: SequenceClassification).
+            policy: What trains: Freeze (transfer learning), Adapter (peft), Full (default).
+            optim: AdamW and learning-rate schedule.
+            trust_remote_code: Run model code shipped in the model repository. Off by default: it executes
+                arbitrary Python; turn on only for repositories you trust.
+            revision: Hub revision (branch, tag or commit) to load.
+            dtype: Weight dtype to load (e.g. bfloat16); default float32. Mixed precision is
+                `trainer.precision`.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["task", "policy", "optim"])
+        self.name_or_path = name_or_path
+        self.task = task or SequenceClassification()
+        self.policy = policy or Full()
+        self.optim = optim or Optim()
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.load_dtype = dtype
+        if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+        if trust_remote_code:
+            rank_zero_warn(f"ftlab: trust_remote_code is ON: code from {name_or_path!r} will run on this machine")
+        self.model: torch.nn.Module | None = None
+        self.metrics = torch.nn.ModuleDict()
+        self.val_loss = MeanMetric()
+        self.trainable_params = self.total_params = 0
+
+    # ---- building
+    def _load_kwargs(self) -> dict:
+        kwargs = {"trust_remote_code": self.trust_remote_code, **self.task.model_kwargs(self.trainer.datamodule)}
+        if self.revision:
+            kwargs["revision"] = self.revision
+        if self.load_dtype:
+            kwargs["dtype"] = getattr(torch, self.load_dtype)
+        return kwargs
+
+    def _skeleton(self, path: str, kwargs: dict) -> torch.nn.Module:
+        """The model's structure with no weights (meta device): enough to check the policy for free."""
+        from transformers import AutoConfig
+
+        config_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype",)}
+        try:
+            config = AutoConfig.from_pretrained(path, **config_kwargs)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no model config could be loaded "
+                              f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with config.json") from None
+        with torch.device("meta"):
+            try:
+                return self.task.auto_class.from_config(config, trust_remote_code=self.trust_remote_code)
+            except ValueError as err:
+                raise ConfigError(f"model.name_or_path={self.name_or_path!r}: a {config.model_type} model has no "
+                                  f"{self.task.auto_class.__name__} head for task {self.task.name!r} ({err})") from None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        data = self.trainer.datamodule
+        self.task.check_data(data)
+        path = resolve_model_path(self.name_or_path)
+        kwargs = self._load_kwargs()
+        self.policy.validate(self._skeleton(path, {k: v for k, v in kwargs.items()
+                                                    if k in ("trust_remote_code", "revision")}), self.task)
+        model = self.task.auto_class.from_pretrained(path, **kwargs)
+        tokenizer = getattr(data, "tokenizer", None)
+        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
+        model.train()  # transformers returns models in eval mode (dropout off)
+        self.model = self.policy.apply(model, self.task)
+        for split in ("val", "test"):
+            self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
+        self.trainable_params, self.total_params, names = summarize_trainable(self.model)
+        share = 100 * self.trainable_params / max(self.total_params, 1)
+        rank_zero_info(
+            f"ftlab: policy {self.policy.name}: training {self.trainable_params:,} of {self.total_params:,} "
+            f"parameters ({share:.2f}%) in: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+        )
+
+    # ---- steps
+    def forward(self, batch: dict):
+        return self.task.forward(self.model, batch)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        outputs = self(batch)
+        loss = self.task.loss(outputs, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}, batch {batch_idx}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict, split: str):
+        outputs = self(batch)
+        self.task.update_metrics(self.metrics[f"{split}_"], outputs, batch)
+        return outputs
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        outputs = self._eval_step(batch, "val")
+        self.val_loss.update(self.task.loss(outputs, batch), weight=batch["input_ids"].shape[0])
+
+    def test_step(self, batch: dict, batch_idx: int):
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int):
+        return self.task.predict(self(batch), batch, self.trainer.datamodule)
+
+    def _log_metrics(self, split: str) -> None:
+        # torchmetrics sync across ranks once per epoch (no per-step collectives)
+        metrics = self.metrics[f"{split}_"]
+        self.log_dict({f"{split}/{k}": v for k, v in metrics.compute().items()}, prog_bar=split == "val")
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss.compute())
+        self.val_loss.reset()
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def on_train_epoch_start(self) -> None:
+        changed = self.policy.on_epoch_start(self.model, self.current_epoch)
+        if changed:
+            rank_zero_info(f"ftlab: epoch {self.current_epoch}: unfroze {len(changed)} more parameter tensors")
+
+    # ---- optimizer
+    def configure_optimizers(self):
+        groups = self.policy.param_groups(self.model, self.optim.lr, self.optim.weight_decay)
+        optimizer, scheduler = self.optim.build(groups, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,53 @@
+"""What a task is: which AutoModel class, how a batch becomes a loss, which metrics.
+
+New tasks (token classification, causal LM, ...) subclass `Task`; the LightningModule only talks to
+this interface, so a user's own task plugs in by `class_path` without editing ftlab.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+
+
+class Task(ABC):
+    """A fine-tuning task."""
+
+    name: ClassVar[str] = "task"
+    auto_class: ClassVar[Any]
+    """The transformers `AutoModelFor...` class that builds the model."""
+    peft_task_type: ClassVar[str]
+    """peft's TaskType for this task (tells peft which head to keep)."""
+    main_metric: ClassVar[str]
+    """The metric that ranks runs (without the `val/` prefix)."""
+    higher_is_better: ClassVar[bool] = True
+
+    def model_kwargs(self, data) -> dict:
+        """Extra `from_pretrained` / `from_config` kwargs that depend on the data (e.g. `num_labels`)."""
+        return {}
+
+    def check_data(self, data) -> None:
+        """Refuse a data module this task cannot use (raise ConfigError)."""
+
+    @abstractmethod
+    def metrics(self) -> MetricCollection:
+        """Fresh metric objects (one collection per split)."""
+
+    def forward(self, model: nn.Module, batch: dict) -> Any:
+        """Run the model on a batch; the default passes every batch field, labels included."""
+        return model(**batch)
+
+    def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
+        return outputs.loss
+
+    @abstractmethod
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
+        """Feed a batch's outputs to the metrics."""
+
+    def predict(self, outputs: Any, batch: dict, data) -> list[dict]:
+        """Per-example predictions for `ftlab predict`."""
+        return []
