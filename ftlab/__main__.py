@@ -7,14 +7,30 @@ import sys
 from ftlab.errors import ConfigError
 
 
+def user_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind an exception, if any. jsonargparse wraps errors raised while it
+    instantiates subclass-typed arguments (e.g. `data:`) in its own ValueError; the original stays on
+    the exception's context chain."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         from ftlab.cli import run_cli
 
         run_cli(argv)
-    except ConfigError as err:
-        print(f"ftlab: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"ftlab: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

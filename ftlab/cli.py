@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ftlab.callbacks import RunOutputs
@@ -31,6 +31,13 @@ class FtlabCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the final model on the test split (when there is one).")
+
+    def instantiate_trainer(self, **kwargs):
+        # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [RichProgressBar()]}
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
@@ -63,11 +70,6 @@ def _print_summary(run_dir: str) -> None:
     Console().print(table)
 
 
-def progress_bar():
-    """Rich's bar on a terminal; a plain line every 50 steps in logs (rich redraws fill log files)."""
-    return RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50)
-
-
 def run_cli(args: list[str] | None = None) -> FtlabCLI:
     return FtlabCLI(
         FineTuneModule,
@@ -75,8 +77,7 @@ def run_cli(args: list[str] | None = None) -> FtlabCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
-        trainer_defaults={"default_root_dir": "runs/default", "callbacks": [progress_bar()],
-                          "use_distributed_sampler": False},
+        trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
         auto_configure_optimizers=False,
         args=args,
     )

@@ -159,7 +159,12 @@ class TextDataModule(L.LightningDataModule):
     # ---- cache
     def cache_key(self) -> str:
         tok = self.tokenizer
-        tok_id = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(tok.get_vocab())
+        if getattr(tok, "is_fast", False):
+            # drop the call-time state (truncation/padding settings the backend keeps after a call)
+            state = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ("truncation", "padding")}
+            tok_id = json.dumps(state, sort_keys=True)
+        else:
+            tok_id = repr(sorted(tok.get_vocab().items()))
         parts = {
             "format": CACHE_FORMAT,
             "class": type(self).__qualname__,
@@ -353,7 +358,8 @@ class TextClassificationData(TextDataModule):
         self.label_column = label_column
         if label_names is not None and len(set(map(str, label_names))) != len(label_names):
             raise ConfigError(f"data.label_names={label_names} has duplicates; list each label once")
-        self.label_names = [str(n) for n in label_names] if label_names else None
+        self.given_label_names = [str(n) for n in label_names] if label_names else None
+        self.label_names = self.given_label_names  # resolved from the data in setup() when not given
 
     def required_columns(self) -> dict[str, str]:
         cols = {"text_column": self.text_column, "label_column": self.label_column}
@@ -366,7 +372,7 @@ class TextClassificationData(TextDataModule):
 
     def cache_options(self) -> dict:
         return {**super().cache_options(), "columns": [self.text_column, self.text_pair_column, self.label_column],
-                "label_names": self.label_names}
+                "label_names": self.given_label_names}
 
     def prepare_labels(self, raw):
         import datasets
@@ -380,7 +386,7 @@ class TextClassificationData(TextDataModule):
         if None in counts:
             raise ConfigError(f"data.label_column={self.label_column!r}: {counts[None]} rows have no label; "
                               "fill them or drop them from the file")
-        names = self.label_names or own_names or sorted(str(v) for v in counts)
+        names = self.given_label_names or own_names or sorted(str(v) for v in counts)
         names = [str(n) for n in names]
         unknown = {str(v): c for v, c in counts.items() if str(v) not in names}
         if unknown:

@@ -82,6 +82,7 @@ class Source:
         self.files: dict[str, list[str]] = {}
         specs = spec if isinstance(spec, dict) else {"train": spec}
         for split, s in specs.items():
+            s = os.fspath(s)
             s = NAMED_SOURCES.get(s, s)
             if s.startswith("pkg://"):
                 self.files[split] = [resolve_pkg_path(s, option)]

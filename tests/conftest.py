@@ -1,0 +1,132 @@
+"""Shared fixtures: a small labelled text file and tiny models saved to disk, loaded by the tests
+through the same `from_pretrained` path a user's hub id or folder takes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant", "moving", "sharp"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy", "tired", "flat"]
+FILLER = ["the", "film", "is", "a", "story", "with", "cast", "plot", "and", "very", "quite", "its", "of", "this"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Short 'reviews' whose label follows from their sentiment words (learnable in a few steps)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.choices(FILLER, k=rng.randint(3, 12)) + rng.choices(POSITIVE if label == "pos" else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label, "topic": rng.choice(["film", "book"])})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", make_rows(240))
+
+
+def _tokenizer(save_dir: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]")
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+TINY = {
+    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64),
+    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64),
+}
+
+
+def build_tiny(kind: str, save_dir: Path) -> Path:
+    """A randomly initialised tiny backbone plus tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    tok = _tokenizer(save_dir)
+    spec = dict(TINY[kind])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, **spec)
+    AutoModel.from_config(config).save_pretrained(save_dir)
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build_tiny(kind, root / f"tiny-{kind}") for kind in TINY}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session gets its own tokenisation cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "ftlab-cache"))
+
+
+def fit_args(run_dir: Path, model: Path, data: Path, *extra: str, policy: str = "Full") -> list[str]:
+    """Arguments of a small but real `ftlab fit` on the given model and csv."""
+    return [
+        "fit",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.max_epochs=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--model.name_or_path={model}",
+        f"--model.policy={policy}",
+        "--model.optim.lr=0.01",
+        "--data=TextClassificationData",
+        f"--data.source={data}",
+        "--data.batch_size=16",
+        "--data.val_size=40",
+        "--data.test_size=40",
+        *extra,
+    ]
+
+
+def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """`python -m ftlab ...` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,106 @@
+import bz2
+import gzip
+import json
+
+import pytest
+
+from ftlab.data import TextClassificationData
+from ftlab.errors import ConfigError
+from tests.conftest import make_rows, write_csv
+
+
+def data(source, tokenizer, **kw):
+    kw.setdefault("val_size", 20)
+    kw.setdefault("test_size", 20)
+    return TextClassificationData(source, tokenizer=str(tokenizer), **kw)
+
+
+def test_splits_labels_and_padding(reviews_csv, tiny_bert):
+    dm = data(reviews_csv, tiny_bert, batch_size=8)
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 200, "validation": 20, "test": 20}
+    assert dm.label_names == ["neg", "pos"]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8
+    assert batch["labels"].dtype.is_floating_point is False
+    assert set(batch["labels"].tolist()) <= {0, 1}
+    # dynamic padding: the batch is as long as its longest row, not max_length
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max()) < dm.max_length
+
+
+def test_given_label_names_fix_the_id_order(reviews_csv, tiny_bert):
+    dm = data(reviews_csv, tiny_bert, label_names=["pos", "neg"])
+    dm.setup("fit")
+    ds = dm.splits["train"]
+    assert dm.label_names == ["pos", "neg"]
+    # the same split seed gives the same rows; ids follow label_names
+    other = data(reviews_csv, tiny_bert)
+    other.setup("fit")
+    assert [1 - x for x in ds["labels"]] == other.splits["train"]["labels"]
+
+
+def test_compressed_json_lines_and_split_mapping(tmp_path, tiny_bert):
+    rows = make_rows(60, seed=3)
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:40])
+    with bz2.open(tmp_path / "test.jsonl.bz2", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[40:])
+    dm = data({"train": str(tmp_path / "train.jsonl.gz"), "test": str(tmp_path / "test.jsonl.bz2")}, tiny_bert,
+              val_size=0.25)
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 30, "validation": 10, "test": 20}
+
+
+def test_keep_rows_and_deduplicate(tmp_path, tiny_bert):
+    rows = make_rows(50) + make_rows(50)  # every row twice
+    rows += [{"text": "plot summary only", "label": "plot", "topic": "film"}]
+    path = write_csv(tmp_path / "dups.csv", rows)
+    dm = data(path, tiny_bert, keep_rows={"label": ["pos", "neg"]}, deduplicate=True, val_size=5, test_size=5)
+    dm.setup("fit")
+    unique = {r["text"] for r in make_rows(50)}
+    assert sum(len(v) for v in dm.splits.values()) == len(unique)
+    assert dm.label_names == ["neg", "pos"]
+
+
+def test_second_run_reuses_the_tokenised_cache(reviews_csv, tiny_bert, monkeypatch):
+    first = data(reviews_csv, tiny_bert, max_length=32)
+    first.setup("fit")
+    calls = []
+    monkeypatch.setattr(TextClassificationData, "encode", lambda self, batch: calls.append(1))
+    second = data(reviews_csv, tiny_bert, max_length=32)
+    second.setup("fit")
+    assert calls == [] and second.cache_path == first.cache_path
+    assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
+    # a different option is a different cache entry
+    assert data(reviews_csv, tiny_bert, max_length=16).cache_path != first.cache_path
+
+
+def test_missing_file(tmp_path, tiny_bert):
+    with pytest.raises(ConfigError, match="data file .*nope.csv' not found"):
+        data(str(tmp_path / "nope.csv"), tiny_bert)
+
+
+def test_missing_column_names_the_columns_there_are(reviews_csv, tiny_bert):
+    with pytest.raises(ConfigError, match=r"text_column: column 'review' is not in the train data; its columns are \['text', 'label', 'topic'\]"):
+        data(reviews_csv, tiny_bert, text_column="review").prepare_data()
+
+
+def test_label_outside_label_names(reviews_csv, tiny_bert):
+    with pytest.raises(ConfigError, match=r"labels 'pos' \(\d+ rows\) in column 'label' are not in data.label_names=\['neg', 'bad'\]"):
+        data(reviews_csv, tiny_bert, label_names=["neg", "bad"]).prepare_data()
+
+
+def test_unknown_format_and_bad_sizes(tmp_path, tiny_bert, reviews_csv):
+    bad = tmp_path / "rows.xlsx"
+    bad.write_text("x")
+    with pytest.raises(ConfigError, match="unknown format '.xlsx'"):
+        data(str(bad), tiny_bert)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        data(reviews_csv, tiny_bert, batch_size=0)
+    with pytest.raises(ConfigError, match="leaves no training rows"):
+        data(reviews_csv, tiny_bert, test_size=500).prepare_data()
+
+
+def test_missing_tokenizer(reviews_csv, tmp_path):
+    with pytest.raises(ConfigError, match="no tokenizer could be loaded"):
+        data(reviews_csv, tmp_path / "no-model").prepare_data()

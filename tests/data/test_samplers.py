@@ -1,0 +1,49 @@
+import random
+
+from ftlab.data.samplers import GroupedBatchSampler
+
+
+def lengths(n=1000, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(5, 60) for _ in range(n)]
+
+
+def padded_fraction(batches, lens):
+    real = sum(lens[i] for b in batches for i in b)
+    computed = sum(max(lens[i] for i in b) * len(b) for b in batches)
+    return real / computed
+
+
+def test_same_seed_and_epoch_same_order_new_epoch_new_order():
+    lens = lengths()
+    a = GroupedBatchSampler(lens, 16, seed=1)
+    b = GroupedBatchSampler(lens, 16, seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+
+
+def test_every_row_once_per_epoch_and_little_padding():
+    lens = lengths()
+    grouped = list(GroupedBatchSampler(lens, 16, seed=0))
+    flat = sorted(i for b in grouped for i in b)
+    assert flat == list(range(1000))
+    plain = list(GroupedBatchSampler(lens, 16, seed=0, group_by_length=False))
+    assert padded_fraction(grouped, lens) > 0.95 > padded_fraction(plain, lens)
+
+
+def test_ranks_get_disjoint_equal_shares():
+    lens = lengths(1003)
+    shards = [list(GroupedBatchSampler(lens, 10, seed=0, num_replicas=2, rank=r)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(GroupedBatchSampler(lens, 10, num_replicas=2))
+    seen = [set(i for b in s for i in b) for s in shards]
+    assert not seen[0] & seen[1]
+
+
+def test_evaluation_keeps_every_row_across_ranks():
+    lens = lengths(105)
+    shards = [list(GroupedBatchSampler(lens, 10, shuffle=False, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(105))
+    assert [len(s) for s in shards] == [len(GroupedBatchSampler(lens, 10, shuffle=False, num_replicas=2, rank=r))
+                                       for r in range(2)]

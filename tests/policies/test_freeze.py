@@ -1,0 +1,85 @@
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from ftlab.errors import ConfigError
+from ftlab.policies import Freeze
+from ftlab.tasks import SequenceClassification
+
+
+def load(path):
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
+def test_linear_probe_trains_only_the_head(tiny_models, kind):
+    model = Freeze().apply(load(tiny_models[kind]), SequenceClassification())
+    names = trainable(model)
+    assert names and all(n.startswith(("classifier", "score")) for n in names)
+    assert len(names) < len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind,block", [("bert", "bert.encoder.layer.1."), ("llama", "model.layers.1."),
+                                        ("gpt2", "transformer.h.1.")])
+def test_top_k_layers_trains_the_top_block_and_head(tiny_models, kind, block):
+    model = Freeze(top_k_layers=1).apply(load(tiny_models[kind]), SequenceClassification())
+    names = trainable(model)
+    assert any(n.startswith(block) for n in names)
+    top_block = {n for n, _ in model.named_parameters() if n.startswith(block)}
+    assert top_block <= names
+    below = {n for n in names if not n.startswith(block) and not n.startswith(("classifier", "score"))}
+    assert below == set()
+
+
+def test_patterns_add_named_parameters(tiny_bert):
+    model = Freeze(trainable=["pooler", r"LayerNorm"]).apply(load(tiny_bert), SequenceClassification())
+    names = trainable(model)
+    assert {"bert.pooler.dense.weight", "bert.embeddings.LayerNorm.weight", "classifier.weight"} <= names
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in names
+
+
+def test_pattern_that_matches_nothing_is_refused(tiny_bert):
+    policy = Freeze(trainable=["no_such_module"])
+    with pytest.raises(ConfigError, match="no_such_module.*matches no parameter"):
+        policy.validate(load(tiny_bert), SequenceClassification())
+
+
+def test_top_k_larger_than_the_model_is_refused(tiny_bert):
+    with pytest.raises(ConfigError, match="top_k_layers=5 but the model has 2 blocks"):
+        Freeze(top_k_layers=5).validate(load(tiny_bert), SequenceClassification())
+
+
+def test_gradual_unfreezing_adds_one_block_per_period(tiny_bert):
+    policy = Freeze(unfreeze_every=1)
+    model = policy.apply(load(tiny_bert), SequenceClassification())
+    assert not any(n.startswith("bert.encoder.layer.") for n in trainable(model))
+    # the optimizer gets every parameter that will train, up front
+    grouped = {n for g in policy.param_groups(model, 1e-3, 0.0) for n in g["names"]}
+    assert any(n.startswith("bert.encoder.layer.0.") for n in grouped)
+    assert policy.on_epoch_start(model, 0) == []
+    changed = policy.on_epoch_start(model, 1)
+    assert changed and all(n.startswith("bert.encoder.layer.1.") for n in changed)
+    policy.on_epoch_start(model, 2)
+    assert any(n.startswith("bert.encoder.layer.0.") for n in trainable(model))
+    assert not any(n.startswith("bert.embeddings.") for n in trainable(model))
+
+
+def test_layer_wise_lr_decay(tiny_bert):
+    policy = Freeze(top_k_layers=2, layer_lr_decay=0.5)
+    model = policy.apply(load(tiny_bert), SequenceClassification())
+    lr_of = {n: g["lr"] for g in policy.param_groups(model, 1.0, 0.01) for n in g["names"]}
+    assert lr_of["classifier.weight"] == 1.0
+    assert lr_of["bert.encoder.layer.1.attention.self.query.weight"] == 0.5
+    assert lr_of["bert.encoder.layer.0.attention.self.query.weight"] == 0.25
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="layer_lr_decay=1.5"):
+        Freeze(layer_lr_decay=1.5)
+    with pytest.raises(ConfigError, match="top_k_layers=-1"):
+        Freeze(top_k_layers=-1)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        Freeze(trainable=["("])

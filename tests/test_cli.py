@@ -1,0 +1,88 @@
+"""The CLI end to end, as a user runs it, on tiny models built from configs and saved to disk."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from ftlab.cli import run_cli
+from tests.conftest import fit_args, run_ftlab
+
+
+def batch_of(cli):
+    dm = cli.datamodule
+    return {k: v for k, v in next(iter(dm.test_dataloader())).items() if k != "labels"}
+
+
+@pytest.mark.parametrize("kind,policy", [("bert", "Full"), ("llama", "Adapter"), ("gpt2", "Freeze")])
+def test_fit_writes_run_dir_and_export_reloads_with_same_logits(tmp_path, tiny_models, reviews_csv, kind, policy):
+    run = tmp_path / "run"
+    cli = run_cli(fit_args(run, tiny_models[kind], reviews_csv, policy=policy))
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("task", "policy", "trainable_params", "total_params", "steps", "epochs", "train_tokens",
+                "wall_time_s", "peak_memory_mb", "world_size", "strategy", "val/accuracy", "test/accuracy",
+                "test/f1_macro"):
+        assert key in summary, key
+    assert summary["policy"] == policy.lower()
+    assert summary["steps"] == 2 * 10 and summary["epochs"] == 2 and summary["world_size"] == 1
+    assert 0 < summary["trainable_params"] <= summary["total_params"]
+    assert summary["train_tokens"] > summary["train_samples"] == 2 * 160
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+
+    trained = cli.model.model.eval()
+    batch = batch_of(cli)
+    with torch.no_grad():
+        expected = trained(**batch).logits
+    if policy == "Adapter":
+        merged = AutoModelForSequenceClassification.from_pretrained(run / "export" / "merged").eval()
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_models[kind], num_labels=2)
+        adapter = PeftModel.from_pretrained(base, run / "export" / "adapter").eval()
+        models = [merged, adapter]
+    else:
+        models = [AutoModelForSequenceClassification.from_pretrained(run / "export").eval()]
+    for model in models:
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    assert models[0].config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_learns_the_task(tmp_path, tiny_bert, reviews_csv):
+    run = tmp_path / "run"
+    run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=4"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test/accuracy"] >= 0.9, summary
+
+
+def test_validate_and_resume_from_checkpoint(tmp_path, tiny_bert, reviews_csv):
+    run = tmp_path / "run"
+    run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    first = json.loads((run / "summary.json").read_text())
+
+    val = run_cli(["validate", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
+    assert val.trainer.callback_metrics["val/accuracy"] == pytest.approx(first["val/accuracy"])
+
+    resumed = run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"))
+    assert resumed.trainer.global_step == 20
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["train_samples"] == 320  # counters continue across the resume
+
+
+def test_print_config_and_help(tiny_bert, reviews_csv, tmp_path):
+    out = run_ftlab(*fit_args(tmp_path, tiny_bert, reviews_csv, "--model.policy=Adapter", "--model.policy.r=16",
+                              policy="Adapter"), "--print_config")
+    assert out.returncode == 0, out.stderr
+    assert "class_path: ftlab.policies.Adapter" in out.stdout and "r: 16" in out.stdout
+    help_text = run_ftlab("fit", "--help").stdout
+    assert "--model.name_or_path" in help_text and "Hugging Face hub id" in help_text
+    policy_help = run_ftlab("fit", "--model.policy.help", "Freeze").stdout
+    assert "--model.policy.top_k_layers" in policy_help and "Gradual unfreezing" in policy_help
+
+
+def test_quickstart_configs_parse():
+    for name in ("quickstart", "quickstart-freeze", "quickstart-full"):
+        out = run_ftlab("fit", f"--config=configs/{name}.yaml", "--print_config")
+        assert out.returncode == 0, (name, out.stderr)
+        assert "all-MiniLM-L6-v2" in out.stdout
