@@ -64,6 +64,12 @@ def test_validate_and_resume_from_checkpoint(tmp_path, tiny_bert, reviews_csv):
     val = run_cli(["validate", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
     assert val.trainer.callback_metrics["val/accuracy"] == pytest.approx(first["val/accuracy"])
 
+    run_cli(["predict", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 40 and {p["label"] for p in predictions} <= {"neg", "pos"}
+    accuracy = sum(p["label"] == p["true_label"] for p in predictions) / len(predictions)
+    assert accuracy == pytest.approx(first["test/accuracy"])
+
     resumed = run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"))
     assert resumed.trainer.global_step == 20
     summary = json.loads((run / "summary.json").read_text())

@@ -142,6 +142,21 @@ class RunOutputs(L.Callback):
         if trainer.state.fn == "validate" and trainer.is_global_zero:
             self._write(trainer, pl_module, {})
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._predictions: list[dict] = []
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._predictions.extend(outputs or [])
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        # one file per rank; rank 0's is predictions.jsonl (single-device runs: the whole split)
+        name = "predictions.jsonl" if trainer.global_rank == 0 else f"predictions.rank{trainer.global_rank}.jsonl"
+        path = os.path.join(self.run_dir(trainer), name)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in self._predictions)
+        os.replace(path + ".tmp", path)
+        rank_zero_info(f"ftlab: wrote {len(self._predictions)} predictions to {path}")
+
     def on_test_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self._write(trainer, pl_module, {})

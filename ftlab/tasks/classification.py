@@ -53,4 +53,8 @@ class SequenceClassification(Task):
     def predict(self, outputs: Any, batch: dict, data) -> list[dict]:
         probs = torch.softmax(outputs.logits.float(), -1)
         conf, idx = probs.max(-1)
-        return [{"label": data.label_names[i], "score": round(c, 6)} for i, c in zip(idx.tolist(), conf.tolist())]
+        out = [{"label": data.label_names[i], "score": round(c, 6)} for i, c in zip(idx.tolist(), conf.tolist())]
+        if "labels" in batch:
+            for row, true in zip(out, batch["labels"].tolist()):
+                row["true_label"] = data.label_names[true]
+        return out
