@@ -21,7 +21,7 @@ def user_error(err: BaseException) -> ConfigError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the CLI on `argv` (default: the command line)."""
     try:
         from ftlab.cli import run_cli
 

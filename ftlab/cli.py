@@ -12,6 +12,8 @@ from lightning.pytorch.cli import LightningCLI
 from ftlab.callbacks import RunOutputs
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
+from ftlab.strategies import split_cpu_threads
+from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
 
 def _checkpoint_dir(run_dir: str | None) -> str:
@@ -32,12 +34,30 @@ class FtlabCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the final model on the test split (when there is one).")
 
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = cfg["trainer"]
+        run_dir = trainer.get("default_root_dir") or "runs/default"
+        resuming = cfg.get("ckpt_path") is not None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(logger, "class_path", "").endswith("WandbLogger"):
+                logger.init_args = type(logger.init_args)(**resolve_wandb_run(run_dir, vars(logger.init_args), resuming))
+                extra = dict(getattr(logger, "dict_kwargs", None) or {})
+                extra.setdefault("group", _config_name(cfg) or os.path.basename(run_dir.rstrip("/")))
+                logger.dict_kwargs = extra
+
     def instantiate_trainer(self, **kwargs):
+        callbacks = [TrainingMetrics()]
         # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
-            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [RichProgressBar()]}
+            callbacks.append(RichProgressBar())
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        split_cpu_threads(self.trainer)
 
     def after_fit(self) -> None:
         cfg = self.config.get(self.subcommand, self.config)
@@ -45,6 +65,14 @@ class FtlabCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero:
             _print_summary(self.trainer.default_root_dir)
+
+
+def _config_name(cfg) -> str | None:
+    """Stem of the first --config file: the default W&B group, so that policy variants of one task line up."""
+    files = cfg.get("config") or []
+    first = files[0] if files else None
+    path = getattr(first, "relative", None) or (str(first) if first else None)
+    return os.path.splitext(os.path.basename(path))[0] if path else None
 
 
 def _print_summary(run_dir: str) -> None:
@@ -76,7 +104,8 @@ def run_cli(args: list[str] | None = None) -> FtlabCLI:
         TextDataModule,
         subclass_mode_data=True,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+        save_config_callback=RunConfig,
+        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml", "save_to_log_dir": False},
         trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
         auto_configure_optimizers=False,
         args=args,

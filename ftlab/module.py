@@ -166,11 +166,12 @@ class FineTuneModule(L.LightningModule):
     def _log_metrics(self, split: str) -> None:
         # torchmetrics sync across ranks once per epoch (no per-step collectives)
         metrics = self.metrics[f"{split}_"]
-        self.log_dict({f"{split}/{k}": v for k, v in metrics.compute().items()}, prog_bar=split == "val")
+        # sync_dist: values are already global (torchmetrics synced them); this only silences Lightning's hint
+        self.log_dict({f"{split}/{k}": v for k, v in metrics.compute().items()}, prog_bar=split == "val", sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute())
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.val_loss.reset()
         self._log_metrics("val")
 

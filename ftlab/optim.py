@@ -6,7 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from ftlab.errors import ConfigError
 

@@ -10,6 +10,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ftlab.errors import ConfigError
@@ -47,6 +48,7 @@ class RunOutputs(L.Callback):
         self.train_samples = 0
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
+        self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
 
     @staticmethod
     def run_dir(trainer: L.Trainer) -> str:
@@ -76,12 +78,14 @@ class RunOutputs(L.Callback):
         return self.wall_time_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
 
     def state_dict(self) -> dict:
-        return {"train_tokens": self.train_tokens, "train_samples": self.train_samples, "wall_time_s": self._elapsed()}
+        return {"train_tokens": self.train_tokens, "train_samples": self.train_samples, "wall_time_s": self._elapsed(),
+                "best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_tokens = state_dict.get("train_tokens", 0)
         self.train_samples = state_dict.get("train_samples", 0)
         self.wall_time_s = state_dict.get("wall_time_s", 0.0)
+        self.best = tuple(state_dict["best"]) if state_dict.get("best") else None
 
     def _global_counts(self, trainer) -> tuple[int, int]:
         counts = torch.tensor([self.train_tokens, self.train_samples], dtype=torch.long)
@@ -116,6 +120,9 @@ class RunOutputs(L.Callback):
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+        for logger in trainer.loggers:  # the same numbers as the W&B run's summary
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
     def on_fit_end(self, trainer, pl_module) -> None:
         tokens, samples = self._global_counts(trainer)
@@ -130,6 +137,8 @@ class RunOutputs(L.Callback):
                 "train_samples_per_s": round(samples / wall, 2) if wall else None,
                 "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
             }
+            if self.best:
+                extra[f"best/val/{pl_module.task.main_metric}"], extra["best/step"] = self.best
             if self.export:
                 tokenizer = getattr(trainer.datamodule, "tokenizer", None)
                 folders = export_model(pl_module.model, tokenizer, os.path.join(self.run_dir(trainer), "export"),
@@ -139,6 +148,13 @@ class RunOutputs(L.Callback):
             self._write(trainer, pl_module, extra)
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        key = f"val/{pl_module.task.main_metric}"
+        value = trainer.callback_metrics.get(key)
+        if trainer.state.fn == "fit" and value is not None and not trainer.sanity_checking:
+            value = _scalar(value)
+            better = max if pl_module.task.higher_is_better else min
+            if self.best is None or better(value, self.best[0]) == value:
+                self.best = (value, trainer.global_step)
         if trainer.state.fn == "validate" and trainer.is_global_zero:
             self._write(trainer, pl_module, {})
 

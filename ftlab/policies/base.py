@@ -36,7 +36,7 @@ class Policy(ABC):
 
     name: str = "policy"
 
-    def validate(self, model: nn.Module, task) -> None:
+    def validate(self, model: nn.Module, task) -> None:  # noqa: B027 - optional hook
         """Check the options against the model's structure (called on a weightless skeleton, before any
         weights load). Raise ConfigError naming the bad value."""
 

@@ -30,7 +30,7 @@ class Task(ABC):
         """Extra `from_pretrained` / `from_config` kwargs that depend on the data (e.g. `num_labels`)."""
         return {}
 
-    def check_data(self, data) -> None:
+    def check_data(self, data) -> None:  # noqa: B027 - optional hook
         """Refuse a data module this task cannot use (raise ConfigError)."""
 
     @abstractmethod

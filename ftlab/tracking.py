@@ -1,0 +1,142 @@
+"""Experiment tracking: the resolved config and run facts for every logger (W&B first of all), per-step
+training metrics, and one W&B run per training job, continued across resumes and Slurm requeues."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.cli import SaveConfigCallback
+
+RUN_ID_FILE = "wandb-run-id"
+
+
+def git_commit() -> str | None:
+    """The commit of the ftlab checkout in use, when it is one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_facts(trainer: L.Trainer, pl_module) -> dict:
+    """What a dashboard needs next to the config to compare runs."""
+    facts = {
+        **pl_module.policy.describe(),
+        "task": pl_module.task.name,
+        "trainable_params": pl_module.trainable_params,
+        "total_params": pl_module.total_params,
+        "trainable_share": round(pl_module.trainable_params / max(pl_module.total_params, 1), 6),
+        "strategy": type(trainer.strategy).__name__,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "precision": str(trainer.precision),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "ftlab_commit": git_commit(),
+    }
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the resolved `config.yaml` into the run directory (Lightning's own callback puts it in the
+    logger's version folder) and logs the config plus the run facts to every logger."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero and not self.already_saved:
+            os.makedirs(trainer.default_root_dir, exist_ok=True)
+            self.parser.save(self.config, os.path.join(trainer.default_root_dir, self.config_filename),
+                             skip_none=False, overwrite=True, multifile=False)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict()
+        config.pop("config", None)  # the list of files given; the content is what matters
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"run": run_facts(trainer, pl_module)})
+
+
+class TrainingMetrics(L.Callback):
+    """Per optimizer step: learning rate of each parameter group, gradient norm, step time, and global
+    samples/s and tokens/s (plus MFU where the device's peak FLOP/s is known)."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self._throughput: Throughput | None = None
+        self._t0 = self._last = 0.0
+        self._samples = self._tokens = self._batches = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        device = trainer.strategy.root_device
+        flops = get_available_flops(device, torch.float32) if device.type == "cuda" else None
+        self._throughput = Throughput(available_flops=flops, world_size=trainer.world_size, window_size=self.window)
+        self._t0 = self._last = time.perf_counter()
+        self._samples = self._tokens = self._batches = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and trainer.global_step % trainer.log_every_n_steps == 0:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        mask = batch.get("attention_mask")
+        self._batches += 1
+        self._samples += batch["input_ids"].shape[0]
+        self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self._throughput.update(time=now - self._t0, batches=self._batches, samples=self._samples,
+                                lengths=self._tokens)
+        step_time, self._last = now - self._last, now
+        if trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
+            return
+        metrics = {"train/step_time_s": step_time}
+        for i, group in enumerate(trainer.optimizers[0].param_groups):
+            metrics["train/lr" if i == 0 else f"train/lr_group{i}"] = group["lr"]
+        rates = self._throughput.compute()
+        names = {"samples_per_sec": "train/samples_per_s", "items_per_sec": "train/tokens_per_s",
+                 "device/samples_per_sec": "train/device/samples_per_s", "device/items_per_sec":
+                 "train/device/tokens_per_s", "device/mfu": "train/mfu"}
+        metrics.update({new: rates[old] for old, new in names.items() if old in rates})
+        elapsed = now - self._t0
+        if "train/samples_per_s" not in metrics and elapsed > 0:  # window not full yet: average so far
+            metrics["train/samples_per_s"] = self._samples * trainer.world_size / elapsed
+            metrics["train/tokens_per_s"] = self._tokens * trainer.world_size / elapsed
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def resolve_wandb_run(run_dir: str, logger_args: dict, resuming: bool) -> dict:
+    """Settings of a W&B logger from the run directory: files under the run dir, and one run id per
+    training job that a resumed job (from a checkpoint, or a requeued Slurm job) continues."""
+    args = dict(logger_args)
+    if args.get("save_dir") in (None, "."):
+        args["save_dir"] = run_dir
+    if args.get("id") is None:
+        id_file = os.path.join(run_dir, RUN_ID_FILE)
+        if resuming and os.path.exists(id_file):
+            with open(id_file) as f:
+                args["id"] = f.read().strip()
+        else:
+            args["id"] = secrets.token_hex(4)  # W&B run ids are short lowercase strings
+            if rank_zero_only.rank == 0:
+                os.makedirs(run_dir, exist_ok=True)
+                with open(id_file, "w") as f:
+                    f.write(args["id"])
+    args.setdefault("resume", "allow")
+    return args
