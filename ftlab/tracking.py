@@ -82,7 +82,10 @@ class TrainingMetrics(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         device = trainer.strategy.root_device
-        flops = get_available_flops(device, torch.float32) if device.type == "cuda" else None
+        precision = str(trainer.precision)
+        dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
+        # peak FLOP/s is known for CUDA devices only (Lightning's table); elsewhere no MFU is logged
+        flops = get_available_flops(device, dtype) if device.type == "cuda" else None
         self._throughput = Throughput(available_flops=flops, world_size=trainer.world_size, window_size=self.window)
         self._t0 = self._last = time.perf_counter()
         self._samples = self._tokens = self._batches = 0
@@ -99,8 +102,9 @@ class TrainingMetrics(L.Callback):
         self._batches += 1
         self._samples += batch["input_ids"].shape[0]
         self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        # FLOPs for MFU: the usual 6 x parameters x tokens of a training step (forward + backward)
         self._throughput.update(time=now - self._t0, batches=self._batches, samples=self._samples,
-                                lengths=self._tokens)
+                                lengths=self._tokens, flops=6 * pl_module.total_params * self._tokens)
         step_time, self._last = now - self._last, now
         if trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
             return

@@ -111,3 +111,18 @@ def test_csv_logger_and_logging_off(tmp_path, tiny_bert, reviews_csv):
         assert any(r.get(key) for r in rows), key
     assert not (run / "wandb").exists()
     assert (run / "config.yaml").exists()  # in the run dir, not only in the logger's folder
+
+
+def test_tensorboard_logger(tmp_path, tiny_bert, reviews_csv):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.logger=TensorBoardLogger",
+                              f"--trainer.logger.save_dir={run}", "--trainer.log_every_n_steps=1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [events] = {p.parent for p in run.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/accuracy", "test/accuracy"} <= tags, tags
+    assert len(acc.Scalars("train/loss")) >= 8
