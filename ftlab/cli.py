@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from ftlab.callbacks import RunOutputs
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
-from ftlab.strategies import split_cpu_threads
+from ftlab.strategies import resolve_strategy, split_cpu_threads
 from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
 
@@ -51,6 +51,7 @@ class FtlabCLI(LightningCLI):
         callbacks = [TrainingMetrics()]
         # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
         if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}

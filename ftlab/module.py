@@ -12,6 +12,7 @@ from ftlab.data.sources import resolve_model_path
 from ftlab.errors import ConfigError
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
+from ftlab.strategies import shard_model
 from ftlab.tasks import SequenceClassification, Task
 
 
@@ -112,6 +113,21 @@ class FineTuneModule(L.LightningModule):
                 raise ConfigError(f"model.name_or_path={self.name_or_path!r}: a {config.model_type} model has no "
                                   f"{self.task.auto_class.__name__} head for task {self.task.name!r} ({err})") from None
 
+    def _build(self, path: str, kwargs: dict) -> torch.nn.Module:
+        """The pretrained model with the policy applied (not yet sharded)."""
+        model = self.task.auto_class.from_pretrained(path, **kwargs)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
+        model.train()  # transformers returns models in eval mode (dropout off)
+        return self.policy.apply(model, self.task)
+
+    def unsharded_model(self, state_dict: dict) -> torch.nn.Module:
+        """A plain (unsharded) copy of the trained model from a full state dict, for export."""
+        model = self._build(resolve_model_path(self.name_or_path), self._load_kwargs())
+        model.load_state_dict(state_dict)
+        return model
+
     def configure_model(self) -> None:
         if self.model is not None:
             return
@@ -121,12 +137,7 @@ class FineTuneModule(L.LightningModule):
         kwargs = self._load_kwargs()
         self.policy.validate(self._skeleton(path, {k: v for k, v in kwargs.items()
                                                     if k in ("trust_remote_code", "revision")}), self.task)
-        model = self.task.auto_class.from_pretrained(path, **kwargs)
-        tokenizer = getattr(data, "tokenizer", None)
-        if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
-        model.train()  # transformers returns models in eval mode (dropout off)
-        self.model = self.policy.apply(model, self.task)
+        self.model = shard_model(self.trainer.strategy, self._build(path, kwargs))
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
         self.trainable_params, self.total_params, names = summarize_trainable(self.model)

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ftlab.errors import ConfigError
 from ftlab.export import export_model
+from ftlab.strategies import full_state_dict, sharding_stats
 
 
 def peak_memory_mb() -> float:
@@ -127,6 +128,8 @@ class RunOutputs(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
+        stats = sharding_stats(trainer, pl_module.model)
+        state = full_state_dict(trainer, pl_module.model) if self.export else None  # collective when sharded
         if trainer.is_global_zero:
             extra = {
                 "steps": trainer.global_step,
@@ -136,12 +139,14 @@ class RunOutputs(L.Callback):
                 "wall_time_s": round(wall, 2),
                 "train_samples_per_s": round(samples / wall, 2) if wall else None,
                 "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
+                **stats,
             }
             if self.best:
                 extra[f"best/val/{pl_module.task.main_metric}"], extra["best/step"] = self.best
             if self.export:
                 tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-                folders = export_model(pl_module.model, tokenizer, os.path.join(self.run_dir(trainer), "export"),
+                model = pl_module.model if state is None else pl_module.unsharded_model(state)
+                folders = export_model(model, tokenizer, os.path.join(self.run_dir(trainer), "export"),
                                        merge_adapter=self.merge_adapter)
                 extra["export"] = folders
                 rank_zero_info(f"ftlab: exported {', '.join(f'{k}: {v}' for k, v in folders.items())}")

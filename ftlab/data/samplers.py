@@ -20,7 +20,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     Training: shuffle, cut into mega-batches of `group_factor` batches, sort each by length, shuffle the
     resulting batches; every rank gets the same number of batches (drop the tail that does not divide).
-    Evaluation (`shuffle=False`): sort everything by length, no drops, shards may differ by one batch.
+    Evaluation (`shuffle=False`): sort everything by length; every row exactly once (no padding rows,
+    so metrics are exact), cut into a number of batches divisible by the ranks so that every rank runs
+    the same number of forward passes (under FSDP/ZeRO-3 each one is a collective: an extra batch on one
+    rank would hang the others).
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
         n = len(self.lengths)
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True) if self.group_by_length else torch.arange(n)
-            return [order[i : i + self.batch_size].tolist() for i in range(0, n, self.batch_size)]
+            return [chunk.tolist() for chunk in torch.tensor_split(order, self._eval_batches()) if len(chunk)]
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(n, generator=g)
         if self.group_by_length:
@@ -69,6 +72,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
         usable = len(batches) - len(batches) % self.num_replicas
         return batches[:usable]
 
+    def _eval_batches(self) -> int:
+        per_rank = math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
+        return per_rank * self.num_replicas
+
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()[self.rank :: self.num_replicas]
 
@@ -76,4 +83,4 @@ class GroupedBatchSampler(Sampler[list[int]]):
         n_batches = math.ceil(len(self.lengths) / self.batch_size)
         if self.shuffle:
             return n_batches // self.num_replicas
-        return len(range(self.rank, n_batches, self.num_replicas))
+        return self._eval_batches() // self.num_replicas
