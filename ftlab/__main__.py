@@ -11,12 +11,15 @@ def user_error(err: BaseException) -> ConfigError | None:
     """The ConfigError behind an exception, if any. jsonargparse wraps errors raised while it
     instantiates subclass-typed arguments (e.g. `data:`) in its own ValueError; the original stays on
     the exception's context chain."""
-    seen = 0
+    outer, seen = err, 0
     while err is not None and seen < 20:
         if isinstance(err, ConfigError):
             return err
         err = err.__cause__ or err.__context__
         seen += 1
+    last = ConfigError.last
+    if last is not None and str(last) in str(outer):  # quoted inside jsonargparse's Union error text
+        return last
     return None
 
 

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from ftlab.callbacks import RunOutputs
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
-from ftlab.strategies import resolve_strategy, split_cpu_threads
+from ftlab.strategies import check_combination, resolve_strategy, split_cpu_threads
 from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
 
@@ -58,6 +58,7 @@ class FtlabCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        check_combination(self.trainer.strategy, self.model.policy)
         split_cpu_threads(self.trainer)
 
     def after_fit(self) -> None:

@@ -7,6 +7,14 @@ class ConfigError(ValueError):
     The CLI prints it as one line and exits with code 2, without a traceback.
     """
 
+    last: "ConfigError | None" = None
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        # jsonargparse reports errors of Union-typed arguments (e.g. trainer.strategy) as the text of each
+        # alternative's error, dropping the exception itself; the CLI finds it again through this.
+        ConfigError.last = self
+
 
 def did_you_mean(value: str, choices) -> str:
     """A short hint naming the closest valid choices, for error messages."""

@@ -6,16 +6,21 @@ Strategy names follow Lightning's registry. Where ftlab gives a name its own mea
   through Lightning's `ModelParallelStrategy`: every transformer block is one shard unit, then the root.
   FSDP2 runs on CPU (gloo) as well as GPU, so a laptop can debug a sharded config. Options:
   `--trainer.strategy ftlab.strategies.FSDP --trainer.strategy.sharding grad-op`.
+- `deepspeed_stage_1`, `_2`, `_2_offload`, `_3`, `_3_offload` are Lightning's DeepSpeed ZeRO settings
+  through `DeepSpeed`, a subclass that also runs on CPU (gloo) and loads pretrained weights whole before
+  ZeRO-3 partitions them. On GPUs it behaves as Lightning's.
 - `ddp` and every other name are Lightning's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -115,14 +120,79 @@ class FSDP(ModelParallelStrategy):
         return model
 
 
-STRATEGY_NAMES = {"fsdp": FSDP}
+class DeepSpeed(DeepSpeedStrategy):
+    """DeepSpeed ZeRO (stages 1-3, optional offload), on GPUs as Lightning runs it and on CPU with gloo.
+
+    Takes every option of Lightning's DeepSpeedStrategy (`stage`, `offload_optimizer`, bucket sizes, a
+    user's own ds_config JSON as `config`...).
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @property
+    def root_device(self) -> torch.device:
+        # DeepSpeed takes the device index as the rank's device (`device_rank`); a CPU device has none,
+        # and Lightning passes None, which deepspeed.initialize rejects. `cpu:<local rank>` is a valid
+        # torch device that places tensors on the CPU as usual.
+        device = super().root_device
+        return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses anything but CUDA here
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        # as Lightning's, minus the CUDA device-index check that CPU devices cannot pass
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextlib.contextmanager
+    def model_sharded_context(self):
+        # No deepspeed.zero.Init: transformers' from_pretrained would load the pretrained weights into
+        # empty partitioned placeholders. The full weights load on each rank, and ZeRO-3 partitions them
+        # in deepspeed.initialize.
+        yield
+
+    def _init_config_if_needed(self) -> None:
+        first = not self._config_initialized
+        super()._init_config_if_needed()
+        if first and self.config.get("zero_optimization", {}).get("offload_optimizer"):
+            # ftlab builds its own (fused) AdamW; DeepSpeed would otherwise refuse a client optimizer
+            # with offload ("ZeRO-Offload with a client provided optimizer").
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
+def check_combination(strategy, policy) -> None:
+    """Strategy x policy combinations that cannot work, refused before anything loads."""
+    if isinstance(strategy, DeepSpeedStrategy) and policy.changes_trainable_set:
+        raise ConfigError("gradual unfreezing (policy.unfreeze_every) cannot run under DeepSpeed ZeRO, which fixes "
+                          "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")
+
+
+_DEEPSPEED_NAMES = {
+    "deepspeed_stage_1": {"stage": 1},
+    "deepspeed_stage_2": {"stage": 2},
+    "deepspeed_stage_2_offload": {"stage": 2, "offload_optimizer": True},
+    "deepspeed_stage_3": {"stage": 3},
+    "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+}
 
 
 def resolve_strategy(strategy):
     """Strategy names whose meaning ftlab sets (see the module docstring) -> strategy objects; anything
     else goes to Lightning unchanged."""
-    if isinstance(strategy, str) and strategy in STRATEGY_NAMES:
-        return STRATEGY_NAMES[strategy]()
+    if strategy == "fsdp":
+        return FSDP()
+    if isinstance(strategy, str) and strategy in _DEEPSPEED_NAMES:
+        return DeepSpeed(**_DEEPSPEED_NAMES[strategy])
     return strategy
 
 
@@ -133,6 +203,8 @@ def shard_model(strategy, model: nn.Module) -> nn.Module:
 
 
 def _local_numel(t) -> int:
+    if hasattr(t, "ds_tensor"):  # ZeRO-3: this rank's partition of the parameter
+        return t.ds_tensor.numel()
     return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
 
 
@@ -141,6 +213,7 @@ def sharding_stats(trainer, model: nn.Module) -> dict[str, list[int]]:
     params = sum(_local_numel(p) for p in model.parameters())
     state = 0
     for optimizer in trainer.optimizers:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
         for per_param in optimizer.state.values():
             state += sum(_local_numel(v) for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0)
     counts = torch.tensor([params, state], dtype=torch.long)
@@ -160,4 +233,11 @@ def full_state_dict(trainer, model: nn.Module) -> dict | None:
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if trainer.is_global_zero else None
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if trainer.is_global_zero:
+                return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        return None
     return None

@@ -62,12 +62,15 @@ def _tokenizer(save_dir: Path):
     return fast
 
 
+# Dropout off: runs under different strategies are then comparable step by step.
 TINY = {
     "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=64),
+                 intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0),
     "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                 embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
 }
 
 

@@ -18,6 +18,11 @@ CASES = {
                                         "'nothing_here' matches no parameter"),
     "missing model": (["--model.name_or_path=/nonexistent/model"], "/nonexistent/model"),
     "negative lr": (["--model.optim.lr=-1"], "lr=-1"),
+    "gradual unfreezing under ZeRO": (["--model.policy=Freeze", "--model.policy.unfreeze_every=1",
+                                       "--trainer.strategy=deepspeed_stage_2", "--trainer.devices=2"],
+                                      "cannot run under DeepSpeed ZeRO"),
+    "hybrid sharding without replicas": (["--trainer.strategy=ftlab.strategies.FSDP",
+                                          "--trainer.strategy.sharding=hybrid"], "needs replicate_size"),
 }
 
 

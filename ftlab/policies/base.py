@@ -49,9 +49,15 @@ class Policy(ABC):
         return 1.0
 
     def will_train(self, name: str) -> bool:
-        """Whether a parameter trains at some point of the run (gradual unfreezing trains more later).
-        Only these go to the optimizer."""
-        return True
+        """Whether a frozen parameter starts training later in the run (gradual unfreezing). Trainable
+        parameters and these go to the optimizer; frozen weights never do."""
+        return False
+
+    @property
+    def changes_trainable_set(self) -> bool:
+        """Whether parameters start training mid-run (strategies that fix their partitions at start,
+        like DeepSpeed ZeRO, cannot follow)."""
+        return False
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> list[str]:
         """Hook for schedules (gradual unfreezing); returns names of parameters that changed."""

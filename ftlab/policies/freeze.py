@@ -101,6 +101,10 @@ class Freeze(Policy):
         n = self._max_blocks() if self.unfreeze_every else self._unfrozen
         return self._trains(name, max(n, self._unfrozen))
 
+    @property
+    def changes_trainable_set(self) -> bool:
+        return self.unfreeze_every > 0
+
     def on_epoch_start(self, model: nn.Module, epoch: int) -> list[str]:
         if not self.unfreeze_every or epoch == 0:
             return []

@@ -1,0 +1,101 @@
+"""Sharded strategies for real: 2 processes on CPU (gloo), each run a subprocess of `python -m ftlab fit`."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from tests.conftest import fit_args, run_ftlab
+
+_RUNS: dict = {}
+
+
+def distributed_fit(tmp_path_factory, model_dir: Path, data: Path, strategy: str, policy: str, *extra: str) -> dict:
+    """One 2-rank fit per (model, strategy, policy, extra), shared by the tests that look at it."""
+    key = (str(model_dir), strategy, policy, extra)
+    if key not in _RUNS:
+        run = tmp_path_factory.mktemp(f"{strategy}-{policy}")
+        args = fit_args(run, model_dir, data, f"--trainer.strategy={strategy}", "--trainer.devices=2",
+                        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={run}", "--trainer.logger.name=csv",
+                        "--trainer.log_every_n_steps=1", *extra, policy=policy)
+        if policy == "Adapter":
+            args.append("--model.policy.dropout=0")
+        out = run_ftlab(*args, timeout=600)
+        assert out.returncode == 0, (key, out.stderr[-4000:])
+        rows = list(csv.DictReader(next(run.glob("csv/*/metrics.csv")).open()))
+        _RUNS[key] = {
+            "dir": run,
+            "summary": json.loads((run / "summary.json").read_text()),
+            "losses": [float(r["train/loss"]) for r in rows if r.get("train/loss")],
+        }
+    return _RUNS[key]
+
+
+# What each strategy promises per rank, as a share of a DDP rank's: (parameters, optimizer state)
+PROMISE = {"fsdp": (0.5, 0.5), "deepspeed_stage_1": (1.0, 0.5), "deepspeed_stage_2": (1.0, 0.5),
+           "deepspeed_stage_3": (0.5, 0.5)}
+MATRIX = [
+    ("fsdp", "bert", "Full"), ("fsdp", "llama", "Full"), ("fsdp", "llama", "Adapter"), ("fsdp", "bert", "Freeze"),
+    ("deepspeed_stage_1", "bert", "Full"), ("deepspeed_stage_1", "llama", "Adapter"),
+    ("deepspeed_stage_2", "bert", "Full"), ("deepspeed_stage_2", "llama", "Adapter"),
+    ("deepspeed_stage_3", "bert", "Full"), ("deepspeed_stage_3", "llama", "Full"),
+    ("deepspeed_stage_3", "llama", "Adapter"), ("deepspeed_stage_3", "bert", "Freeze"),
+]
+
+
+def near(value: int, share: float, total: int) -> bool:
+    """A per-rank count is the promised share of the total (ZeRO pads partitions by a few elements)."""
+    return abs(value - share * total) <= 0.1 * total + 64
+
+
+@pytest.mark.parametrize("strategy,kind,policy", MATRIX)
+def test_sharded_run_shards_as_promised_and_matches_ddp(tmp_path_factory, tiny_models, reviews_csv, strategy,
+                                                        kind, policy):
+    ddp = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, "ddp", policy)
+    run = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, strategy, policy)
+    d, r = ddp["summary"], run["summary"]
+    assert d["world_size"] == r["world_size"] == 2
+
+    params, state = d["param_numel_per_rank"][0], d["optimizer_state_numel_per_rank"][0]
+    assert d["param_numel_per_rank"] == [params, params]
+    assert state == 2 * d["trainable_params"]  # AdamW: two moments per trainable weight
+    param_share, state_share = PROMISE[strategy]
+    assert all(near(n, param_share, params) for n in r["param_numel_per_rank"]), r["param_numel_per_rank"]
+    assert all(near(n, state_share, state) for n in r["optimizer_state_numel_per_rank"]), \
+        (r["optimizer_state_numel_per_rank"], state)
+    if param_share < 1:
+        assert sum(r["param_numel_per_rank"]) >= params  # nothing lost
+
+    # the same training, step by step (fp32)
+    assert len(ddp["losses"]) == len(run["losses"]) == 10
+    assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
+    assert r["test/accuracy"] == pytest.approx(d["test/accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy,kind,policy", MATRIX)
+def test_export_is_whole_and_reloads_with_plain_transformers(tmp_path_factory, tiny_models, reviews_csv,
+                                                             strategy, kind, policy):
+    ddp = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, "ddp", policy)
+    run = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, strategy, policy)
+    ids = torch.tensor([[2, 7, 9, 30, 3], [2, 15, 20, 3, 0]])
+    mask = (ids != 0).long()
+
+    def logits(run_dir):
+        export = run_dir / "export"
+        if policy == "Adapter":
+            merged = AutoModelForSequenceClassification.from_pretrained(export / "merged").eval()
+            base = AutoModelForSequenceClassification.from_pretrained(tiny_models[kind], num_labels=2)
+            adapter = PeftModel.from_pretrained(base, export / "adapter").eval()
+            with torch.no_grad():
+                a, m = adapter(input_ids=ids, attention_mask=mask).logits, merged(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-5)  # the adapter file is whole
+            return m
+        model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    torch.testing.assert_close(logits(run["dir"]), logits(ddp["dir"]), rtol=1e-4, atol=1e-5)
