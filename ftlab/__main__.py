@@ -25,10 +25,16 @@ def user_error(err: BaseException) -> ConfigError | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: the command line)."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        from ftlab.cli import run_cli
+        if args[:1] == ["export"]:
+            from ftlab.export_cli import main as export_main
 
-        run_cli(argv)
+            export_main(args[1:])
+        else:
+            from ftlab.cli import run_cli
+
+            run_cli(argv)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         cause = user_error(err)
         if cause is None:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ftlab.callbacks import RunOutputs
+from ftlab.checkpoints import RngState
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
 from ftlab.strategies import check_combination, resolve_strategy, split_cpu_threads
@@ -48,7 +49,7 @@ class FtlabCLI(LightningCLI):
                 logger.dict_kwargs = extra
 
     def instantiate_trainer(self, **kwargs):
-        callbacks = [TrainingMetrics()]
+        callbacks = [TrainingMetrics(), RngState()]
         # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))

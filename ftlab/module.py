@@ -88,19 +88,20 @@ class FineTuneModule(L.LightningModule):
         self.trainable_params = self.total_params = 0
 
     # ---- building
-    def _load_kwargs(self) -> dict:
-        kwargs = {"trust_remote_code": self.trust_remote_code, **self.task.model_kwargs(self.trainer.datamodule)}
+    def _load_kwargs(self, data) -> dict:
+        kwargs = {"trust_remote_code": self.trust_remote_code, **self.task.model_kwargs(data)}
         if self.revision:
             kwargs["revision"] = self.revision
         if self.load_dtype:
             kwargs["dtype"] = getattr(torch, self.load_dtype)
         return kwargs
 
-    def _skeleton(self, path: str, kwargs: dict) -> torch.nn.Module:
+    def skeleton(self, data) -> torch.nn.Module:
         """The model's structure with no weights (meta device): enough to check the policy for free."""
         from transformers import AutoConfig
 
-        config_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype",)}
+        path = resolve_model_path(self.name_or_path)
+        config_kwargs = {k: v for k, v in self._load_kwargs(data).items() if k in ("trust_remote_code", "revision")}
         try:
             config = AutoConfig.from_pretrained(path, **config_kwargs)
         except (OSError, ValueError) as err:
@@ -113,10 +114,10 @@ class FineTuneModule(L.LightningModule):
                 raise ConfigError(f"model.name_or_path={self.name_or_path!r}: a {config.model_type} model has no "
                                   f"{self.task.auto_class.__name__} head for task {self.task.name!r} ({err})") from None
 
-    def _build(self, path: str, kwargs: dict) -> torch.nn.Module:
-        """The pretrained model with the policy applied (not yet sharded)."""
-        model = self.task.auto_class.from_pretrained(path, **kwargs)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+    def build_model(self, data) -> torch.nn.Module:
+        """The pretrained model with the policy applied (not sharded)."""
+        model = self.task.auto_class.from_pretrained(resolve_model_path(self.name_or_path), **self._load_kwargs(data))
+        tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
         model.train()  # transformers returns models in eval mode (dropout off)
@@ -124,7 +125,7 @@ class FineTuneModule(L.LightningModule):
 
     def unsharded_model(self, state_dict: dict) -> torch.nn.Module:
         """A plain (unsharded) copy of the trained model from a full state dict, for export."""
-        model = self._build(resolve_model_path(self.name_or_path), self._load_kwargs())
+        model = self.build_model(self.trainer.datamodule)
         model.load_state_dict(state_dict)
         return model
 
@@ -133,11 +134,8 @@ class FineTuneModule(L.LightningModule):
             return
         data = self.trainer.datamodule
         self.task.check_data(data)
-        path = resolve_model_path(self.name_or_path)
-        kwargs = self._load_kwargs()
-        self.policy.validate(self._skeleton(path, {k: v for k, v in kwargs.items()
-                                                    if k in ("trust_remote_code", "revision")}), self.task)
-        self.model = shard_model(self.trainer.strategy, self._build(path, kwargs))
+        self.policy.validate(self.skeleton(data), self.task)
+        self.model = shard_model(self.trainer.strategy, self.build_model(data))
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
         self.trainable_params, self.total_params, names = summarize_trainable(self.model)

@@ -99,3 +99,30 @@ def test_export_is_whole_and_reloads_with_plain_transformers(tmp_path_factory, t
             return model(input_ids=ids, attention_mask=mask).logits
 
     torch.testing.assert_close(logits(run["dir"]), logits(ddp["dir"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy,kind,policy", [("fsdp", "llama", "Adapter"), ("fsdp", "bert", "Freeze"),
+                                                  ("deepspeed_stage_1", "llama", "Adapter"),
+                                                  ("deepspeed_stage_3", "bert", "Full")])
+def test_export_command_consolidates_sharded_checkpoints(tmp_path_factory, tiny_models, reviews_csv, strategy, kind,
+                                                         policy):
+    from safetensors.torch import load_file
+
+    run = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, strategy, policy)
+    out = tmp_path_factory.mktemp("export")
+    result = run_ftlab("export", f"--run={run['dir']}", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sub = "merged" if policy == "Adapter" else ""
+    # ZeRO-1 + LoRA: DeepSpeed's converter returns only the trained tensors; the frozen base weights
+    # come from the pretrained model, so the export is still whole
+    fresh, at_fit_end = load_file(out / sub / "model.safetensors"), load_file(run["dir"] / "export" / sub / "model.safetensors")
+    assert fresh.keys() == at_fit_end.keys()
+    for name, tensor in at_fit_end.items():
+        torch.testing.assert_close(fresh[name], tensor, rtol=0, atol=1e-6)
+    if policy == "Adapter":
+        assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_export_command_refuses_a_missing_run(tmp_path):
+    out = run_ftlab("export", f"--run={tmp_path / 'nope'}")
+    assert out.returncode == 2 and "no config.yaml there" in out.stderr and "Traceback" not in out.stderr

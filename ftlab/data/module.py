@@ -14,10 +14,12 @@ import tempfile
 from collections import Counter
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ftlab.data.collate import PadCollator
+from ftlab.data.loaders import ResumableLoader
 from ftlab.data.samplers import GroupedBatchSampler
 from ftlab.data.sources import Source, resolve_model_path
 from ftlab.errors import ConfigError
@@ -115,6 +117,8 @@ class TextDataModule(L.LightningDataModule):
         self.cache_root = cache_dir or default_cache_dir()
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
+        self._train_sampler: GroupedBatchSampler | None = None
+        self._resume_at: tuple[int, int] | None = None
         self.splits: dict = {}
         self.meta: dict = {}
 
@@ -269,24 +273,19 @@ class TextDataModule(L.LightningDataModule):
         return raw
 
     def _split(self, raw) -> dict:
+        """Use the source's own test/validation splits; hold out rows of train where it has none."""
         train = raw["train"]
         out = {}
-        if "test" in raw:
-            out["test"] = raw["test"]
-        elif self.test_size:
-            n = _size(self.test_size, len(train), "data.test_size")
-            if n >= len(train):
-                raise ConfigError(f"data.test_size={self.test_size} leaves no training rows (train has {len(train)})")
-            parts = train.train_test_split(test_size=n, seed=self.split_seed)
-            train, out["test"] = parts["train"], parts["test"]
-        if "validation" in raw:
-            out["validation"] = raw["validation"]
-        elif self.val_size:
-            n = _size(self.val_size, len(train), "data.val_size")
-            if n >= len(train):
-                raise ConfigError(f"data.val_size={self.val_size} leaves no training rows (train has {len(train)})")
-            parts = train.train_test_split(test_size=n, seed=self.split_seed)
-            train, out["validation"] = parts["train"], parts["validation"] if "validation" in parts else parts["test"]
+        for split, size, option in (("test", self.test_size, "data.test_size"),
+                                    ("validation", self.val_size, "data.val_size")):
+            if split in raw:
+                out[split] = raw[split]
+            elif size:
+                n = _size(size, len(train), option)
+                if n >= len(train):
+                    raise ConfigError(f"{option}={size} leaves no training rows (train has {len(train)})")
+                parts = train.train_test_split(test_size=n, seed=self.split_seed)
+                train, out[split] = parts["train"], parts["test"]
         if self.max_train_rows:
             train = train.select(range(min(self.max_train_rows, len(train))))
         out["train"] = train
@@ -309,10 +308,33 @@ class TextDataModule(L.LightningDataModule):
             ds["length"], self.batch_size if train else self.eval_batch_size, shuffle=train,
             group_by_length=self.group_by_length, seed=seed, num_replicas=world, rank=rank,
         )
-        return DataLoader(
-            ds.remove_columns("length"), batch_sampler=sampler, collate_fn=self.collator(),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
+        # An own generator: a DataLoader draws each iterator's base seed from it, and from the global RNG
+        # otherwise, which would shift dropout masks between a resumed run and an uninterrupted one.
+        kwargs = {"batch_sampler": sampler, "collate_fn": self.collator(), "num_workers": self.num_workers,
+                  "persistent_workers": self.num_workers > 0, "generator": torch.Generator().manual_seed(seed)}
+        if train:
+            self._train_sampler = sampler
+            if self._resume_at:
+                sampler.resume(*self._resume_at)
+            return ResumableLoader(ds.remove_columns("length"), owner=self, **kwargs)
+        return DataLoader(ds.remove_columns("length"), **kwargs)
+
+    # ---- training position, checkpointed for exact mid-epoch resume
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if self._train_sampler is None or trainer is None:
+            return {}
+        # Lightning's count of batches trained on this epoch; the sampler has already handed out more
+        # (the fetcher prefetches).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self._train_sampler.epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._resume_at = (state["epoch"], state["batches_done"])
+        if self._train_sampler is not None:
+            self._train_sampler.resume(*self._resume_at)
 
     def collator(self):
         return PadCollator(self.tokenizer.pad_token_id)

@@ -46,10 +46,21 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.group_factor = group_factor
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Skip the first `batches_done` batches of `epoch` (a run resumed mid-epoch)."""
+        self._resume = (epoch, batches_done)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of each epoch."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> GroupedBatchSampler:
+        # Lightning calls set_epoch on `loader.sampler` and `loader.batch_sampler.sampler`, never on the
+        # batch sampler itself: without this every epoch would replay the first epoch's order.
+        return self
 
     def _batches(self) -> list[list[int]]:
         n = len(self.lengths)
@@ -77,7 +88,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return per_rank * self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()[self.rank :: self.num_replicas]
+        skip = 0
+        # Kept until the resumed epoch itself iterates: Lightning restores the position, creates an
+        # iterator (still at the old epoch), and only then sets the epoch.
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+            self._resume = None
+        yield from self._batches()[self.rank :: self.num_replicas][skip:]
 
     def __len__(self) -> int:
         n_batches = math.ceil(len(self.lengths) / self.batch_size)

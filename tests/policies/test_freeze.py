@@ -1,17 +1,9 @@
 import pytest
-from transformers import AutoModelForSequenceClassification
 
 from ftlab.errors import ConfigError
 from ftlab.policies import Freeze
 from ftlab.tasks import SequenceClassification
-
-
-def load(path):
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-
-
-def trainable(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+from tests.policies.helpers import load, trainable
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])

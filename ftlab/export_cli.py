@@ -1,0 +1,60 @@
+"""`python -m ftlab export`: any checkpoint of a run -> the Hugging Face format, without a Trainer (so a
+sharded GPU run can be exported on a CPU login node)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from ftlab.data import TextDataModule
+from ftlab.errors import ConfigError
+from ftlab.export import checkpoint_state, export_model, load_into
+from ftlab.module import FineTuneModule
+
+
+def build_from_run(run_dir: str):
+    """The run's model and data modules, instantiated from its config.yaml (no Trainer, no weights)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise ConfigError(f"--run {run_dir!r}: no config.yaml there; give the run directory of a `ftlab fit`")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    # the two links FtlabCLI makes (linked values are not written to config.yaml)
+    init_args = saved["data"].setdefault("init_args", {})
+    init_args.setdefault("tokenizer", saved["model"]["name_or_path"])
+    init_args.setdefault("trust_remote_code", saved["model"].get("trust_remote_code", False))
+    parser = ArgumentParser()
+    parser.add_class_arguments(FineTuneModule, "model")
+    parser.add_subclass_arguments(TextDataModule, "data")
+    cfg = parser.parse_object({"model": saved["model"], "data": saved["data"]})
+    init = parser.instantiate_classes(cfg)
+    return init.model, init.data
+
+
+def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True, out: str | None = None) -> dict:
+    module, data = build_from_run(run_dir)
+    ckpt = ckpt or os.path.join(run_dir, "checkpoints", "last.ckpt")
+    if not os.path.exists(ckpt):
+        raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
+    data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
+    module.task.check_data(data)
+    model = module.build_model(data)
+    load_into(model, checkpoint_state(ckpt))
+    return export_model(model, data.tokenizer, out or os.path.join(run_dir, "export"), merge_adapter=merge_adapter)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ftlab export",
+                                     description="Export a run's checkpoint in Hugging Face format (safetensors).")
+    parser.add_argument("--run", required=True, help="the run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--ckpt", help="checkpoint file or sharded folder (default: <run>/checkpoints/last.ckpt)")
+    parser.add_argument("--merge-adapter", action=argparse.BooleanOptionalAction, default=True,
+                        help="adapter runs: also write the adapter merged into the base weights (default: yes)")
+    parser.add_argument("--out", help="output folder (default: <run>/export)")
+    args = parser.parse_args(argv)
+    folders = export_run(args.run, args.ckpt, args.merge_adapter, args.out)
+    for kind, folder in folders.items():
+        print(f"{kind}: {folder}")
