@@ -13,7 +13,7 @@ from ftlab.callbacks import RunOutputs
 from ftlab.checkpoints import RngState
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
-from ftlab.strategies import check_combination, resolve_strategy, split_cpu_threads
+from ftlab.strategies import check_combination, check_resume, resolve_strategy, split_cpu_threads
 from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
 
@@ -60,6 +60,9 @@ class FtlabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_combination(self.trainer.strategy, self.model.policy)
+        cfg = self.config[self.subcommand]
+        check_resume(cfg.get("ckpt_path"), _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
+                     self.trainer.world_size)
         split_cpu_threads(self.trainer)
 
     def after_fit(self) -> None:

@@ -177,6 +177,44 @@ def check_combination(strategy, policy) -> None:
                           "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")
 
 
+def checkpoint_kind(path: str) -> str:
+    """`file` (Lightning: single device, DDP, FSDP full), `dcp` (FSDP sharded) or `deepspeed` (ZeRO)."""
+    if os.path.isfile(path):
+        return "file"
+    if os.path.exists(os.path.join(path, ".metadata")):
+        return "dcp"
+    if os.path.isdir(os.path.join(path, "checkpoint")):
+        return "deepspeed"
+    raise ConfigError(f"ckpt_path={path!r} is not a checkpoint (file, FSDP folder or DeepSpeed folder)")
+
+
+def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_size: int) -> None:
+    """Refuse, before anything loads, a checkpoint the chosen strategy cannot resume from."""
+    if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+        return
+    path = os.path.join(checkpoint_dir, "last.ckpt") if ckpt_path == "last" else str(ckpt_path)
+    if ckpt_path == "last" and not os.path.exists(path):
+        return  # Lightning starts from scratch (and says so) when there is no last checkpoint yet
+    if not os.path.exists(path):
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file or folder, or 'last'")
+    kind = checkpoint_kind(path)
+    fix = "or export it (`python -m ftlab export --run ... --ckpt ...`) and fine-tune from the export"
+    if kind == "dcp" and not isinstance(strategy, ModelParallelStrategy):
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is a sharded FSDP checkpoint: resume it with --trainer.strategy fsdp "
+                          f"(any world size), {fix}; FSDP with state_dict_type: full writes checkpoints any strategy reads")
+    if kind == "deepspeed":
+        if not isinstance(strategy, DeepSpeedStrategy):
+            raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: resume it with the same "
+                              f"deepspeed_stage_* strategy, {fix}")
+        saved = len([f for f in os.listdir(os.path.join(path, "checkpoint")) if f.endswith("_model_states.pt")])
+        if saved != world_size:
+            raise ConfigError(f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has {world_size}; "
+                              f"ZeRO checkpoints resume at the same world size only: use {saved} devices, {fix}")
+    if kind == "file" and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is a single-file checkpoint, which DeepSpeed does not resume; "
+                          f"resume with ddp or fsdp, {fix}")
+
+
 _DEEPSPEED_NAMES = {
     "deepspeed_stage_1": {"stage": 1},
     "deepspeed_stage_2": {"stage": 2},

@@ -126,3 +126,65 @@ def test_export_command_consolidates_sharded_checkpoints(tmp_path_factory, tiny_
 def test_export_command_refuses_a_missing_run(tmp_path):
     out = run_ftlab("export", f"--run={tmp_path / 'nope'}")
     assert out.returncode == 2 and "no config.yaml there" in out.stderr and "Traceback" not in out.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_nodes_launched_by_torchrun_train_as_one_node(tmp_path_factory, tiny_models, reviews_csv, strategy):
+    """2 nodes x 1 process: two `torchrun` launches on localhost, as on two machines."""
+    import os
+    import subprocess
+    import sys
+
+    one_node = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, strategy, "Full")
+    run = tmp_path_factory.mktemp(f"two-nodes-{strategy}")
+    args = fit_args(run, tiny_models["bert"], reviews_csv, f"--trainer.strategy={strategy}", "--trainer.devices=1",
+                    "--trainer.num_nodes=2", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={run}",
+                    "--trainer.logger.name=csv", "--trainer.log_every_n_steps=1")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    port = free_port()
+    nodes = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ftlab", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_nodes"] == 2 and summary["world_size"] == 2
+    assert summary["param_numel_per_rank"] == one_node["summary"]["param_numel_per_rank"]
+    rows = list(csv.DictReader(next(run.glob("csv/*/metrics.csv")).open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert max(abs(a - b) for a, b in zip(losses, one_node["losses"])) <= 1e-6 and len(losses) == 10
+
+
+def test_resume_across_strategies_where_the_format_allows(tmp_path_factory, tiny_models, reviews_csv):
+    run = tmp_path_factory.mktemp("fsdp-full")
+    common = fit_args(run, tiny_models["bert"], reviews_csv, "--trainer.devices=2", "--test_after_fit=false")
+    out = run_ftlab(*common, "--trainer.max_epochs=1", "--trainer.strategy=ftlab.strategies.FSDP",
+                    "--trainer.strategy.state_dict_type=full", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file()  # one full file
+    out = run_ftlab(*common, "--trainer.max_epochs=2", "--trainer.strategy=ddp", "--ckpt_path=last", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+
+
+def test_resume_refused_where_the_format_does_not_allow(tmp_path_factory, tiny_models, reviews_csv):
+    sharded = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "fsdp", "Full")["dir"]
+    zero3 = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "deepspeed_stage_3", "Full")["dir"]
+    cases = [
+        (sharded, ["--trainer.strategy=ddp", "--trainer.devices=2"], "is a sharded FSDP checkpoint"),
+        (zero3, ["--trainer.strategy=deepspeed_stage_3", "--trainer.devices=1"], "written by 2 DeepSpeed ranks, this run has 1"),
+        (zero3, ["--trainer.strategy=fsdp", "--trainer.devices=2"], "is a DeepSpeed ZeRO checkpoint"),
+    ]
+    for run, extra, message in cases:
+        out = run_ftlab(*fit_args(run, tiny_models["bert"], reviews_csv, *extra, "--trainer.max_epochs=3",
+                                  "--ckpt_path=last"), timeout=600)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
