@@ -1,12 +1,17 @@
-"""What a checkpoint must hold beyond Lightning's own for a resumed run to continue exactly."""
+"""Checkpoints: what they must hold beyond Lightning's own for a resumed run to continue exactly, and
+saving them so that a crash never damages the last good one."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RngState(L.Callback):
@@ -50,3 +55,61 @@ class RngState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def replace_path(new: str, final: str) -> None:
+    """Put `new` (a file or folder) at `final`. Files: one atomic rename. Folders: the old one moves
+    to `final.old` first and is deleted last; `recover_path` undoes a crash between the two renames."""
+    if os.path.isdir(final) and not os.path.islink(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
+def recover_path(final: str) -> None:
+    """After a crash in `replace_path`: the previous folder is at `final.old`; put it back."""
+    old = final + ".old"
+    if os.path.exists(old) and not os.path.exists(final):
+        os.replace(old, final)
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (same options), with every save atomic: written to `<path>.partial`,
+    then swapped in when every rank has finished writing. A crash while saving leaves the previous
+    checkpoint intact, and a half-written one is never picked up as `last`.
+
+    Why: Lightning writes single files through a temp file that it *moves* into place (a copy when the
+    temp dir is another file system, as it often is on clusters), and it writes FSDP/DeepSpeed folders
+    in place over the previous checkpoint, which may be the only one.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for name in os.listdir(self.dirpath):
+                path = os.path.join(self.dirpath, name)
+                if name.endswith(".old"):
+                    recover_path(path[: -len(".old")])
+                elif name.endswith(".partial"):  # left by a crash while writing: never resumable
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        # the body of Lightning's own _save_checkpoint, writing to a partial path first
+        partial = filepath + ".partial"
+        if trainer.is_global_zero and os.path.exists(partial):
+            shutil.rmtree(partial) if os.path.isdir(partial) else os.remove(partial)
+        trainer.strategy.barrier("ftlab_checkpoint_start")
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        trainer.strategy.barrier("ftlab_checkpoint_written")
+        if trainer.is_global_zero:
+            replace_path(partial, filepath)
+        trainer.strategy.barrier("ftlab_checkpoint_in_place")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))

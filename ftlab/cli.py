@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ftlab.callbacks import RunOutputs
-from ftlab.checkpoints import RngState
+from ftlab.checkpoints import AtomicCheckpoint, RngState
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
 from ftlab.strategies import check_combination, check_resume, resolve_strategy, split_cpu_threads
@@ -26,7 +26,7 @@ class FtlabCLI(LightningCLI):
     `config.yaml`, `checkpoints/`, `export/`, `summary.json`."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AtomicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(RunOutputs, "outputs")

@@ -15,6 +15,8 @@ import tempfile
 from peft import PeftModel
 from torch import nn
 
+from ftlab.checkpoints import replace_path
+
 
 def _atomic_dir(final: str):
     """Write into a temp dir beside `final`, then swap it in: a crash leaves the old export intact."""
@@ -23,24 +25,13 @@ def _atomic_dir(final: str):
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.tmp-")
 
 
-def _swap_in(tmp: str, final: str) -> None:
-    if os.path.exists(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _save(model: nn.Module, tokenizer, final: str) -> None:
     tmp = _atomic_dir(final)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _swap_in(tmp, final)
+        replace_path(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -60,3 +60,22 @@ def test_distributed_mid_epoch_resume_matches_the_straight_run(tmp_path, tiny_mo
     assert max(abs(a[s] - b[s]) for s in b) <= 1e-6, (a, b)
     for name, tensor in weights(straight, "Full").items():
         torch.testing.assert_close(weights(resumed, "Full")[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_saves_are_atomic_and_crash_leftovers_are_never_resumed(tmp_path, tiny_bert, reviews_csv):
+    run = tmp_path / "run"
+    run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1", "--test_after_fit=false"))
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]  # no partial file left behind
+    good = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
+
+    # what a crash mid-save leaves: a half-written partial file; and a crash between the two renames
+    # of a folder swap: the previous folder moved aside
+    (ckpts / "last.ckpt.partial").write_bytes(b"\x80\x02half a pickle")
+    (ckpts / "epoch=0-step=10.ckpt.old").mkdir()
+    (ckpts / "epoch=0-step=10.ckpt.old" / "meta.pt").write_bytes(b"x")
+    resumed = run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=2", "--ckpt_path=last",
+                               "--test_after_fit=false"))
+    assert resumed.trainer.global_step == 2 * good  # resumed from the intact checkpoint
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert "last.ckpt.partial" not in names and "epoch=0-step=10.ckpt" in names  # cleaned, and put back
