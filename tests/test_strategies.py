@@ -204,3 +204,13 @@ def test_fsdp_options_train_exactly_like_ddp(tmp_path_factory, tiny_models, revi
     total = ddp["summary"]["param_numel_per_rank"][0]
     assert all(near(n, param_share, total) for n in run["summary"]["param_numel_per_rank"])
     assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+def test_bf16_mixed_precision_under_sharding(tmp_path_factory, tiny_models, reviews_csv, strategy):
+    ddp = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "ddp", "Full")
+    run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, strategy, "Full",
+                          "--trainer.precision=bf16-mixed")
+    assert run["summary"]["precision"] == "bf16-mixed"
+    diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
+    assert len(diffs) == 10 and max(diffs) <= 2e-2 and max(diffs) > 0  # bf16 rounding, not another run
