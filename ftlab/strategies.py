@@ -108,10 +108,15 @@ class FSDP(ModelParallelStrategy):
                 raise ConfigError("fsdp activation_checkpointing: this model does not support gradient checkpointing")
             base = getattr(model, "get_base_model", lambda: model)()
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offload = self.cpu_offload and self.root_device.type != "cpu"
+        if self.cpu_offload and not offload:
+            # the same config must run on a laptop: on CPU ranks the parameters already live in host
+            # memory (and torch's offload policy needs an accelerator)
+            rank_zero_info("ftlab: fsdp cpu_offload has no effect on CPU ranks; ignored")
         kwargs = {
             "mesh": self._mesh(),
             "reshard_after_forward": self.sharding != "grad-op",
-            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
         }
         for module in model.modules():
             if isinstance(module, parts.block_class):

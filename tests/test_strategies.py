@@ -37,13 +37,15 @@ def distributed_fit(tmp_path_factory, model_dir: Path, data: Path, strategy: str
 
 # What each strategy promises per rank, as a share of a DDP rank's: (parameters, optimizer state)
 PROMISE = {"fsdp": (0.5, 0.5), "deepspeed_stage_1": (1.0, 0.5), "deepspeed_stage_2": (1.0, 0.5),
-           "deepspeed_stage_3": (0.5, 0.5)}
+           "deepspeed_stage_2_offload": (1.0, 0.5), "deepspeed_stage_3": (0.5, 0.5),
+           "deepspeed_stage_3_offload": (0.5, 0.5)}
 MATRIX = [
     ("fsdp", "bert", "Full"), ("fsdp", "llama", "Full"), ("fsdp", "llama", "Adapter"), ("fsdp", "bert", "Freeze"),
     ("deepspeed_stage_1", "bert", "Full"), ("deepspeed_stage_1", "llama", "Adapter"),
     ("deepspeed_stage_2", "bert", "Full"), ("deepspeed_stage_2", "llama", "Adapter"),
     ("deepspeed_stage_3", "bert", "Full"), ("deepspeed_stage_3", "llama", "Full"),
     ("deepspeed_stage_3", "llama", "Adapter"), ("deepspeed_stage_3", "bert", "Freeze"),
+    ("deepspeed_stage_2_offload", "bert", "Full"), ("deepspeed_stage_3_offload", "bert", "Full"),
 ]
 
 
@@ -193,6 +195,7 @@ def test_resume_refused_where_the_format_does_not_allow(tmp_path_factory, tiny_m
 @pytest.mark.parametrize("options,param_share", [
     (("--trainer.strategy.sharding=grad-op", "--trainer.strategy.activation_checkpointing=true"), 0.5),
     (("--trainer.strategy.sharding=hybrid", "--trainer.strategy.replicate_size=2"), 1.0),
+    (("--trainer.strategy.cpu_offload=true",), 0.5),  # a GPU config debugged on CPU: offload is moot there
 ])
 def test_fsdp_options_train_exactly_like_ddp(tmp_path_factory, tiny_models, reviews_csv, options, param_share):
     """grad-op keeps parameters gathered between forward and backward, activation checkpointing recomputes,
