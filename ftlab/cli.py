@@ -50,9 +50,9 @@ class FtlabCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         callbacks = [TrainingMetrics(), RngState()]
-        # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
+        # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
