@@ -25,20 +25,13 @@ def history(records):
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
-def config(records):
-    merged = {}
+def merged(records, kind: str) -> dict:
+    """The final state of the run's config or summary: its update records applied in order."""
+    state = {}
     for r in records:
-        if r.get("type") == "config":
-            merged.update(r["config"]["update"])
-    return merged
-
-
-def summary(records):
-    merged = {}
-    for r in records:
-        if r.get("type") == "summary":
-            merged.update(r["summary"]["update"])
-    return merged
+        if r.get("type") == kind:
+            state.update(r[kind]["update"])
+    return state
 
 
 def run_id(records):
@@ -65,13 +58,13 @@ def test_ddp_fit_logs_one_wandb_run_with_config_metrics_and_summary(tmp_path, ti
         assert key in keys, key
     assert sum("train/loss" in s for s in steps) >= 8  # per step, not per epoch
 
-    cfg = config(records)
+    cfg = merged(records, "config")
     assert cfg["model"]["policy"]["class_path"] == "ftlab.policies.Full"
     assert cfg["data"]["init_args"]["batch_size"] == 16
     assert cfg["run"]["world_size"] == 2 and cfg["run"]["policy"] == "full" and cfg["run"]["trainable_params"] > 0
 
     on_disk = json.loads((run / "summary.json").read_text())
-    logged = summary(records)
+    logged = merged(records, "summary")
     assert on_disk["world_size"] == 2
     for key in ("test/accuracy", "val/accuracy", "trainable_params", "steps", "wall_time_s"):
         assert logged[key] == on_disk[key], key
