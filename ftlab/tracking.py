@@ -14,6 +14,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 from lightning.pytorch.cli import SaveConfigCallback
 
+from ftlab.data.collate import batch_counts
+
 RUN_ID_FILE = "wandb-run-id"
 
 
@@ -98,10 +100,10 @@ class TrainingMetrics(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        mask = batch.get("attention_mask")
+        samples, tokens = batch_counts(batch)
         self._batches += 1
-        self._samples += batch["input_ids"].shape[0]
-        self._tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        self._samples += samples
+        self._tokens += tokens
         # FLOPs for MFU: the usual 6 x parameters x tokens of a training step (forward + backward)
         self._throughput.update(time=now - self._t0, batches=self._batches, samples=self._samples,
                                 lengths=self._tokens, flops=6 * pl_module.total_params * self._tokens)

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from ftlab.data.collate import batch_counts
 from ftlab.errors import ConfigError
 from ftlab.export import export_model
 from ftlab.strategies import full_state_dict, sharding_stats
@@ -71,9 +72,9 @@ class RunOutputs(L.Callback):
         self._fit_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        mask = batch.get("attention_mask")
-        self.train_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        self.train_samples += batch["input_ids"].shape[0]
+        samples, tokens = batch_counts(batch)
+        self.train_samples += samples
+        self.train_tokens += tokens
 
     def _elapsed(self) -> float:
         return self.wall_time_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)

@@ -40,3 +40,10 @@ class PadCollator:
                     out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
             batch[key] = out
         return batch
+
+
+def batch_counts(batch: dict) -> tuple[int, int]:
+    """(rows, real tokens) of a padded batch: padding does not count as a token."""
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return batch["input_ids"].shape[0], tokens

@@ -50,11 +50,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith((".", "/", "~"))
-        or os.sep in source and os.path.splitext(_strip_compression(source))[1] in _BUILDERS
-        or os.path.splitext(_strip_compression(source))[1] in _BUILDERS
-    )
+    """A path (possibly missing, to report it) rather than a hub id: starts like one or has a data extension."""
+    return source.startswith((".", "/", "~")) or os.path.splitext(_strip_compression(source))[1] in _BUILDERS
 
 
 def _strip_compression(path: str) -> str:

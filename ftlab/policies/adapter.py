@@ -153,6 +153,6 @@ class Adapter(Policy):
 
     def describe(self) -> dict:
         out = {"policy": self.name, "peft_method": self.method}
-        if self.peft_type in (PeftType.LORA,) or "r" in {f.name for f in dataclasses.fields(self._config_class)}:
+        if "r" in {f.name for f in dataclasses.fields(self._config_class)}:
             out["peft_r"] = self.r
         return out
