@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             from ftlab.export_cli import main as export_main
 
             export_main(args[1:])
+        elif args[:1] == ["slurm"]:
+            from ftlab.slurm.cli import main as slurm_main
+
+            slurm_main(args[1:])
         else:
             from ftlab.cli import run_cli
 

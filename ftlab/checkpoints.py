@@ -97,6 +97,13 @@ class AtomicCheckpoint(ModelCheckpoint):
                 elif name.endswith(".partial"):  # left by a crash while writing: never resumable
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
+    def save_last_now(self, trainer) -> str:
+        """Save `last` now, whatever the schedule says (a preempted job's final save); returns its path."""
+        filepath = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = filepath  # part of the saved state, as in Lightning's own last save
+        self._save_checkpoint(trainer, filepath)
+        return filepath
+
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         # the body of Lightning's own _save_checkpoint, writing to a partial path first
         partial = filepath + ".partial"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
@@ -13,6 +14,7 @@ from ftlab.callbacks import RunOutputs
 from ftlab.checkpoints import AtomicCheckpoint, RngState
 from ftlab.data import TextDataModule
 from ftlab.module import FineTuneModule
+from ftlab.slurm.preemption import Preemption, find_preemption, in_slurm_job, restart_count
 from ftlab.strategies import check_combination, check_resume, resolve_strategy, split_cpu_threads
 from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
@@ -39,7 +41,12 @@ class FtlabCLI(LightningCLI):
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = cfg["trainer"]
         run_dir = trainer.get("default_root_dir") or "runs/default"
-        resuming = cfg.get("ckpt_path") is not None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        if self.subcommand == "fit" and restart_count() > 0 and cfg.get("ckpt_path") is None:
+            # a requeued Slurm job (preempted, or its node failed) continues from its last checkpoint
+            cfg["ckpt_path"] = "last"
+            print(f"ftlab: Slurm restart {restart_count()}: resuming from {_checkpoint_dir(run_dir)}/last.ckpt",
+                  file=sys.stderr)
+        resuming = cfg.get("ckpt_path") is not None
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if getattr(logger, "class_path", "").endswith("WandbLogger"):
@@ -52,6 +59,10 @@ class FtlabCLI(LightningCLI):
         callbacks = [TrainingMetrics(), RngState()]
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
+        if in_slurm_job():
+            callbacks.append(Preemption())
+            if not trainer_cfg.get("plugins"):  # our Preemption callback handles the requeue signal instead
+                kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
         # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
         if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
@@ -66,6 +77,11 @@ class FtlabCLI(LightningCLI):
         split_cpu_threads(self.trainer)
 
     def after_fit(self) -> None:
+        preemption = find_preemption(self.trainer)
+        if preemption is not None and preemption.preempted:
+            if self.trainer.is_global_zero:
+                preemption.requeue()
+            return
         cfg = self.config.get(self.subcommand, self.config)
         if cfg.get("test_after_fit") and "test" in getattr(self.datamodule, "splits", {}):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
@@ -104,15 +120,54 @@ def _print_summary(run_dir: str) -> None:
     Console().print(table)
 
 
+_CLI_KWARGS = dict(
+    model_class=FineTuneModule,
+    datamodule_class=TextDataModule,
+    subclass_mode_data=True,
+    seed_everything_default=0,
+    save_config_callback=RunConfig,
+    save_config_kwargs={"overwrite": True, "config_filename": "config.yaml", "save_to_log_dir": False},
+    # our batch samplers shard by rank themselves (deterministic, resumable mid-epoch)
+    trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
+    auto_configure_optimizers=False,
+)
+
+
 def run_cli(args: list[str] | None = None) -> FtlabCLI:
-    return FtlabCLI(
-        FineTuneModule,
-        TextDataModule,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_callback=RunConfig,
-        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml", "save_to_log_dir": False},
-        trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    return FtlabCLI(**_CLI_KWARGS, args=args)
+
+
+class _CheckOnly(FtlabCLI):
+    """Parses a `fit` command line and builds its model and data modules (cheap: no weights, no data read)
+    to run every config check that needs no Trainer. `slurm submit` uses it on a login node, which may
+    have no GPU for the Trainer the config asks for."""
+
+    def before_instantiate_classes(self) -> None:
+        pass  # W&B run ids and Slurm auto-resume belong to the job, not to its check
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+    def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's hook point for running: check instead
+        cfg = self.config[subcommand]
+        check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model.policy)
+
+
+def check_fit_config(args: list[str]) -> tuple[dict, str]:
+    """Checks a fit command line (`--config X.yaml --trainer.max_epochs 3 ...`) without loading anything
+    expensive. Returns the trainer settings and the whole config as YAML (to freeze it for a later job)."""
+    import logging
+    import warnings
+
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)  # the check seeds nothing that matters; no "Seed set" line
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # called from a command
+            cli = _CheckOnly(**{**_CLI_KWARGS, "save_config_callback": None}, args=["fit", *args])
+    finally:
+        seed_log.setLevel(level)
+    cfg = cli.config["fit"]
+    trainer = cfg["trainer"].as_dict() if hasattr(cfg["trainer"], "as_dict") else dict(cfg["trainer"])
+    return trainer, cli._parser("fit").dump(cfg, skip_none=False)

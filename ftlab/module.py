@@ -3,6 +3,8 @@ the task's loss and metrics. It knows tasks and policies only through their inte
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -70,6 +72,10 @@ class FineTuneModule(L.LightningModule):
                 `trainer.precision`.
         """
         super().__init__()
+        path = resolve_model_path(name_or_path)
+        if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no such folder (working directory "
+                              f"{os.getcwd()}); give an existing model folder or a hub id like org/name")
         self.save_hyperparameters(ignore=["task", "policy", "optim"])
         self.name_or_path = name_or_path
         self.task = task or SequenceClassification()

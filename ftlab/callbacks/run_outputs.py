@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ftlab.data.collate import batch_counts
 from ftlab.errors import ConfigError
 from ftlab.export import export_model
+from ftlab.slurm.preemption import was_preempted
 from ftlab.strategies import full_state_dict, sharding_stats
 
 
@@ -127,6 +128,8 @@ class RunOutputs(L.Callback):
                 logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
+            return
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
         stats = sharding_stats(trainer, pl_module.model)

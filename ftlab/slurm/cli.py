@@ -1,0 +1,102 @@
+"""`python -m ftlab slurm submit|render`: the same config a user tried locally, as a Slurm job of N nodes x G
+GPUs, checked before anything is queued."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from ftlab.errors import ConfigError
+from ftlab.slurm.job import SlurmJob
+from ftlab.slurm.script import DEFAULT_TEMPLATE, render
+
+FROZEN_CONFIG = "submitted-config.yaml"
+SCRIPT = "job.sbatch"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ftlab slurm", allow_abbrev=False,
+        description="Run `ftlab fit` as a Slurm job. Arguments not listed here go to `ftlab fit` "
+                    "(e.g. --trainer.max_epochs 3).",
+        epilog="submit checks the config, the job shape and the partition, freezes the config into the run "
+               "directory, renders the template and calls `sbatch --parsable`. render prints the script only.")
+    p.add_argument("action", choices=["submit", "render"])
+    p.add_argument("--config", action="append", required=True, help="fit config file (repeatable, as for fit)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (= trainer.num_nodes); default 1")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one task each; 0 for CPU-only")
+    p.add_argument("--ntasks-per-node", type=int, help="tasks per node on CPU-only nodes (default 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (data loading, threads)")
+    p.add_argument("--time", default="04:00:00", help="time limit, e.g. 12:00:00 or 1-00:00:00")
+    p.add_argument("--partition", help="partition (default: the cluster's default)")
+    p.add_argument("--account", help="account to charge")
+    p.add_argument("--qos", help="quality of service")
+    p.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
+    p.add_argument("--job-name", help="job name (default: the run directory's name)")
+    p.add_argument("--container", help="container: a .sif file (Apptainer) or an image name (pyxis/enroot)")
+    p.add_argument("--signal-lead", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",
+                   help="any other sbatch option, as one #SBATCH line, e.g. --sbatch-arg=--exclusive")
+    p.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="batch script template")
+    p.add_argument("--dry-run", action="store_true", help="check and print the script; queue nothing")
+    p.add_argument("--no-cluster-check", action="store_true",
+                   help="do not check the shape against this machine's cluster (sinfo): render for another one")
+    return p
+
+
+def prepare(args: argparse.Namespace, fit_overrides: list[str]) -> tuple[SlurmJob, str, str, str]:
+    """All checks, then (job, run dir, frozen config YAML, script text). Nothing is written here."""
+    from ftlab.cli import check_fit_config
+
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,
+                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                   account=args.account, qos=args.qos, mem=args.mem, job_name=args.job_name,
+                   container=args.container, signal_lead=args.signal_lead, sbatch_args=args.sbatch_args)
+    job.check()
+    if not os.path.isfile(args.template):
+        raise ConfigError(f"--template {args.template!r} does not exist; give a batch script like slurm/fit.sbatch")
+    fit_args = [a for c in args.config for a in ("--config", c)] + fit_overrides
+    trainer, frozen = check_fit_config(fit_args)
+    job.check_trainer(trainer)
+    note = "the shape was not checked against a cluster (--no-cluster-check)" if args.no_cluster_check \
+        else job.check_cluster()
+    if note:
+        print(f"ftlab: note: {note}", file=sys.stderr)
+    workdir = os.getcwd()
+    run_dir = os.path.join(workdir, trainer.get("default_root_dir") or "runs/default")
+    python = "python" if job.container else sys.executable
+    script = render(Path(args.template).read_text(), job, run_dir=run_dir, workdir=workdir,
+                    fit_args=["--config", os.path.join(run_dir, FROZEN_CONFIG)], python=python)
+    return job, run_dir, frozen, script
+
+
+def main(argv: list[str]) -> None:
+    args, fit_overrides = parser().parse_known_args(argv)
+    job, run_dir, frozen, script = prepare(args, fit_overrides)
+    if args.action == "render":
+        print(script, end="")
+        return
+    script_path = os.path.join(run_dir, SCRIPT)
+    if args.dry_run:
+        print(script, end="")
+        print(f"ftlab: dry run: would write {script_path} and {os.path.join(run_dir, FROZEN_CONFIG)}, then run "
+              f"`sbatch --parsable {shlex.quote(script_path)}`; nothing was queued", file=sys.stderr)
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, FROZEN_CONFIG), "w") as f:
+        f.write(frozen)
+    with open(script_path, "w") as f:
+        f.write(script)
+    result = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConfigError(f"sbatch refused the job: {result.stderr.strip()} (script: {script_path})")
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted Slurm job {job_id}")
+    print(f"  log:     {run_dir}/slurm-{job_id}.out")
+    print(f"  run dir: {run_dir}")
+    print(f"  watch:   squeue -j {job_id}; tail -f {shlex.quote(f'{run_dir}/slurm-{job_id}.out')}")

@@ -1,0 +1,96 @@
+"""`ftlab slurm render|submit --dry-run`: the rendered script and every check made before sbatch."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from ftlab.__main__ import main
+from tests.conftest import run_ftlab
+from tests.slurm.conftest import write_config
+
+SHAPE = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-lead", "30"]
+
+
+def settings(script: str) -> list[str]:
+    """FTLAB_ARGS, PYTHON, CONTAINER, WORKDIR as bash itself reads them from the rendered script."""
+    block = script.split("# >>> ftlab settings", 1)[1].split("# <<< ftlab settings", 1)[0]
+    out = subprocess.run(["bash", "-c", block + '\nprintf "%s\\n" "${FTLAB_ARGS[@]}" "$PYTHON" "$WORKDIR"'],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_render_fills_the_shape_and_quotes_every_value(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = f"runs/it's a $(touch {tmp_path}/pwned) `id` run"
+    cfg = write_config(tmp_path / "x.yaml", run, tiny_bert, reviews_csv)
+    assert main(["slurm", "render", "--config", str(cfg), *SHAPE, "--no-cluster-check",
+                 "--trainer.max_epochs", "3"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=1",
+                 "#SBATCH --time=10", "#SBATCH --signal=USR1@30", "#SBATCH --requeue"):
+        assert line in script.splitlines()
+    assert "--gpus-per-node" not in "".join(line for line in script.splitlines() if line.startswith("#SBATCH"))
+    args = settings(script)
+    assert args[:2] == ["--config", f"{tmp_path}/{run}/submitted-config.yaml"]
+    assert args[3] == str(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "runs").exists()  # render writes nothing
+
+
+def test_render_for_a_gpu_cluster(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/big", tiny_bert, reviews_csv, accelerator="auto")
+    assert main(["slurm", "render", "--config", str(cfg), "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                 "--account", "proj1", "--container", "nvcr.io/nvidia/pytorch:25.01-py3", "--sbatch-arg=--exclusive",
+                 "--no-cluster-check"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --exclusive", "#SBATCH --job-name=big"):
+        assert line in lines
+    assert "CONTAINER=nvcr.io/nvidia/pytorch:25.01-py3" in lines
+
+
+def test_dry_run_queues_and_writes_nothing(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/dry", tiny_bert, reviews_csv)
+    assert main(["slurm", "submit", "--dry-run", "--config", str(cfg), *SHAPE, "--no-cluster-check"]) == 0
+    out = capsys.readouterr()
+    assert "#SBATCH --nodes=2" in out.out and "nothing was queued" in out.err
+    assert not (tmp_path / "runs").exists()
+
+
+BAD = {
+    "devices differ from tasks per node": (["--trainer.devices", "2"], SHAPE, "trainer.devices=2"),
+    "num_nodes differs from --nodes": (["--trainer.num_nodes", "3"], SHAPE, "trainer.num_nodes=3"),
+    "GPU accelerator without GPUs": (["--trainer.accelerator", "gpu"], SHAPE, "--gpus-per-node 0"),
+    "CPU accelerator holding GPUs": ([], ["--nodes", "1", "--gpus-per-node", "4"], "trainer.accelerator=cpu"),
+    "tasks differ from GPUs": ([], ["--gpus-per-node", "4", "--ntasks-per-node", "2"], "one task per GPU"),
+    "bad time": ([], ["--gpus-per-node", "0", "--time", "two hours"], "'two hours' is not a Slurm time"),
+    "signal after the limit": ([], ["--gpus-per-node", "0", "--time", "1", "--signal-lead", "120"], "--signal-lead 120"),
+    "zero nodes": ([], ["--nodes", "0"], "--nodes 0"),
+    "missing data path": (["--data.init_args.source", "/nonexistent/x.csv"], SHAPE, "'/nonexistent/x.csv' not found"),
+    "missing model folder": (["--model.name_or_path", "/nonexistent/model"], SHAPE, "'/nonexistent/model'"),
+    "missing apptainer image": ([], [*SHAPE, "--container", "/nonexistent/ftlab.sif"], "no such Apptainer image"),
+    "ZeRO with gradual unfreezing": (["--model.policy", "Freeze", "--model.policy.unfreeze_every", "1",
+                                      "--trainer.strategy", "deepspeed_stage_2"], SHAPE, "cannot run under DeepSpeed"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_job_is_refused_before_sbatch(name, tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides, shape, expected = BAD[name]
+    cfg = write_config(tmp_path / "x.yaml", "runs/bad", tiny_bert, reviews_csv)
+    assert main(["slurm", "submit", "--config", str(cfg), *shape, "--no-cluster-check", *overrides]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_error_is_one_line(tmp_path, tiny_bert, reviews_csv):
+    cfg = write_config(tmp_path / "x.yaml", str(tmp_path / "runs/bad"), tiny_bert, reviews_csv)
+    out = run_ftlab("slurm", "submit", "--config", str(cfg), *SHAPE, "--trainer.devices", "2")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("ftlab: error: trainer.devices=2")
+    assert "Traceback" not in out.stderr

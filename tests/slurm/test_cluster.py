@@ -1,0 +1,121 @@
+"""Jobs on a real Slurm cluster of 2 nodes (slurm/local-cluster.sh): the rendered templates, submitted
+through `ftlab slurm submit` (and once by hand), 2-node DDP and FSDP, preemption with requeue and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftlab.__main__ import main
+from tests.conftest import REPO, run_ftlab
+from tests.slurm.conftest import job_field, wait_for_text, wait_job, write_config
+
+SHAPE = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-lead", "30"]
+EPOCHS = 60  # 5 steps an epoch: long enough to signal a job mid-run
+WANDB = {"logger": {"class_path": "WandbLogger", "init_args": {"project": "ftlab-slurm-tests", "offline": True}}}
+ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def submit(cfg: Path, *extra: str, cwd: Path) -> tuple[str, Path]:
+    out = run_ftlab("slurm", "submit", "--config", str(cfg), *SHAPE, *extra, cwd=cwd, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = re.search(r"submitted Slurm job (\d+)", out.stdout).group(1)
+    log = Path(re.search(r"log: +(.*)", out.stdout).group(1).strip())
+    return job, log
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, tmp_path_factory, tiny_bert, reviews_csv):
+    """A 2-node DDP job run through, in a run directory whose name a shell would expand."""
+    work = tmp_path_factory.mktemp("slurm-ddp")
+    run = "runs/ddp $(touch pwned) `touch pwned2` 'q'"
+    cfg = write_config(work / "ddp.yaml", run, tiny_bert, reviews_csv, max_epochs=EPOCHS)
+    job, log = submit(cfg, cwd=work)
+    state = wait_job(job)
+    assert state == "COMPLETED", log.read_text()[-3000:]
+    return work, work / run, log
+
+
+def test_two_node_ddp_job_runs_both_ranks(uninterrupted):
+    work, run_dir, log = uninterrupted
+    text = log.read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text
+    s = summary(run_dir)
+    assert (s["world_size"], s["num_nodes"], s["strategy"]) == (2, 2, "DDPStrategy")
+    assert s["steps"] == EPOCHS * 5  # 160 training rows / (16 per rank x 2 ranks)
+    assert not (work / "pwned").exists() and not (work / "pwned2").exists()  # the name stayed a name
+    assert (run_dir / "export" / "config.json").exists()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tmp_path, tiny_bert, reviews_csv):
+    cfg = write_config(tmp_path / "pre.yaml", "runs/pre", tiny_bert, reviews_csv, max_epochs=EPOCHS, **WANDB)
+    job, log = submit(cfg, cwd=tmp_path)
+    wait_for_text(log, "ftlab: policy")
+    wait_for_text(tmp_path / "runs/pre/wandb-run-id", "")  # W&B is up, training is under way
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    assert wait_job(job) == "COMPLETED", log.read_text()[-3000:]
+    assert int(job_field(job, "Restarts")) == 1
+    text = log.read_text()
+    saved = re.search(r"requeue signal: saved (\S+) at step (\d+)", text)
+    assert saved, text[-3000:]
+    assert 0 < int(saved.group(2)) < EPOCHS * 5
+    assert f"Restored all states from the checkpoint at {saved.group(1)}" in text
+    s, ref = summary(tmp_path / "runs/pre"), summary(uninterrupted[1])
+    assert s["steps"] == ref["steps"]
+    assert s["val/loss"] == pytest.approx(ref["val/loss"], rel=1e-4, abs=1e-7)  # resumed exactly
+    runs = sorted((tmp_path / "runs/pre/wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one per start of the job...
+    assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # ...continuing one W&B run id
+
+
+def test_fsdp_job_from_the_template_by_hand(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
+    """The template as its header says to use it by hand: sbatch options, then ftlab's arguments."""
+    cfg = write_config(tmp_path / "fsdp.yaml", "runs/fsdp", tiny_bert, reviews_csv, strategy="fsdp")
+    (tmp_path / "runs/slurm-logs").mkdir(parents=True)
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                          "--gpus-per-node=0", str(REPO / "slurm/fit.sbatch"), "--config", str(cfg)],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "FTLAB_PYTHON": sys.executable})
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    log = tmp_path / f"runs/slurm-logs/ftlab-{job}.out"
+    assert wait_job(job) == "COMPLETED", log.read_text()[-3000:]
+    s = summary(tmp_path / "runs/fsdp")
+    assert (s["world_size"], s["strategy"]) == (2, "FSDP")
+    per_rank, total = s["param_numel_per_rank"], s["total_params"]
+    assert len(per_rank) == 2 and max(per_rank) < total  # each node holds a shard
+
+
+def test_cancelled_job_is_not_requeued(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
+    cfg = write_config(tmp_path / "c.yaml", "runs/c", tiny_bert, reviews_csv, max_epochs=5000)
+    job, log = submit(cfg, cwd=tmp_path)
+    wait_for_text(log, "ftlab: policy")
+    subprocess.run(["scancel", job], check=True)
+    assert wait_job(job, timeout=60) == "CANCELLED"
+    assert int(job_field(job, "Restarts")) == 0
+    assert "requeue signal" not in log.read_text()
+
+
+@pytest.mark.parametrize("shape, expected", [
+    (["--partition", "gpuu"], "--partition 'gpuu' is not a partition of this cluster; choose from 'debug'"),
+    (["--nodes", "5"], "--nodes 5: partition 'debug' has 2 node(s)"),
+    (["--cpus-per-task", "64"], "= 64 CPUs per node"),
+])
+def test_shape_the_cluster_cannot_hold_is_refused(slurm_cluster, tmp_path, tiny_bert, reviews_csv, shape, expected,
+                                                  capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/x", tiny_bert, reviews_csv)
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert main(["slurm", "submit", "--config", str(cfg), *SHAPE, *shape]) == 2
+    assert expected in capsys.readouterr().err
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "runs").exists()
