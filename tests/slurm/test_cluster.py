@@ -78,9 +78,20 @@ def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tmp_path,
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # ...continuing one W&B run id
 
 
-def test_fsdp_job_from_the_template_by_hand(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
-    """The template as its header says to use it by hand: sbatch options, then ftlab's arguments."""
+def test_two_node_fsdp_job(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
     cfg = write_config(tmp_path / "fsdp.yaml", "runs/fsdp", tiny_bert, reviews_csv, strategy="fsdp")
+    job, log = submit(cfg, cwd=tmp_path)
+    assert wait_job(job) == "COMPLETED", log.read_text()[-3000:]
+    s = summary(tmp_path / "runs/fsdp")
+    assert (s["world_size"], s["num_nodes"], s["strategy"]) == (2, 2, "FSDP")
+    per_rank, total = s["param_numel_per_rank"], s["total_params"]
+    assert len(per_rank) == 2 and max(per_rank) < total  # each node holds a shard
+
+
+def test_template_by_hand_and_a_cancelled_job_is_not_requeued(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
+    """The template used by hand, as its header says (sbatch options, then ftlab's arguments); then
+    `scancel` (SIGTERM, not the requeue signal) ends the job for good."""
+    cfg = write_config(tmp_path / "c.yaml", "runs/c", tiny_bert, reviews_csv, max_epochs=5000)
     (tmp_path / "runs/slurm-logs").mkdir(parents=True)
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                           "--gpus-per-node=0", str(REPO / "slurm/fit.sbatch"), "--config", str(cfg)],
@@ -88,16 +99,7 @@ def test_fsdp_job_from_the_template_by_hand(slurm_cluster, tmp_path, tiny_bert, 
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip()
     log = tmp_path / f"runs/slurm-logs/ftlab-{job}.out"
-    assert wait_job(job) == "COMPLETED", log.read_text()[-3000:]
-    s = summary(tmp_path / "runs/fsdp")
-    assert (s["world_size"], s["strategy"]) == (2, "FSDP")
-    per_rank, total = s["param_numel_per_rank"], s["total_params"]
-    assert len(per_rank) == 2 and max(per_rank) < total  # each node holds a shard
-
-
-def test_cancelled_job_is_not_requeued(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
-    cfg = write_config(tmp_path / "c.yaml", "runs/c", tiny_bert, reviews_csv, max_epochs=5000)
-    job, log = submit(cfg, cwd=tmp_path)
+    wait_for_text(log, "GLOBAL_RANK: 1, MEMBER: 2/2")
     wait_for_text(log, "ftlab: policy")
     subprocess.run(["scancel", job], check=True)
     assert wait_job(job, timeout=60) == "CANCELLED"
