@@ -23,6 +23,32 @@ def user_error(err: BaseException) -> ConfigError | None:
     return None
 
 
+def parse_error_line(err: BaseException) -> str | None:
+    """jsonargparse's multi-line parse error (wrong type, unknown or missing key) as one line."""
+    import argparse
+    import re
+
+    if not isinstance(err, argparse.ArgumentError):
+        return None
+    text = str(err)
+    key = ".".join(re.findall(r'Parser key "([^"]+)"', text))  # nested: model.optim + schedule
+    inner = re.search(r"Expected a (.+?)\. Got value: (.*)", text)
+    if inner:
+        want, value = inner.group(1), inner.group(2).strip()
+        literal = re.match(r"typing\.Literal\[(.*)\]$", want)
+        want = f"one of {literal.group(1)}" if literal else re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", want)
+    else:
+        given = re.findall(r"Given value: (.*)", text)
+        value = given[-1].strip() if given else None
+        kinds = sorted(set(re.findall(r"Expected a <class '(\w+)'>", text)), key=text.find)
+        want = " or ".join("None" if k == "NoneType" else k for k in kinds) or "another value"
+    if key and value is not None:
+        if value == "None":
+            return f"{key} is required but not given; set it in the config or as --{key} VALUE"
+        return f"{key}={value}: expected {want} (see --help)"
+    return " ".join(text.split())[:500] + " (see --help)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: the command line)."""
     args = sys.argv[1:] if argv is None else argv
@@ -40,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_cli(argv)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
-        cause = user_error(err)
+        cause = user_error(err) or parse_error_line(err)
+        from ftlab.faults import collective_timeout_report
+
+        report = collective_timeout_report(err) if cause is None else None
+        if report:
+            print(f"ftlab: error: {report}", file=sys.stderr)
+            return 1
         if cause is None:
             raise
         print(f"ftlab: error: {cause}", file=sys.stderr)

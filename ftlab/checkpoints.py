@@ -3,6 +3,7 @@ saving them so that a crash never damages the last good one."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -12,6 +13,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ftlab.errors import ConfigError
 
 
 class RngState(L.Callback):
@@ -57,6 +60,24 @@ class RngState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_bytes(pl_module) -> int:
+    """About the size of one checkpoint: fp32 weights, plus AdamW's two moments for trainable ones."""
+    total = getattr(pl_module, "total_params", 0) or sum(p.numel() for p in pl_module.parameters())
+    trainable = getattr(pl_module, "trainable_params", 0) or total
+    return 4 * total + 8 * trainable
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def replace_path(new: str, final: str) -> None:
     """Put `new` (a file or folder) at `final`. Files: one atomic rename. Folders: the old one moves
     to `final.old` first and is deleted last; `recover_path` undoes a crash between the two renames."""
@@ -97,6 +118,16 @@ class AtomicCheckpoint(ModelCheckpoint):
                 elif name.endswith(".partial"):  # left by a crash while writing: never resumable
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Refuse to start when the disk cannot hold two checkpoints (an atomic save keeps the previous one
+        until the new one is whole), rather than failing hours later at the first save."""
+        need = checkpoint_bytes(pl_module)
+        os.makedirs(self.dirpath, exist_ok=True)
+        free = shutil.disk_usage(self.dirpath).free
+        if free < 2 * need:
+            raise ConfigError(f"{self.dirpath}: {_gb(free)} free, but a checkpoint of this run takes about {_gb(need)} "
+                              f"and a save needs room for two; free space or set trainer.default_root_dir elsewhere")
+
     def save_last_now(self, trainer) -> str:
         """Save `last` now, whatever the schedule says (a preempted job's final save); returns its path."""
         filepath = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
@@ -110,7 +141,16 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and os.path.exists(partial):
             shutil.rmtree(partial) if os.path.isdir(partial) else os.remove(partial)
         trainer.strategy.barrier("ftlab_checkpoint_start")
-        trainer.save_checkpoint(partial, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(partial, self.save_weights_only)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            shutil.rmtree(partial, ignore_errors=True) if os.path.isdir(partial) else _remove(partial)
+            previous = self.last_model_path if os.path.exists(self.last_model_path or "") else "none"
+            raise ConfigError(f"no space left on the device of {self.dirpath} while saving {os.path.basename(filepath)} "
+                              f"({err.strerror}); the previous checkpoint is intact ({previous}). Free space, then "
+                              "resume with --ckpt_path last") from None
         trainer.strategy.barrier("ftlab_checkpoint_written")
         if trainer.is_global_zero:
             replace_path(partial, filepath)

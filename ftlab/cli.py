@@ -13,9 +13,17 @@ from lightning.pytorch.cli import LightningCLI
 from ftlab.callbacks import RunOutputs
 from ftlab.checkpoints import AtomicCheckpoint, RngState
 from ftlab.data import TextDataModule
+from ftlab.errors import ConfigError
+from ftlab.faults import StopLocalRanksOnError
 from ftlab.module import FineTuneModule
 from ftlab.slurm.preemption import Preemption, find_preemption, in_slurm_job, restart_count
-from ftlab.strategies import check_combination, check_resume, resolve_strategy, split_cpu_threads
+from ftlab.strategies import (
+    check_combination,
+    check_resume,
+    resolve_strategy,
+    set_collective_timeout,
+    split_cpu_threads,
+)
 from ftlab.tracking import RunConfig, TrainingMetrics, resolve_wandb_run
 
 
@@ -34,6 +42,9 @@ class FtlabCLI(LightningCLI):
         parser.add_lightning_class_args(RunOutputs, "outputs")
         parser.link_arguments("model.name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
+        parser.add_argument("--collective_timeout", type=int, default=1800,
+                            help="Seconds a rank waits in a collective (all-reduce, barrier) before the job ends "
+                                 "with an error naming the rank, instead of hanging when another rank hung or died.")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the final model on the test split (when there is one).")
 
@@ -56,7 +67,7 @@ class FtlabCLI(LightningCLI):
                 logger.dict_kwargs = extra
 
     def instantiate_trainer(self, **kwargs):
-        callbacks = [TrainingMetrics(), RngState()]
+        callbacks = [TrainingMetrics(), RngState(), StopLocalRanksOnError()]
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
         if in_slurm_job():
@@ -67,11 +78,18 @@ class FtlabCLI(LightningCLI):
         if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(RichProgressBar())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
-        return super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            # the Trainer checks its own arguments (devices, accelerator, precision...): user errors
+            raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
     def before_fit(self) -> None:
-        check_combination(self.trainer.strategy, self.model.policy)
+        check_combination(self.trainer.strategy, self.model)
         cfg = self.config[self.subcommand]
+        set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
         check_resume(cfg.get("ckpt_path"), _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
                      self.trainer.world_size)
         split_cpu_threads(self.trainer)
@@ -130,6 +148,8 @@ _CLI_KWARGS = dict(
     # our batch samplers shard by rank themselves (deterministic, resumable mid-epoch)
     trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
     auto_configure_optimizers=False,
+    # parse errors raise (and __main__ prints them as one line) instead of printing usage and exiting
+    parser_kwargs={"exit_on_error": False},
 )
 
 
@@ -150,7 +170,7 @@ class _CheckOnly(FtlabCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's hook point for running: check instead
         cfg = self.config[subcommand]
-        check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model.policy)
+        check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model)
 
 
 def check_fit_config(args: list[str]) -> tuple[dict, str]:

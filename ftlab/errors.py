@@ -16,6 +16,10 @@ class ConfigError(ValueError):
         ConfigError.last = self
 
 
+class TrainingDiverged(ConfigError):
+    """The loss went NaN/inf: a setting to change (learning rate, data, precision), reported like one."""
+
+
 def did_you_mean(value: str, choices) -> str:
     """A short hint naming the closest valid choices, for error messages."""
     import difflib

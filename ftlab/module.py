@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from ftlab.data.sources import resolve_model_path
-from ftlab.errors import ConfigError
+from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.strategies import shard_model
@@ -57,6 +57,7 @@ class FineTuneModule(L.LightningModule):
         trust_remote_code: bool = False,
         revision: str | None = None,
         dtype: str | None = None,
+        skip_nonfinite_steps: int = 0,
     ):
         """
         Args:
@@ -70,6 +71,9 @@ class FineTuneModule(L.LightningModule):
             revision: Hub revision (branch, tag or commit) to load.
             dtype: Weight dtype to load (e.g. bfloat16); default float32. Mixed precision is
                 `trainer.precision`.
+            skip_nonfinite_steps: Steps whose loss is NaN or infinite that may be skipped (no update) before
+                the run stops; 0 stops at the first. A stop names the step and batch and keeps the last
+                good checkpoint.
         """
         super().__init__()
         path = resolve_model_path(name_or_path)
@@ -84,6 +88,10 @@ class FineTuneModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self.load_dtype = dtype
+        if skip_nonfinite_steps < 0:
+            raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.skipped_steps = 0
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
         if trust_remote_code:
@@ -158,10 +166,29 @@ class FineTuneModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         outputs = self(batch)
         loss = self.task.loss(outputs, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}, batch {batch_idx}")
+        bad = not bool(torch.isfinite(loss.detach()).item())
+        if self.trainer.world_size > 1:  # every rank skips or stops together, or the collectives desync
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """A NaN/inf loss: skip the step (returning None makes Lightning skip backward and the update) or,
+        past the allowance, stop with the step, batch and the last good checkpoint named."""
+        self.skipped_steps += 1
+        where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.skipped_steps > self.skip_nonfinite_steps:
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            raise TrainingDiverged(
+                f"non-finite training loss ({loss.item()}) at {where}; last good checkpoint: {ckpt}. Lower "
+                f"model.optim.lr, check that batch's data, or allow skips with model.skip_nonfinite_steps "
+                f"(now {self.skip_nonfinite_steps})")
+        rank_zero_warn(f"ftlab: non-finite loss at {where}: step skipped "
+                       f"({self.skipped_steps} of {self.skip_nonfinite_steps} allowed)")
+        self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
+        return None
 
     def _eval_step(self, batch: dict, split: str):
         outputs = self(batch)

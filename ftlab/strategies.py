@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -24,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ftlab.errors import ConfigError
+from ftlab.errors import ConfigError, did_you_mean
 from ftlab.policies.layers import find_parts
 
 
@@ -175,8 +176,24 @@ class DeepSpeed(DeepSpeedStrategy):
             self.config.setdefault("zero_force_ds_cpu_optimizer", False)
 
 
-def check_combination(strategy, policy) -> None:
-    """Strategy x policy combinations that cannot work, refused before anything loads."""
+def set_collective_timeout(strategy, seconds: int | None) -> None:
+    """The process-group timeout of any distributed strategy. Lightning takes it as a constructor argument,
+    which strategies it builds from a name (`ddp`, or `auto` on several devices) never get; they all keep
+    it in `_timeout` until the process group starts, so set it there."""
+    if seconds is None:
+        return
+    if seconds <= 0:
+        raise ConfigError(f"collective_timeout={seconds}: give a positive number of seconds (default 1800)")
+    if hasattr(strategy, "_timeout"):
+        strategy._timeout = timedelta(seconds=seconds)
+
+
+def check_combination(strategy, module) -> None:
+    """Strategy x policy (x module option) combinations that cannot work, refused before anything loads."""
+    policy = module.policy
+    if isinstance(strategy, DeepSpeedStrategy) and module.skip_nonfinite_steps:
+        raise ConfigError(f"model.skip_nonfinite_steps={module.skip_nonfinite_steps}: DeepSpeed cannot skip a step "
+                          "(its engine always runs backward and step); use 0 with DeepSpeed, or strategy ddp/fsdp")
     if isinstance(strategy, DeepSpeedStrategy) and policy.changes_trainable_set:
         raise ConfigError("gradual unfreezing (policy.unfreeze_every) cannot run under DeepSpeed ZeRO, which fixes "
                           "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")
@@ -232,6 +249,13 @@ _DEEPSPEED_NAMES = {
 def resolve_strategy(strategy):
     """Strategy names whose meaning ftlab sets (see the module docstring) -> strategy objects; anything
     else goes to Lightning unchanged."""
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = {"auto", "model_parallel", *StrategyRegistry.available_strategies()}
+        if strategy not in known:
+            raise ConfigError(f"trainer.strategy={strategy!r} is not a strategy; {did_you_mean(strategy, sorted(known))} "
+                              "(or a class path such as ftlab.strategies.FSDP)")
     if strategy == "fsdp":
         return FSDP()
     if isinstance(strategy, str) and strategy in _DEEPSPEED_NAMES:

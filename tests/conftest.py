@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,23 @@ def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, time
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_ftlab(*args: str) -> subprocess.Popen:
+    """`python -m ftlab ...` started in its own process group (to kill the whole job at once)."""
+    return subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the running job has written `path`."""
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    """Child processes (the ranks Lightning's launcher started from rank 0)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

@@ -1,8 +1,14 @@
 """Each user error stops before training with one clear line naming the bad value, exit code 2, and no
 traceback."""
 
+# datasets and transformers are imported here, at collection, so that the log handlers they make bind to
+# the session's stderr, not to one test's capture (closed after that test).
+import datasets  # noqa: F401
 import pytest
+import transformers  # noqa: F401
 
+import ftlab.cli  # noqa: F401
+from ftlab.__main__ import main
 from tests.conftest import fit_args, run_ftlab
 
 CASES = {
@@ -34,3 +40,65 @@ def test_user_error(name, tmp_path, tiny_bert, reviews_csv):
     assert expected in out.stderr, (name, out.stderr[-3000:])
     assert "Traceback" not in out.stderr + out.stdout, (name, out.stderr[-3000:])
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+
+
+# More of the catalogue, run in-process through the same entry point (`ftlab.__main__.main`): each fails
+# before training, so no rank is launched, and one process can check many cases quickly.
+MORE = {
+    "missing required model": ([], "model.name_or_path is required but not given"),
+    "wrong type of a trainer option": (["--trainer.max_epochs=abc"], "trainer.max_epochs=abc: expected int"),
+    "value outside a choice": (["--model.optim.schedule=cosin"], "model.optim.schedule=cosin: expected one of"),
+    "zero batch size": (["--data.batch_size=0"], "data.batch_size=0"),
+    "zero max length": (["--data.max_length=0"], "data.max_length=0"),
+    "negative validation size": (["--data.val_size=-1"], "data.val_size=-1"),
+    "zero training rows": (["--data.max_train_rows=0"], "data.max_train_rows=0"),
+    "negative workers": (["--data.num_workers=-1"], "data.num_workers=-1"),
+    "empty data file": (["--data.source={empty}"], "has no rows"),
+    "non-UTF-8 data file": (["--data.source={latin1}"], "is not UTF-8 text"),
+    "unknown file format": (["--data.source={xlsx}"], "unknown format '.xlsx'"),
+    "missing label column": (["--data.label_column=lab"], "column 'lab' is not in the train data"),
+    "filter on a missing column": (["--data.keep_rows={{genre: [x]}}"], "column 'genre' is not in the train data"),
+    "duplicate label names": (["--data.label_names=[pos,pos]"], "has duplicates"),
+    "not a dtype": (["--model.dtype=float33"], "model.dtype='float33' is not a torch dtype"),
+    "strategy typo": (["--trainer.strategy=fsdpp", "--trainer.devices=2"], "did you mean 'fsdp'"),
+    "devices the Trainer refuses": (["--trainer.devices=abc"], "trainer: `devices` selected"),
+    "zero LoRA rank": (["--model.policy=Adapter", "--model.policy.r=0"], "policy.r=0"),
+    "more top layers than the model has": (["--model.policy=Freeze", "--model.policy.top_k_layers=99"],
+                                           "the model has 2 blocks"),
+    "warmup longer than the run": (["--model.optim.warmup_ratio=2"], "warmup_ratio=2.0"),
+    "negative skip allowance": (["--model.skip_nonfinite_steps=-1"], "skip_nonfinite_steps=-1"),
+    "skipping steps under DeepSpeed": (["--model.skip_nonfinite_steps=2", "--trainer.strategy=deepspeed_stage_2",
+                                        "--trainer.devices=2"], "DeepSpeed cannot skip a step"),
+    "zero collective timeout": (["--collective_timeout=0"], "collective_timeout=0"),
+    "missing checkpoint to resume": (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-files")
+    (root / "empty.csv").write_text("text,label\n")
+    (root / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,pos\nfine,neg\n".encode("latin-1"))
+    (root / "reviews.xlsx").write_text("not a spreadsheet")
+    return {"empty": root / "empty.csv", "latin1": root / "latin1.csv", "xlsx": root / "reviews.xlsx"}
+
+
+@pytest.mark.parametrize("name", MORE)
+def test_more_user_errors(name, tmp_path, tiny_bert, reviews_csv, bad_files, capsys):
+    extra, expected = MORE[name]
+    args = fit_args(tmp_path / "run", tiny_bert, reviews_csv, *(a.format(**bad_files) for a in extra))
+    if name == "missing required model":
+        args = [a for a in args if not a.startswith("--model.name_or_path")]
+    assert main(args) == 2, name
+    err = capsys.readouterr().err
+    assert expected in err, (name, err[-2000:])
+    assert "Traceback" not in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_catalogue_has_forty_cases():
+    from tests.slurm.test_cli import BAD as SLURM_BAD
+    from tests.slurm.test_cluster import test_shape_the_cluster_cannot_hold_is_refused as cluster_shapes
+
+    shapes = cluster_shapes.pytestmark[0].args[1]
+    assert len(CASES) + len(MORE) + len(SLURM_BAD) + len(shapes) >= 40

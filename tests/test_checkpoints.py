@@ -2,13 +2,17 @@
 masks, same losses, same final weights (fp32 on CPU)."""
 
 import csv
+import os
+import random
+import signal
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ftlab.cli import run_cli
-from tests.conftest import fit_args, run_ftlab
+from tests.conftest import children, fit_args, run_ftlab, start_ftlab, wait_for
 
 
 def losses(run):
@@ -42,24 +46,56 @@ def test_mid_epoch_resume_is_exact_with_dropout(tmp_path, tiny_bert, reviews_csv
         assert torch.equal(tensor, weights(resumed, "Adapter")[name]), name
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_stage_3"])
-def test_distributed_mid_epoch_resume_matches_the_straight_run(tmp_path, tiny_models, reviews_csv, strategy):
+def newest_losses(run):
+    """Losses of the latest CSV log version (a resumed run writes a new one)."""
+    path = max(run.glob("csv/*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(path.open()) if r.get("train/loss")}
+
+
+def kill_one_rank_at_a_random_step(proc, checkpoints):
+    wait_for(checkpoints / "last.ckpt", proc)
+    time.sleep(random.uniform(0.0, 0.5))
+    (rank1,) = children(proc.pid)
+    os.kill(rank1, signal.SIGKILL)
+    proc.communicate(timeout=120)  # rank 0 fails on the lost peer: it must not hang
+    assert proc.returncode != 0
+
+
+def kill_the_job_while_a_checkpoint_is_written(proc, checkpoints):
+    wait_for(checkpoints / "last.ckpt", proc)
+    while not list(checkpoints.glob("*.partial")):
+        assert proc.poll() is None, "the run ended before a save could be interrupted"
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert list(checkpoints.glob("*.partial"))  # killed mid-save: a half-written checkpoint is left behind
+
+
+@pytest.mark.parametrize("strategy, kill", [
+    ("ddp", kill_one_rank_at_a_random_step),
+    ("fsdp", kill_the_job_while_a_checkpoint_is_written),
+    ("deepspeed_stage_3", kill_the_job_while_a_checkpoint_is_written),
+])
+def test_killed_run_resumes_to_the_uninterrupted_run(tmp_path, tiny_models, reviews_csv, strategy, kill):
+    """kill -9 (a rank, or the whole job mid-save), then `--ckpt_path last`: the same losses from the resume
+    point on and the same final weights as a run never interrupted (fp32 on CPU)."""
     model = tiny_models["llama"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [f"--trainer.strategy={strategy}", "--trainer.devices=2", "--test_after_fit=false"]
-    out = run_ftlab(*fit_args(straight, model, reviews_csv, *common, *logged(straight),
-                              "--checkpoint.every_n_train_steps=7", "--checkpoint.save_top_k=-1"), timeout=600)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = [f"--trainer.strategy={strategy}", "--trainer.devices=2", "--test_after_fit=false",
+              "--trainer.max_epochs=4"]
+    out = run_ftlab(*fit_args(straight, model, reviews_csv, *common, *logged(straight)), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = straight / "checkpoints" / "epoch=1-step=7.ckpt"  # 5 steps per epoch on 2 ranks
-    assert ckpt.exists()
-    out = run_ftlab(*fit_args(resumed, model, reviews_csv, *common, *logged(resumed), f"--ckpt_path={ckpt}"),
-                    timeout=600)
+    proc = start_ftlab(*fit_args(killed, model, reviews_csv, *common, *logged(killed),
+                                 "--checkpoint.every_n_train_steps=1", "--collective_timeout=60"))
+    kill(proc, killed / "checkpoints")
+    out = run_ftlab(*fit_args(killed, model, reviews_csv, *common, *logged(killed), "--ckpt_path=last"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = losses(straight), losses(resumed)
-    assert sorted(b) == [7, 8, 9]
+    assert not list((killed / "checkpoints").glob("*.partial"))  # never picked up, cleaned away
+    a, b = losses(straight), newest_losses(killed)
+    assert 0 < min(b) and max(b) == max(a) == 19  # resumed mid-run (4 epochs x 5 steps), ran to the end
     assert max(abs(a[s] - b[s]) for s in b) <= 1e-6, (a, b)
     for name, tensor in weights(straight, "Full").items():
-        torch.testing.assert_close(weights(resumed, "Full")[name], tensor, rtol=0, atol=1e-6)
+        torch.testing.assert_close(weights(killed, "Full")[name], tensor, rtol=0, atol=1e-6)
 
 
 def test_saves_are_atomic_and_crash_leftovers_are_never_resumed(tmp_path, tiny_bert, reviews_csv):

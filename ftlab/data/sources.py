@@ -120,7 +120,24 @@ class Source:
                                   f"({type(err).__name__}: {str(err)[:200]})") from None
         builder, kwargs = builder_for(next(iter(self.files.values()))[0])
         try:
-            return datasets.load_dataset(builder, data_files=self.files, **kwargs)
+            loaded = datasets.load_dataset(builder, data_files=self.files, **kwargs)
         except Exception as err:  # noqa: BLE001 - parse errors come in many types
-            raise ConfigError(f"data.source: could not read {self.files} as {builder} "
-                              f"({type(err).__name__}: {str(err)[:300]})") from None
+            raise ConfigError(_read_error(self.files, builder, err)) from None
+        for split, rows in loaded.items():
+            if len(rows) == 0:
+                raise ConfigError(f"data.source: the {split} split ({', '.join(self.files.get(split, []))}) has no rows")
+        return loaded
+
+
+def _read_error(files: dict, builder: str, err: BaseException) -> str:
+    """What went wrong reading local files, from the cause `datasets` wraps in its own errors."""
+    cause, seen = err, 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, UnicodeDecodeError):
+            return (f"data.source: {', '.join(f for fs in files.values() for f in fs)} is not UTF-8 text "
+                    f"({cause.reason}: byte {cause.object[cause.start:cause.start + 1]!r} at offset {cause.start}); "
+                    "convert it, e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`")
+        if "corresponds to no data" in str(cause):
+            return f"data.source: {files} has no rows (a header only, or empty)"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return f"data.source: could not read {files} as {builder} ({type(err).__name__}: {str(err)[:300]})"

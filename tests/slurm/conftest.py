@@ -27,11 +27,11 @@ def _why_no_cluster() -> str | None:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Brings the cluster up (installing Debian's packages if needed); stops it afterwards if it was not
-    running before. Skips where that cannot work, unless FTLAB_REQUIRE_SLURM=1 (CI), where it fails."""
+    running before. Skips where that cannot work, unless FTLAB_REQUIRE_ROOT_TESTS=1 (CI), where it fails."""
     why = _why_no_cluster()
     if why:
-        if os.environ.get("FTLAB_REQUIRE_SLURM") == "1":
-            pytest.fail(f"FTLAB_REQUIRE_SLURM=1 but {why}")
+        if os.environ.get("FTLAB_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail(f"FTLAB_REQUIRE_ROOT_TESTS=1 but {why}")
         pytest.skip(why)
     was_up = subprocess.run([str(CLUSTER), "status"]).returncode == 0
     up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, timeout=600)

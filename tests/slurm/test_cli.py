@@ -94,3 +94,28 @@ def test_command_line_error_is_one_line(tmp_path, tiny_bert, reviews_csv):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("ftlab: error: trainer.devices=2")
     assert "Traceback" not in out.stderr
+
+
+def test_no_secret_and_no_shell_in_what_submit_writes(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    """A W&B key in the environment reaches the job through it, never through a file; a value with shell
+    syntax in an override stays a value."""
+    secret = "fake-wandb-key-5f4dcc3b5aa765d61d8327deb882cf99"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/sec", tiny_bert, reviews_csv)
+    sneaky = f"x$(touch {tmp_path}/pwned)`id`;rm -rf ~"
+    assert main(["slurm", "submit", "--dry-run", "--config", str(cfg), *SHAPE, "--no-cluster-check",
+                 "--trainer.logger=WandbLogger", "--trainer.logger.project=p", f"--trainer.logger.name={sneaky}"]) == 0
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    from ftlab.slurm.cli import parser, prepare
+
+    args, rest = parser().parse_known_args(["submit", "--config", str(cfg), *SHAPE, "--no-cluster-check",
+                                            "--trainer.logger=WandbLogger", f"--trainer.logger.name={sneaky}"])
+    _, _, frozen, script = prepare(args, rest)
+    assert secret not in frozen + script
+    assert sneaky not in script  # overrides go into the frozen config, not into the shell script
+    import yaml
+
+    assert yaml.safe_load(frozen)["trainer"]["logger"]["init_args"]["name"] == sneaky
+    assert not (tmp_path / "pwned").exists()

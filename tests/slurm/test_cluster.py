@@ -19,7 +19,8 @@ from tests.slurm.conftest import job_field, wait_for_text, wait_job, write_confi
 SHAPE = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-lead", "30"]
 EPOCHS = 60  # 5 steps an epoch: long enough to signal a job mid-run
 WANDB = {"logger": {"class_path": "WandbLogger", "init_args": {"project": "ftlab-slurm-tests", "offline": True}}}
-ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+SECRET = "fake-wandb-key-8f14e45fceea167a5a36dedd4bea2543"
+ENV = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": SECRET}
 
 
 def submit(cfg: Path, *extra: str, cwd: Path) -> tuple[str, Path]:
@@ -76,6 +77,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tmp_path,
     runs = sorted((tmp_path / "runs/pre/wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one per start of the job...
     assert len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # ...continuing one W&B run id
+    written = [p for p in (tmp_path / "runs/pre").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if SECRET.encode() in p.read_bytes()]  # the job got the key only
+    # from its environment: no script, config, log, checkpoint or W&B file holds it
 
 
 def test_two_node_fsdp_job(slurm_cluster, tmp_path, tiny_bert, reviews_csv):
