@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from ftlab.export_cli import main as export_main
 
             export_main(args[1:])
+        elif args[:1] == ["compare"]:
+            from ftlab.compare.cli import main as compare_main
+
+            return compare_main(args[1:])
         elif args[:1] == ["slurm"]:
             from ftlab.slurm.cli import main as slurm_main
 

@@ -91,7 +91,8 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(small_disk,
     disk = small_disk("3m")
     run = disk / "run"
     proc = start_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1000",
-                                 "--checkpoint.every_n_train_steps=1"))
+                                 "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=1",
+                                 "--checkpoint.monitor=train/loss"))
     ckpt = run / "checkpoints" / "last.ckpt"
     wait_for(ckpt, proc)
     try:  # another job fills the disk
@@ -105,4 +106,6 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(small_disk,
     last = err.strip().splitlines()[-1]
     assert "no space left on the device" in last and "the previous checkpoint is intact" in last, last
     assert torch.load(ckpt, weights_only=True)["global_step"] >= 1  # whole and loadable
+    (best,) = ckpt.parent.glob("epoch=*.ckpt")  # retention deleted nothing it could not replace
+    assert torch.load(best, weights_only=True)["global_step"] >= 1
     assert not list(ckpt.parent.glob("*.partial"))

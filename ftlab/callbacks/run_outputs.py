@@ -52,6 +52,7 @@ class RunOutputs(L.Callback):
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
         self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
+        self.val_history: list[dict] = []  # each validation of the fit: step, wall time, metrics
 
     @staticmethod
     def run_dir(trainer: L.Trainer) -> str:
@@ -82,13 +83,14 @@ class RunOutputs(L.Callback):
 
     def state_dict(self) -> dict:
         return {"train_tokens": self.train_tokens, "train_samples": self.train_samples, "wall_time_s": self._elapsed(),
-                "best": self.best}
+                "best": self.best, "val_history": self.val_history}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.train_tokens = state_dict.get("train_tokens", 0)
         self.train_samples = state_dict.get("train_samples", 0)
         self.wall_time_s = state_dict.get("wall_time_s", 0.0)
         self.best = tuple(state_dict["best"]) if state_dict.get("best") else None
+        self.val_history = list(state_dict.get("val_history", []))
 
     def _global_counts(self, trainer) -> tuple[int, int]:
         counts = torch.tensor([self.train_tokens, self.train_samples], dtype=torch.long)
@@ -125,7 +127,7 @@ class RunOutputs(L.Callback):
         os.replace(tmp, path)
         for logger in trainer.loggers:  # the same numbers as the W&B run's summary
             if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+                logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
@@ -147,6 +149,7 @@ class RunOutputs(L.Callback):
             }
             if self.best:
                 extra[f"best/val/{pl_module.task.main_metric}"], extra["best/step"] = self.best
+            extra["val_history"] = self.val_history
             if self.export:
                 tokenizer = getattr(trainer.datamodule, "tokenizer", None)
                 model = pl_module.model if state is None else pl_module.unsharded_model(state)
@@ -164,6 +167,11 @@ class RunOutputs(L.Callback):
             better = max if pl_module.task.higher_is_better else min
             if self.best is None or better(value, self.best[0]) == value:
                 self.best = (value, trainer.global_step)
+            point = {"step": trainer.global_step, "wall_time_s": round(self._elapsed(), 2)}
+            for name, metric in trainer.callback_metrics.items():
+                if name.startswith("val/"):
+                    point[name] = _scalar(metric)
+            self.val_history.append(point)
         if trainer.state.fn == "validate" and trainer.is_global_zero:
             self._write(trainer, pl_module, {})
 

@@ -1,0 +1,233 @@
+"""The comparison report: numbers per variant (mean and spread over seeds) from each run's summary.json,
+a plain-language reading of the trade-off, plots, and the same as JSON, Markdown and HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import statistics
+
+from ftlab.compare.runner import Run
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main_metric(summary: dict) -> str:
+    """The task's main metric, as RunOutputs records it (`best/val/<metric>`)."""
+    return next((k[len("best/val/"):] for k in summary if k.startswith("best/val/")), "loss")
+
+
+def collect(runs: list[Run]) -> dict:
+    """report.json's content: per variant, the metric over seeds and the cost figures."""
+    summaries: dict[str, list[dict]] = {}
+    for run in runs:
+        if os.path.exists(run.summary_path):
+            with open(run.summary_path) as f:
+                summaries.setdefault(run.variant, []).append({**json.load(f), "seed": run.seed, "dir": run.run_dir})
+    if not summaries:
+        return {"variants": {}, "metric": None}
+    metric = main_metric(next(iter(summaries.values()))[0])
+    split = "test" if all(f"test/{metric}" in s for ss in summaries.values() for s in ss) else "val"
+    key = f"{split}/{metric}"
+    variants = {}
+    for name in dict.fromkeys(r.variant for r in runs):
+        ss = summaries.get(name, [])
+        if not ss:
+            variants[name] = {"seeds": 0}
+            continue
+        mean, std = _mean_std([s.get(key) for s in ss])
+        first = ss[0]
+        variants[name] = {
+            "seeds": len(ss),
+            "metric_mean": mean,
+            "metric_std": std,
+            "metric_per_seed": {s["seed"]: s.get(key) for s in ss},
+            "policy": first.get("policy"),
+            "trainable_params": first.get("trainable_params"),
+            "total_params": first.get("total_params"),
+            "trainable_share": first.get("trainable_params", 0) / max(first.get("total_params", 1), 1),
+            "peak_memory_mb": _mean_std([s.get("peak_memory_mb") for s in ss])[0],
+            "wall_time_s": _mean_std([s.get("wall_time_s") for s in ss])[0],
+            "train_samples_per_s": _mean_std([s.get("train_samples_per_s") for s in ss])[0],
+            "train_tokens_per_s": _mean_std([s.get("train_tokens_per_s") for s in ss])[0],
+            "steps": first.get("steps"),
+            "val_curve": _mean_curve([s.get("val_history", []) for s in ss], f"val/{metric}"),
+            "runs": [s["dir"] for s in ss],
+        }
+    done = {n: v for n, v in variants.items() if v.get("metric_mean") is not None}
+    higher = metric != "loss" and "perplexity" not in metric
+    curves = {n: v["val_curve"] for n, v in done.items() if v["val_curve"]}
+    if curves:  # on the validation curves: the final validation value of the best variant is the reference
+        pick = max if higher else min
+        reference = pick(curve[-1]["value"] for curve in curves.values())
+        target = 0.95 * reference if higher else reference / 0.95
+        for n, curve in curves.items():
+            done[n]["steps_to_95pct_of_best"] = next(
+                (p["step"] for p in curve if (p["value"] >= target if higher else p["value"] <= target)), None)
+    return {"metric": key, "higher_is_better": higher, "variants": variants}
+
+
+def _mean_curve(histories: list[list[dict]], key: str) -> list[dict]:
+    """The validation curve averaged over seeds, at the steps every seed validated."""
+    by_step: dict[int, list[float]] = {}
+    for history in histories:
+        for point in history:
+            if key in point:
+                by_step.setdefault(point["step"], []).append(point[key])
+    n = len(histories)
+    return [{"step": step, "value": statistics.fmean(vals)} for step, vals in sorted(by_step.items()) if len(vals) == n]
+
+
+def reading(report: dict) -> list[str]:
+    """The trade-off in plain words: who wins on quality, on cost, and the knee between them."""
+    done = {n: v for n, v in report["variants"].items() if v.get("metric_mean") is not None}
+    if not done:
+        return ["No variant finished: nothing to compare yet."]
+    metric, higher = report["metric"], report["higher_is_better"]
+    order = sorted(done, key=lambda n: done[n]["metric_mean"], reverse=higher)
+    best, b = order[0], done[order[0]]
+    lines = [f"Best {metric}: **{best}** ({b['metric_mean']:.4f} ± {b['metric_std']:.4f} over {b['seeds']} seed(s)), "
+             f"training {b['trainable_params']:,} parameters ({100 * b['trainable_share']:.2f}%) in "
+             f"{b['wall_time_s']:.0f} s."]
+    cheapest = min(done, key=lambda n: done[n]["wall_time_s"] or math.inf)
+    c = done[cheapest]
+    if cheapest != best:
+        gap = abs(b["metric_mean"] - c["metric_mean"])
+        lines.append(f"Cheapest: **{cheapest}**, {c['wall_time_s']:.0f} s ({b['wall_time_s'] / c['wall_time_s']:.1f}x "
+                     f"faster than {best}), {gap:.4f} {'below' if higher else 'above'} it.")
+    # the knee: the cheapest variant whose metric is within the best's noise (2 std, at least 0.005)
+    margin = max(2 * (b["metric_std"] or 0.0), 0.005)
+    close = [n for n in done if abs(done[n]["metric_mean"] - b["metric_mean"]) <= margin]
+    knee = min(close, key=lambda n: done[n]["wall_time_s"] or math.inf)
+    if knee != best:
+        k = done[knee]
+        lines.append(f"Knee: **{knee}** is within {margin:.4f} of the best (the seeds' noise) at "
+                     f"{b['wall_time_s'] / k['wall_time_s']:.1f}x less time and {k['trainable_params']:,} trainable "
+                     f"parameters: the better buy.")
+    else:
+        lines.append(f"Knee: no cheaper variant comes within {margin:.4f} (the seeds' noise) of **{best}**; "
+                     "the extra cost buys real quality here.")
+    return lines
+
+
+def _fmt(v, spec: str = ",.0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+TABLE_HEAD = ["variant", "policy", "{metric} (mean ± std)", "seeds", "trainable params", "share",
+              "peak memory MB", "wall time s", "samples/s", "tokens/s", "steps to 95% of best"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for name, v in report["variants"].items():
+        if not v.get("seeds"):
+            rows.append([name, "-", "not finished", "0"] + ["-"] * 7)
+            continue
+        rows.append([name, str(v["policy"]), f"{v['metric_mean']:.4f} ± {v['metric_std']:.4f}", str(v["seeds"]),
+                     _fmt(v["trainable_params"]), f"{100 * v['trainable_share']:.2f}%", _fmt(v["peak_memory_mb"]),
+                     _fmt(v["wall_time_s"]), _fmt(v["train_samples_per_s"], ",.1f"), _fmt(v["train_tokens_per_s"]),
+                     _fmt(v.get("steps_to_95pct_of_best"))])
+    return rows
+
+
+def plot(report: dict, out_dir: str) -> list[str]:
+    """PNG plots: metric vs trainable params (log x), metric vs wall time, validation curves, peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = {n: v for n, v in report["variants"].items() if v.get("metric_mean") is not None}
+    metric = report["metric"]
+    files = []
+    colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(done)}
+
+    def scatter(x_key: str, xlabel: str, name: str, logx: bool) -> None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for n, v in done.items():
+            ax.errorbar(v[x_key], v["metric_mean"], yerr=v["metric_std"], fmt="o", ms=8, capsize=4,
+                        color=colors[n], label=n)
+            ax.annotate(n, (v[x_key], v["metric_mean"]), textcoords="offset points", xytext=(8, 6), fontsize=9)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+        ax.set_title(f"{metric} vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.15, y=0.15)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name))
+        plt.close(fig)
+        files.append(name)
+
+    scatter("trainable_params", "trainable parameters (log scale)", "metric_vs_trainable_params.png", True)
+    scatter("wall_time_s", "training wall time (s)", "metric_vs_wall_time.png", False)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for n, v in done.items():
+        curve = v["val_curve"]
+        if curve:
+            ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o", color=colors[n], label=n)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(metric.replace("test/", "val/"))
+    ax.set_title("validation curves (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "validation_curves.png"))
+    plt.close(fig)
+    files.append("validation_curves.png")
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    names = list(done)
+    bars = ax.bar(names, [done[n]["peak_memory_mb"] or 0 for n in names], color=[colors[n] for n in names])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("peak memory (MB)")
+    ax.set_title("peak memory per variant")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "peak_memory.png"))
+    plt.close(fig)
+    files.append("peak_memory.png")
+    return files
+
+
+def write(report: dict, out_dir: str, title: str) -> dict[str, str]:
+    """report.json, report.md, report.html and the plots, in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = {**report, "reading": reading(report)}
+    plots = plot(report, out_dir) if any(v.get("seeds") for v in report["variants"].values()) else []
+    head = [h.format(metric=report["metric"]) for h in TABLE_HEAD]
+    rows = table_rows(report)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    md = [f"# {title}", "", *[f"- {line}" for line in report["reading"]], "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows], "",
+          *[f"![{p}]({p})" for p in plots], ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(md))
+
+    def bold(s: str) -> str:
+        parts = html.escape(s).split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>",
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+            "text-align:right}td:first-child,th:first-child,td:nth-child(2){text-align:left}th{background:#f3f3f3}"
+            ".plots{display:grid;grid-template-columns:1fr 1fr;gap:12px}.plots img{width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1><ul>", *[f"<li>{bold(line)}</li>" for line in report["reading"]], "</ul>",
+            "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>",
+            *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows], "</table>",
+            "<div class='plots'>", *[f"<img src='{p}' alt='{p}'>" for p in plots], "</div></body></html>"]
+    with open(os.path.join(out_dir, "report.html"), "w") as f:
+        f.write("\n".join(page))
+    return {"json": "report.json", "md": "report.md", "html": "report.html", **{p: p for p in plots}}

@@ -1,0 +1,94 @@
+"""Running the fits of a comparison one after another, each in its own process and run directory, and
+reusing those that already finished with the same settings (so a rerun after a failure or an interrupt
+only runs what is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+PLAN_FILE = "compare-run.json"
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    run_dir: str
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.run_dir, "summary.json")
+
+    def finished(self) -> bool:
+        """Done before with these very arguments (a summary is written only when a fit completes)."""
+        try:
+            with open(os.path.join(self.run_dir, PLAN_FILE)) as f:
+                same = json.load(f)["args"] == self.args
+        except (OSError, ValueError, KeyError):
+            return False
+        return same and os.path.exists(self.summary_path)
+
+    def resumable(self) -> bool:
+        try:
+            with open(os.path.join(self.run_dir, PLAN_FILE)) as f:
+                same = json.load(f)["args"] == self.args
+        except (OSError, ValueError, KeyError):
+            return False
+        return same and os.path.exists(os.path.join(self.run_dir, "checkpoints", "last.ckpt"))
+
+
+def plan(configs: list[str], variants: dict[str, list[str]], seeds: list[int], root: str,
+         budget: list[str], extra: list[str]) -> list[Run]:
+    """One run per (variant, seed), every one on the same config, data split and budget."""
+    runs = []
+    for name, overrides in variants.items():
+        for seed in seeds:
+            run_dir = os.path.join(root, name, f"seed{seed}")
+            args = [a for c in configs for a in ("--config", c)] + overrides + budget + extra + [
+                f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
+            runs.append(Run(name, seed, run_dir, args))
+    return runs
+
+
+def run_all(runs: list[Run], env: dict[str, str] | None = None) -> list[Run]:
+    """Runs what is not finished; returns the runs that failed. Progress goes to stdout."""
+    failed = []
+    for i, run in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
+        if run.finished():
+            print(f"{label}: finished before, reused ({run.run_dir})", flush=True)
+            continue
+        args = list(run.args)
+        if run.resumable():
+            args.append("--ckpt_path=last")
+            print(f"{label}: resuming its last checkpoint", flush=True)
+        else:
+            shutil.rmtree(run.run_dir, ignore_errors=True)  # a stale run with other settings
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, PLAN_FILE), "w") as f:
+            json.dump({"variant": run.variant, "seed": run.seed, "args": run.args}, f, indent=2)
+        log = os.path.join(run.run_dir, "fit.log")
+        print(f"{label}: running (log: {log})", flush=True)
+        start = time.perf_counter()
+        with open(log, "a") as out:
+            code = subprocess.run([sys.executable, "-m", "ftlab", "fit", *args], stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}).returncode
+        took = time.perf_counter() - start
+        if code != 0 or not os.path.exists(run.summary_path):
+            print(f"{label}: FAILED after {took:.0f} s (exit {code}); last lines of {log}:", flush=True)
+            with open(log, errors="replace") as f:
+                print("".join(f.readlines()[-5:]), end="", flush=True)
+            failed.append(run)
+        else:
+            with open(run.summary_path) as f:
+                summary = json.load(f)
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items()) if k.startswith("test/"))
+            print(f"{label}: done in {took:.0f} s{': ' + scores if scores else ''}", flush=True)
+    return failed
