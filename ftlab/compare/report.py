@@ -64,14 +64,17 @@ def collect(runs: list[Run]) -> dict:
     done = {n: v for n, v in variants.items() if v.get("metric_mean") is not None}
     higher = metric != "loss" and "perplexity" not in metric
     curves = {n: v["val_curve"] for n, v in done.items() if v["val_curve"]}
+    report_target = None
     if curves:  # on the validation curves: the final validation value of the best variant is the reference
         pick = max if higher else min
         reference = pick(curve[-1]["value"] for curve in curves.values())
         target = 0.95 * reference if higher else reference / 0.95
+        report_target = target
         for n, curve in curves.items():
             done[n]["steps_to_95pct_of_best"] = next(
                 (p["step"] for p in curve if (p["value"] >= target if higher else p["value"] <= target)), None)
-    return {"metric": key, "higher_is_better": higher, "variants": variants}
+    return {"metric": key, "higher_is_better": higher, "variants": variants,
+            "val_target_95pct": report_target if curves else None}
 
 
 def _mean_curve(histories: list[list[dict]], key: str) -> list[dict]:
@@ -102,6 +105,14 @@ def reading(report: dict) -> list[str]:
         gap = abs(b["metric_mean"] - c["metric_mean"])
         lines.append(f"Cheapest: **{cheapest}**, {c['wall_time_s']:.0f} s ({b['wall_time_s'] / c['wall_time_s']:.1f}x "
                      f"faster than {best}), {gap:.4f} {'below' if higher else 'above'} it.")
+    for n in order[1:]:  # the others, against the best
+        if n == cheapest:
+            continue
+        v = done[n]
+        lines.append(f"**{n}**: {abs(b['metric_mean'] - v['metric_mean']):.4f} {'below' if higher else 'above'} {best}, "
+                     f"training {100 * v['trainable_share']:.2f}% of the weights, "
+                     f"{b['wall_time_s'] / v['wall_time_s']:.1f}x faster, "
+                     f"{v['peak_memory_mb'] / b['peak_memory_mb']:.2f}x the peak memory.")
     # the knee: the cheapest variant whose metric is within the best's noise (2 std, at least 0.005)
     margin = max(2 * (b["metric_std"] or 0.0), 0.005)
     close = [n for n in done if abs(done[n]["metric_mean"] - b["metric_mean"]) <= margin]
@@ -176,6 +187,8 @@ def plot(report: dict, out_dir: str) -> list[str]:
         curve = v["val_curve"]
         if curve:
             ax.plot([p["step"] for p in curve], [p["value"] for p in curve], marker="o", color=colors[n], label=n)
+    if report.get("val_target_95pct") is not None:
+        ax.axhline(report["val_target_95pct"], ls="--", color="gray", lw=1, label="95% of the best final value")
     ax.set_xlabel("training step")
     ax.set_ylabel(metric.replace("test/", "val/"))
     ax.set_title("validation curves (mean over seeds)")

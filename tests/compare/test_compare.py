@@ -32,7 +32,7 @@ def variants(tmp_path, full_lr: str):
         "lora": ["--model.policy=Adapter", "--model.policy.r=4", "--model.optim.lr=0.01"],
         "full": ["--model.policy=Full", f"--model.optim.lr={full_lr}", "--model.optim.schedule=constant",
                  "--model.optim.warmup_ratio=0"],
-    }))
+    }, sort_keys=False))
     return path
 
 
