@@ -26,22 +26,20 @@ class Run:
     def summary_path(self) -> str:
         return os.path.join(self.run_dir, "summary.json")
 
-    def finished(self) -> bool:
-        """Done before with these very arguments (a summary is written only when a fit completes)."""
+    def _same_plan(self) -> bool:
+        """This run directory was made for these very arguments."""
         try:
             with open(os.path.join(self.run_dir, PLAN_FILE)) as f:
-                same = json.load(f)["args"] == self.args
+                return json.load(f)["args"] == self.args
         except (OSError, ValueError, KeyError):
             return False
-        return same and os.path.exists(self.summary_path)
+
+    def finished(self) -> bool:
+        """Done before with the same arguments (a summary is written only when a fit completes)."""
+        return self._same_plan() and os.path.exists(self.summary_path)
 
     def resumable(self) -> bool:
-        try:
-            with open(os.path.join(self.run_dir, PLAN_FILE)) as f:
-                same = json.load(f)["args"] == self.args
-        except (OSError, ValueError, KeyError):
-            return False
-        return same and os.path.exists(os.path.join(self.run_dir, "checkpoints", "last.ckpt"))
+        return self._same_plan() and os.path.exists(os.path.join(self.run_dir, "checkpoints", "last.ckpt"))
 
 
 def plan(configs: list[str], variants: dict[str, list[str]], seeds: list[int], root: str,
