@@ -149,7 +149,7 @@ _CLI_KWARGS = dict(
     trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False},
     auto_configure_optimizers=False,
     # parse errors raise (and __main__ prints them as one line) instead of printing usage and exiting
-    parser_kwargs={"exit_on_error": False},
+    parser_kwargs={"exit_on_error": False, "prog": "python -m ftlab"},
 )
 
 

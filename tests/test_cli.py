@@ -83,6 +83,7 @@ def test_print_config_and_help(tiny_bert, reviews_csv, tmp_path):
     assert "class_path: ftlab.policies.Adapter" in out.stdout and "r: 16" in out.stdout
     help_text = run_ftlab("fit", "--help").stdout
     assert "--model.name_or_path" in help_text and "Hugging Face hub id" in help_text
+    assert help_text.startswith("usage: python -m ftlab ")  # not LightningCLI's __main__.py
     policy_help = run_ftlab("fit", "--model.policy.help", "Freeze").stdout
     assert "--model.policy.top_k_layers" in policy_help and "Gradual unfreezing" in policy_help
 
