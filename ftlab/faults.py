@@ -7,6 +7,7 @@ import re
 import signal
 
 import lightning as L
+import torch
 
 
 class StopLocalRanksOnError(L.Callback):
@@ -26,7 +27,9 @@ class StopLocalRanksOnError(L.Callback):
 def collective_timeout_report(err: BaseException) -> str | None:
     """A one-line report for a collective that timed out (a rank hung or died), else None."""
     text = str(err)
-    if not isinstance(err, RuntimeError) or not re.search(r"[Tt]imed out|timeout", text):
+    # only timeouts of torch.distributed (gloo, NCCL, the c10d store), not any error that says "timeout"
+    distributed = isinstance(err, torch.distributed.DistError) or re.search(r"gloo|nccl|c10d|TCPStore", text, re.I)
+    if not isinstance(err, RuntimeError) or not distributed or not re.search(r"[Tt]imed out|timeout", text):
         return None
     from lightning.pytorch.utilities import rank_zero_only
 

@@ -64,17 +64,16 @@ def collect(runs: list[Run]) -> dict:
     done = {n: v for n, v in variants.items() if v.get("metric_mean") is not None}
     higher = metric != "loss" and "perplexity" not in metric
     curves = {n: v["val_curve"] for n, v in done.items() if v["val_curve"]}
-    report_target = None
+    target = None
     if curves:  # on the validation curves: the final validation value of the best variant is the reference
         pick = max if higher else min
         reference = pick(curve[-1]["value"] for curve in curves.values())
         target = 0.95 * reference if higher else reference / 0.95
-        report_target = target
         for n, curve in curves.items():
             done[n]["steps_to_95pct_of_best"] = next(
                 (p["step"] for p in curve if (p["value"] >= target if higher else p["value"] <= target)), None)
     return {"metric": key, "higher_is_better": higher, "variants": variants,
-            "val_target_95pct": report_target if curves else None}
+            "val_target_95pct": target}
 
 
 def _mean_curve(histories: list[list[dict]], key: str) -> list[dict]:

@@ -103,19 +103,23 @@ class SlurmJob:
         """The shape against the partition (`sinfo`). Returns why it was not checked, or None."""
         if shutil.which("sinfo") is None:
             return "sinfo not found: the shape was not checked against the cluster"
-        out = subprocess.run(["sinfo", "-h", "-o", "%R|%D|%c|%G|%a"], capture_output=True, text=True)
+        # %P: partition name, with "*" on the default one
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G|%a"], capture_output=True, text=True)
         if out.returncode != 0:
             return f"sinfo failed ({out.stderr.strip()}): the shape was not checked against the cluster"
         partitions: dict[str, dict] = {}
+        default = None
         for line in out.stdout.splitlines():
             name, nodes, cpus, gres, avail = line.split("|")
+            if name.endswith("*"):
+                name = default = name[:-1]
             p = partitions.setdefault(name, {"nodes": 0, "cpus": 0, "gpus": 0, "up": False})
             p["nodes"] += int(nodes)
             p["cpus"] = max(p["cpus"], int(cpus.rstrip("+")))
             m = re.search(r"gpu(?::[^:(,]+)?:(\d+)", gres)
             p["gpus"] = max(p["gpus"], int(m.group(1)) if m else 0)
             p["up"] |= avail == "up"
-        name = self.partition or _default_partition()
+        name = self.partition or default
         if name is None:
             return None
         if name not in partitions:
@@ -133,7 +137,3 @@ class SlurmJob:
                               f"node, but the nodes of partition {name!r} have {p['cpus']}; lower --cpus-per-task")
         return None
 
-
-def _default_partition() -> str | None:
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
-    return next((line[:-1] for line in out.stdout.split() if line.endswith("*")), None)
