@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ftlab.data.sources import resolve_model_path
+from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
+from ftlab.loading import load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.strategies import shard_model
@@ -58,6 +59,7 @@ class FineTuneModule(L.LightningModule):
         revision: str | None = None,
         dtype: str | None = None,
         skip_nonfinite_steps: int = 0,
+        gguf_file: str | None = None,
     ):
         """
         Args:
@@ -74,9 +76,11 @@ class FineTuneModule(L.LightningModule):
             skip_nonfinite_steps: Steps whose loss is NaN or infinite that may be skipped (no update) before
                 the run stops; 0 stops at the first. A stop names the step and batch and keeps the last
                 good checkpoint.
+            gguf_file: A GGUF file inside `name_or_path` (a folder or hub repository) to load, dequantized
+                into a regular model. A `name_or_path` ending in `.gguf` sets it by itself.
         """
         super().__init__()
-        path = resolve_model_path(name_or_path)
+        path, _ = model_location(name_or_path, gguf_file)
         if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such folder (working directory "
                               f"{os.getcwd()}); give an existing model folder or a hub id like org/name")
@@ -88,6 +92,7 @@ class FineTuneModule(L.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self.load_dtype = dtype
+        self.gguf_file = gguf_file
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
         self.skip_nonfinite_steps = skip_nonfinite_steps
@@ -110,17 +115,20 @@ class FineTuneModule(L.LightningModule):
             kwargs["dtype"] = getattr(torch, self.load_dtype)
         return kwargs
 
-    def skeleton(self, data) -> torch.nn.Module:
-        """The model's structure with no weights (meta device): enough to check the policy for free."""
-        from transformers import AutoConfig
-
-        path = resolve_model_path(self.name_or_path)
+    def model_config(self, data):
+        """The model's config (cheap: no weights); the task settles its config-dependent choices on it."""
         config_kwargs = {k: v for k, v in self._load_kwargs(data).items() if k in ("trust_remote_code", "revision")}
         try:
-            config = AutoConfig.from_pretrained(path, **config_kwargs)
+            config = load_config(self.name_or_path, self.gguf_file, **config_kwargs)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no model config could be loaded "
                               f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with config.json") from None
+        self.task.resolve(config)
+        return config
+
+    def skeleton(self, data) -> torch.nn.Module:
+        """The model's structure with no weights (meta device): enough to check the policy for free."""
+        config = self.model_config(data)
         with torch.device("meta"):
             try:
                 return self.task.auto_class.from_config(config, trust_remote_code=self.trust_remote_code)
@@ -130,7 +138,8 @@ class FineTuneModule(L.LightningModule):
 
     def build_model(self, data) -> torch.nn.Module:
         """The pretrained model with the policy applied (not sharded)."""
-        model = self.task.auto_class.from_pretrained(resolve_model_path(self.name_or_path), **self._load_kwargs(data))
+        self.model_config(data)
+        model = load_model(self.task.auto_class, self.name_or_path, self.gguf_file, **self._load_kwargs(data))
         tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
@@ -149,7 +158,9 @@ class FineTuneModule(L.LightningModule):
         data = self.trainer.datamodule
         self.task.check_data(data)
         self.policy.validate(self.skeleton(data), self.task)
-        self.model = shard_model(self.trainer.strategy, self.build_model(data))
+        model = self.build_model(data)
+        self.task.setup(self, data)
+        self.model = shard_model(self.trainer.strategy, model)
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
         self.trainable_params, self.total_params, names = summarize_trainable(self.model)
@@ -160,6 +171,9 @@ class FineTuneModule(L.LightningModule):
         )
 
     # ---- steps
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return self.task.transform_batch(batch, training=self.training)
+
     def forward(self, batch: dict):
         return self.task.forward(self.model, batch)
 
@@ -216,6 +230,7 @@ class FineTuneModule(L.LightningModule):
         self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.val_loss.reset()
         self._log_metrics("val")
+        self.task.validation_end(self)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

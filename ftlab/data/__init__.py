@@ -1,5 +1,8 @@
 """Data: sources, tokenisation cache, batching. `data` in a config takes one of these data modules."""
 
+from ftlab.data.lm import LanguageModelingData
 from ftlab.data.module import TextClassificationData, TextDataModule
+from ftlab.data.seq2seq import Seq2SeqData
+from ftlab.data.tokens import TokenClassificationData
 
-__all__ = ["TextClassificationData", "TextDataModule"]
+__all__ = ["LanguageModelingData", "Seq2SeqData", "TextClassificationData", "TextDataModule", "TokenClassificationData"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-_PAD_ZERO = ("attention_mask", "token_type_ids")
+_PAD_ZERO = ("attention_mask", "token_type_ids", "position_ids")  # position 0 after a packed row: a pad "example" of its own
 
 
 class PadCollator:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ftlab.data.collate import PadCollator
 from ftlab.data.loaders import ResumableLoader
 from ftlab.data.samplers import GroupedBatchSampler
-from ftlab.data.sources import Source, resolve_model_path
+from ftlab.data.sources import Source
 from ftlab.errors import ConfigError
 
 _SPLIT_ALIASES = {"validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
@@ -63,6 +63,8 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         trust_remote_code: bool = False,
+        source_format: str | None = None,
+        gguf_file: str | None = None,
     ):
         """
         Args:
@@ -88,6 +90,9 @@ class TextDataModule(L.LightningDataModule):
             cache_dir: Where tokenised splits are cached (default `$FTLAB_CACHE/data` or
                 `~/.cache/ftlab/data`). The cache key covers the data files, tokenizer and options.
             trust_remote_code: Allow the tokenizer's own code from its repository (off: safer).
+            source_format: The file format when the extension does not tell it: csv, json, parquet, text,
+                conll (`token<TAB>tag` lines) or chatterbot (chatterbot-corpus YAML).
+            gguf_file: The tokenizer's GGUF file (set from model.gguf_file).
         """
         super().__init__()
         if max_length <= 0:
@@ -103,7 +108,8 @@ class TextDataModule(L.LightningDataModule):
         for option, value in (("data.val_size", val_size), ("data.test_size", test_size)):
             if value < 0 or isinstance(value, float) and value >= 1 and not value.is_integer():
                 raise ConfigError(f"{option}={value}: give a fraction in (0, 1) or a row count >= 0")
-        self.source = Source(source)
+        self.source = Source(source, format=source_format)
+        self.gguf_file = gguf_file
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -138,6 +144,10 @@ class TextDataModule(L.LightningDataModule):
         """A batch of raw rows (column -> list) to model inputs (input_ids, labels...)."""
         raise NotImplementedError
 
+    def split_meta(self, splits: dict) -> dict:
+        """Meta to cache from the raw splits (e.g. held-out prompts for sample generations)."""
+        return {}
+
     def apply_meta(self, meta: dict) -> None:
         """Take back what prepare_labels put in the cache meta (e.g. label names)."""
 
@@ -147,11 +157,10 @@ class TextDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not self.tokenizer_name:
                 raise ConfigError("data.tokenizer is not set (it defaults to model.name_or_path); set one of them")
-            from transformers import AutoTokenizer
+            from ftlab.loading import load_tokenizer
 
-            path = resolve_model_path(self.tokenizer_name)
             try:
-                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+                tok = load_tokenizer(self.tokenizer_name, self.gguf_file, trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"data.tokenizer={self.tokenizer_name!r}: no tokenizer could be loaded "
                                   f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None
@@ -199,6 +208,7 @@ class TextDataModule(L.LightningDataModule):
         raw = self._load_checked()
         raw, meta = self.prepare_labels(raw)
         splits = self._split(raw)
+        meta.update(self.split_meta(splits))
         columns = list(next(iter(splits.values())).column_names)
         encoded = {}
         for name, ds in splits.items():

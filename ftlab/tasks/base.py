@@ -51,3 +51,16 @@ class Task(ABC):
     def predict(self, outputs: Any, batch: dict, data) -> list[dict]:
         """Per-example predictions for `ftlab predict`."""
         return []
+
+    def setup(self, module, data) -> None:  # noqa: B027 - optional hook
+        """Called once the model is built, before sharding (e.g. distillation attaches its teacher)."""
+
+    def transform_batch(self, batch: dict, training: bool) -> dict:
+        """Change a batch before it reaches the model (e.g. masked-LM masking); default: as is."""
+        return batch
+
+    def validation_end(self, module) -> None:  # noqa: B027 - optional hook
+        """Extra work after each validation (e.g. logging sample generations)."""
+
+    def resolve(self, config) -> None:  # noqa: B027 - optional hook
+        """Settle choices that depend on the model's config (called before the model is built)."""

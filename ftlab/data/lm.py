@@ -1,0 +1,185 @@
+"""Language-modelling data: chat `messages`, prompt/response pairs, or plain text; for supervised
+fine-tuning (SFT) of decoders and for domain-adaptive (continued) pretraining.
+
+Chat rows are rendered with the tokenizer's chat template (or `chat_template`); by default only the
+assistant's tokens are trained. Training rows are packed into `max_length` blocks; each example keeps
+its own position ids from 0, from which transformers builds a block-diagonal causal mask: no token
+attends across examples (the batch then has no attention_mask, by design).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ftlab.data.module import TextDataModule
+from ftlab.errors import ConfigError
+
+
+class LanguageModelingData(TextDataModule):
+    """Text for a language-model objective: chat messages, prompt/response, or raw text."""
+
+    def __init__(
+        self,
+        source: str | dict[str, str],
+        messages_column: str | None = "messages",
+        prompt_column: str | None = None,
+        response_column: str | None = None,
+        text_column: str | None = None,
+        chat_template: str | None = None,
+        train_on_prompt: bool = False,
+        packing: bool = True,
+        sample_prompts: int = 3,
+        **kwargs,
+    ):
+        """
+        Args:
+            source: See TextDataModule; the named `chatterbot-english` is the chatterbot-corpus Q/A set.
+            messages_column: Column of chat conversations: lists of `{role, content}` (roles user, assistant,
+                system). Used unless a prompt/response or text column is given.
+            prompt_column: Column of prompts (with response_column: one user turn, one assistant turn).
+            response_column: Column of responses to the prompts.
+            text_column: Column of plain text (continued pretraining): every token trains, long texts are
+                cut into max_length pieces.
+            chat_template: A Jinja chat template (or a path to a file holding one), for tokenizers that have
+                none or to replace theirs.
+            train_on_prompt: Also train on system/user tokens (default: the assistant's tokens only).
+            packing: Pack several examples into each max_length row (no padding, no cross-example
+                attention). Off: one example per row, padded to the batch's longest.
+            sample_prompts: Held-out prompts whose greedy answers are logged at each validation (0 = none).
+            **kwargs: The options of TextDataModule (batch_size, max_length, splits, cache...).
+        """
+        super().__init__(source, **kwargs)
+        if prompt_column and not response_column or response_column and not prompt_column:
+            raise ConfigError("data.prompt_column and data.response_column go together; set both (or use messages)")
+        if text_column and prompt_column:
+            raise ConfigError("data.text_column and data.prompt_column exclude each other; set one")
+        if sample_prompts < 0:
+            raise ConfigError(f"data.sample_prompts={sample_prompts} must be >= 0")
+        self.mode = "text" if text_column else "pair" if prompt_column else "messages"
+        self.messages_column = messages_column or "messages"
+        self.prompt_column, self.response_column, self.text_column = prompt_column, response_column, text_column
+        if chat_template and os.path.isfile(os.path.expanduser(chat_template)):
+            with open(os.path.expanduser(chat_template), encoding="utf-8") as f:
+                chat_template = f.read()
+        self.chat_template = chat_template
+        self.train_on_prompt = train_on_prompt
+        self.packing = packing
+        self.sample_prompts = sample_prompts
+        self.samples: list[dict] = []
+
+    # ---- columns and options
+    def required_columns(self) -> dict[str, str]:
+        if self.mode == "text":
+            return {"text_column": self.text_column}
+        if self.mode == "pair":
+            return {"prompt_column": self.prompt_column, "response_column": self.response_column}
+        return {"messages_column": self.messages_column}
+
+    def text_column_for_dedup(self) -> str | None:
+        return self.text_column
+
+    def cache_options(self) -> dict:
+        return {**super().cache_options(), "mode": self.mode, "columns": self.required_columns(),
+                "chat_template": self.chat_template, "train_on_prompt": self.train_on_prompt,
+                "packing": self.packing, "sample_prompts": self.sample_prompts}
+
+    def check_chat_template(self) -> None:
+        if self.mode != "text" and not (self.chat_template or getattr(self.tokenizer, "chat_template", None)):
+            raise ConfigError(f"data: tokenizer {self.tokenizer_name!r} has no chat template to render "
+                              f"{self.mode} rows; set data.chat_template (a Jinja string or file), or use a chat "
+                              "model's tokenizer")
+
+    # ---- rows -> messages -> tokens
+    def _messages(self, batch: dict, i: int) -> list[dict]:
+        if self.mode == "pair":
+            return [{"role": "user", "content": str(batch[self.prompt_column][i])},
+                    {"role": "assistant", "content": str(batch[self.response_column][i])}]
+        messages = batch[self.messages_column][i]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise ConfigError(f"data.messages_column={self.messages_column!r}: a row holds {str(messages)[:80]!r}; "
+                              "each row must be a list of {role, content} messages")
+        return messages
+
+    def render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                                  chat_template=self.chat_template)
+
+    def _chat_example(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one conversation: labels are -100 outside the trained spans."""
+        full = self.render(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" and not self.train_on_prompt:
+                continue
+            before = self.render(messages[:i], generation_prompt=message["role"] == "assistant") if i else ""
+            upto = self.render(messages[: i + 1])
+            if not (full.startswith(upto) and upto.startswith(before)):
+                raise ConfigError("data.chat_template: rendering the first k messages does not give a prefix of "
+                                  "the whole conversation, so the assistant's tokens cannot be located; use a "
+                                  "template that renders each message in turn")
+            spans.append((len(before), len(upto)))
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                             max_length=self.max_length)
+        labels = [tok if any(a <= start < b for a, b in spans) else -100
+                  for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return enc["input_ids"], labels
+
+    def _text_examples(self, text: str) -> list[tuple[list[int], list[int]]]:
+        ids = self.tokenizer(text)["input_ids"]
+        return [(ids[k:k + self.max_length], ids[k:k + self.max_length]) for k in range(0, len(ids), self.max_length)]
+
+    def encode(self, batch: dict) -> dict:
+        examples: list[tuple[list[int], list[int]]] = []
+        rows = len(next(iter(batch.values())))
+        for i in range(rows):
+            if self.mode == "text":
+                examples.extend(self._text_examples(str(batch[self.text_column][i])))
+            else:
+                examples.append(self._chat_example(self._messages(batch, i)))
+        # an example with nothing to learn (e.g. its answer was truncated away) would give a 0/0 loss
+        examples = [(ids, labels) for ids, labels in examples if any(x != -100 for x in labels[1:])]
+        if self.packing:
+            return self._pack(examples)
+        return {"input_ids": [e[0] for e in examples], "attention_mask": [[1] * len(e[0]) for e in examples],
+                "labels": [e[1] for e in examples]}
+
+    def _pack(self, examples) -> dict:
+        """Greedy packing in order: a row takes examples while they fit in max_length."""
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        row: dict[str, list] = {k: [] for k in out}
+
+        def flush():
+            if row["input_ids"]:
+                for k in out:
+                    out[k].append(row[k])
+                    row[k] = []
+
+        for ids, labels in examples:
+            if len(row["input_ids"]) + len(ids) > self.max_length:
+                flush()
+            row["input_ids"] += ids
+            row["labels"] += [-100] + labels[1:]  # an example's first token is not predicted from the last one's
+            row["position_ids"] += list(range(len(ids)))
+        flush()
+        return out
+
+    # ---- held-out prompts for sample generations
+    def prepare_labels(self, raw):
+        if self.mode != "text":
+            self.check_chat_template()  # before any tokenising, let alone a model load
+        return raw, {}
+
+    def split_meta(self, splits: dict) -> dict:
+        samples = []
+        if self.mode != "text" and "validation" in splits:
+            rows = splits["validation"][: self.sample_prompts]
+            for i in range(min(self.sample_prompts, len(splits["validation"]))):
+                messages = self._messages(rows, i)
+                last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+                if last:
+                    samples.append({"messages": messages[:last], "reference": messages[last]["content"]})
+        return {"samples": samples}
+
+    def apply_meta(self, meta: dict) -> None:
+        self.samples = meta.get("samples", [])

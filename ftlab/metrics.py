@@ -1,0 +1,73 @@
+"""Metrics torchmetrics does not have: entity-level F1 for BIO tagging, and token-weighted perplexity.
+Both keep sums as metric states, so torchmetrics syncs them across ranks (one all-reduce per epoch)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+def entities(tags: list[str]) -> set[tuple[str, int, int]]:
+    """(type, start, end) spans of a BIO/IOB2 (or IOBES) tag sequence, with the conlleval semantics that
+    seqeval uses by default: an I- after O or after another type starts an entity."""
+    spans, start, kind, prev = set(), None, "", "O"
+    for i, tag in enumerate([*tags, "O"]):
+        pos, _, typ = tag.partition("-") if tag != "O" else ("O", "", "")
+        ends = start is not None and (
+            prev[0] in "ES" or (pos in "BSO" and prev[0] in "BI") or (prev != "O" and typ != kind))
+        if ends:
+            spans.add((kind, start, i - 1))
+            start = None
+        starts = pos in "BS" or (pos in "IE" and (prev[0] in "ESO" or typ != kind)) or (pos != "O" and start is None)
+        if starts and pos != "O":
+            start, kind = i, typ
+        prev = tag
+    return spans
+
+
+class EntityF1(Metric):
+    """Entity-level micro precision, recall and F1 (an entity counts only when its type and exact span
+    match), from word-level tag ids; positions labelled -100 are not words and are skipped."""
+
+    full_state_update = False
+
+    def __init__(self, label_names: list[str]):
+        super().__init__()
+        self.label_names = list(label_names)
+        for name in ("tp", "n_pred", "n_true"):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        for p_row, t_row in zip(preds.tolist(), target.tolist()):
+            words = [(p, t) for p, t in zip(p_row, t_row) if t != -100]
+            pred = entities([self.label_names[p] for p, _ in words])
+            true = entities([self.label_names[t] for _, t in words])
+            self.tp += len(pred & true)
+            self.n_pred += len(pred)
+            self.n_true += len(true)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        precision = self.tp / self.n_pred.clamp(min=1)
+        recall = self.tp / self.n_true.clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+        return {"precision": precision.float(), "recall": recall.float(), "f1": f1.float()}
+
+
+class Perplexity(Metric):
+    """exp(mean negative log-likelihood per predicted token) over an epoch: every token counts once,
+    whatever the batch it was in (a mean of batch perplexities would not)."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, mean_loss: torch.Tensor, tokens: int | torch.Tensor) -> None:
+        self.nll += mean_loss.detach().double() * tokens
+        self.tokens += int(tokens)
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll / self.tokens.clamp(min=1)).float()

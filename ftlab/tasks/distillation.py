@@ -1,0 +1,144 @@
+"""Knowledge distillation (Hinton et al., 2015): a smaller student learns from a trained teacher's
+softened outputs as well as from the labels.
+
+loss = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+The teacher is frozen and stays in eval mode. It is a submodule of the LightningModule, so each strategy
+places it as it places the student's frozen weights: replicated under DDP and FSDP (it has no gradients
+to shard), partitioned under DeepSpeed ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftlab.errors import ConfigError
+from ftlab.loading import load_config, load_model, load_tokenizer
+from ftlab.tasks.base import Task
+from ftlab.tasks.classification import SequenceClassification
+
+
+class FrozenTeacher(nn.Module):
+    """The teacher model, without gradients and always in eval mode (`Trainer` calls `.train()` on the
+    whole LightningModule at each epoch; dropout in the teacher would blur its targets)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model(**inputs).logits
+
+
+def teacher_folder(teacher: str) -> str:
+    """An ftlab run dir -> its exported model (`export/`, or `export/merged/` after an adapter run)."""
+    for sub in ("export/merged", "export"):
+        if os.path.isfile(os.path.join(teacher, sub, "config.json")):
+            return os.path.join(teacher, sub)
+    return teacher
+
+
+class Distillation(Task):
+    """Train the student (the run's model) on its task, guided by a frozen teacher's output distribution;
+    works for sequence classification and causal LM students."""
+
+    name = "distillation"
+
+    def __init__(self, teacher: str, student: Task | None = None, alpha: float = 0.5, temperature: float = 2.0,
+                 teacher_gguf_file: str | None = None) -> None:
+        """
+        Args:
+            teacher: The trained teacher: an ftlab run dir (its `export/` is used), a model folder or a hub id.
+            student: The student's own task (SequenceClassification by default, or CausalLM).
+            alpha: Weight of the task loss on the labels; 1 - alpha goes to matching the teacher.
+            temperature: Softmax temperature T of both distributions (higher: softer targets).
+            teacher_gguf_file: A GGUF file of the teacher, when it is one.
+        """
+        if not 0 <= alpha <= 1:
+            raise ConfigError(f"model.task.alpha={alpha} must be in [0, 1]")
+        if temperature <= 0:
+            raise ConfigError(f"model.task.temperature={temperature} must be positive (e.g. 2.0)")
+        self.student = student or SequenceClassification()
+        if self.student.name not in ("sequence-classification", "causal-lm"):
+            raise ConfigError(f"model.task.student={type(self.student).__name__}: distillation supports "
+                              "SequenceClassification and CausalLM students")
+        self.teacher = teacher
+        self.alpha, self.temperature = alpha, temperature
+        self.teacher_gguf_file = teacher_gguf_file
+        self._teacher: FrozenTeacher | None = None
+
+    # the student's task decides the model class, metrics and ranking
+    auto_class = property(lambda self: self.student.auto_class)
+    peft_task_type = property(lambda self: self.student.peft_task_type)
+    main_metric = property(lambda self: self.student.main_metric)
+    higher_is_better = property(lambda self: self.student.higher_is_better)
+
+    def _teacher_path(self) -> str:
+        path = teacher_folder(os.path.expanduser(self.teacher))
+        if path.startswith((".", "/", "~")) and not os.path.exists(path):
+            raise ConfigError(f"model.task.teacher={self.teacher!r}: no such folder (working directory {os.getcwd()})")
+        return path
+
+    def check_data(self, data) -> None:
+        """The teacher must speak the student's language: the same labels, or the same vocabulary (cheap:
+        configs and tokenizers only, before any weights load)."""
+        self.student.check_data(data)
+        path = self._teacher_path()
+        config = load_config(path, self.teacher_gguf_file)
+        if self.student.name == "sequence-classification":
+            names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+            if names != list(data.label_names):
+                raise ConfigError(f"model.task.teacher={self.teacher!r} predicts labels {names}, the student's data "
+                                  f"has {list(data.label_names)}; distil from a teacher trained on these labels")
+            return
+        teacher_vocab = load_tokenizer(path, self.teacher_gguf_file).get_vocab()
+        student_vocab = data.tokenizer.get_vocab()
+        if teacher_vocab != student_vocab:
+            differ = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+            raise ConfigError(f"model.task.teacher={self.teacher!r}: its vocabulary ({len(teacher_vocab)} tokens) differs "
+                              f"from the student's ({len(student_vocab)} tokens; {differ} entries differ); token-level "
+                              "distillation needs one tokenizer: pick a teacher of the student's model family")
+
+    def model_kwargs(self, data) -> dict:
+        return self.student.model_kwargs(data)
+
+    def setup(self, module, data) -> None:
+        teacher = load_model(self.auto_class, self._teacher_path(), self.teacher_gguf_file)
+        module.teacher = self._teacher = FrozenTeacher(teacher)
+
+    def metrics(self):
+        return self.student.metrics()
+
+    def update_metrics(self, metrics, outputs: Any, batch: dict) -> None:
+        self.student.update_metrics(metrics, outputs, batch)
+
+    def predict(self, outputs: Any, batch: dict, data) -> list[dict]:
+        return self.student.predict(outputs, batch, data)
+
+    def validation_end(self, module) -> None:
+        self.student.validation_end(module)
+
+    def forward(self, model: nn.Module, batch: dict) -> Any:
+        outputs = self.student.forward(model, batch)
+        outputs["teacher_logits"] = self._teacher(**{k: v for k, v in batch.items() if k != "labels"})
+        return outputs
+
+    def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
+        task_loss = self.student.loss(outputs, batch)
+        student, teacher = outputs.logits, outputs["teacher_logits"]
+        if self.student.name == "causal-lm":  # tokens that predict a label (the shift of causal LMs)
+            keep = batch["labels"][:, 1:] != -100
+            student, teacher = student[:, :-1][keep], teacher[:, :-1][keep]
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                      log_target=True, reduction="batchmean")
+        return self.alpha * task_loss + (1 - self.alpha) * t * t * kl
