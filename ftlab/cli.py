@@ -88,6 +88,7 @@ class FtlabCLI(LightningCLI):
             raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
     def before_fit(self) -> None:
+        self.model.task.check_data_type(self.datamodule)  # before the data is read
         check_combination(self.trainer.strategy, self.model)
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
@@ -171,6 +172,7 @@ class _CheckOnly(FtlabCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's hook point for running: check instead
         cfg = self.config[subcommand]
+        self.model.task.check_data_type(self.datamodule)
         check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model)
 
 

@@ -4,6 +4,7 @@ the task's loss and metrics. It knows tasks and policies only through their inte
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning as L
 import torch
@@ -17,6 +18,10 @@ from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.strategies import shard_model
 from ftlab.tasks import SequenceClassification, Task
+
+# Lightning notes that the module's batch hook is used although a datamodule is passed: that is the intent
+# (the task, not the data, decides e.g. masked-LM masking).
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
 
 
 def summarize_trainable(model: torch.nn.Module) -> tuple[int, int, list[str]]:
@@ -156,6 +161,7 @@ class FineTuneModule(L.LightningModule):
         if self.model is not None:
             return
         data = self.trainer.datamodule
+        self.task.check_data_type(data)
         self.task.check_data(data)
         self.policy.validate(self.skeleton(data), self.task)
         model = self.build_model(data)
@@ -171,11 +177,12 @@ class FineTuneModule(L.LightningModule):
         )
 
     # ---- steps
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        return self.task.transform_batch(batch, training=self.training)
-
     def forward(self, batch: dict):
         return self.task.forward(self.model, batch)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # on the host, before the batch moves to the device (masking draws from CPU generators)
+        return self.task.transform_batch(batch, training=self.trainer.training)
 
     def training_step(self, batch: dict, batch_idx: int):
         outputs = self(batch)
@@ -207,10 +214,10 @@ class FineTuneModule(L.LightningModule):
     def _eval_step(self, batch: dict, split: str):
         outputs = self(batch)
         self.task.update_metrics(self.metrics[f"{split}_"], outputs, batch)
-        return outputs
+        return outputs, batch
 
     def validation_step(self, batch: dict, batch_idx: int):
-        outputs = self._eval_step(batch, "val")
+        outputs, batch = self._eval_step(batch, "val")
         self.val_loss.update(self.task.loss(outputs, batch), weight=batch["input_ids"].shape[0])
 
     def test_step(self, batch: dict, batch_idx: int):

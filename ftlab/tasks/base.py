@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from ftlab.errors import ConfigError
+
 
 class Task(ABC):
     """A fine-tuning task."""
@@ -25,13 +27,23 @@ class Task(ABC):
     main_metric: ClassVar[str]
     """The metric that ranks runs (without the `val/` prefix)."""
     higher_is_better: ClassVar[bool] = True
+    data_class: ClassVar[str] = "TextClassificationData"
+    """The `ftlab.data` module this task reads (or a subclass of it)."""
 
     def model_kwargs(self, data) -> dict:
         """Extra `from_pretrained` / `from_config` kwargs that depend on the data (e.g. `num_labels`)."""
         return {}
 
+    def check_data_type(self, data) -> None:
+        """Refuse a data module of the wrong kind (cheap: called before any data is read)."""
+        import ftlab.data
+
+        if not isinstance(data, getattr(ftlab.data, self.data_class)):
+            raise ConfigError(f"task {self.name} reads data: class_path: ftlab.data.{self.data_class}, "
+                              f"got {type(data).__name__}; set data: {self.data_class} (with its columns)")
+
     def check_data(self, data) -> None:  # noqa: B027 - optional hook
-        """Refuse a data module this task cannot use (raise ConfigError)."""
+        """Refuse data this task cannot use, once it is read (raise ConfigError): before the model loads."""
 
     @abstractmethod
     def metrics(self) -> MetricCollection:

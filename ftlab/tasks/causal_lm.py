@@ -31,6 +31,7 @@ class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
     main_metric = "perplexity"
     higher_is_better = False
+    data_class = "LanguageModelingData"
 
     def __init__(self, max_new_tokens: int = 48) -> None:
         """
@@ -40,11 +41,6 @@ class CausalLM(Task):
         if max_new_tokens <= 0:
             raise ConfigError(f"model.task.max_new_tokens={max_new_tokens} must be positive")
         self.max_new_tokens = max_new_tokens
-
-    def check_data(self, data) -> None:
-        if not hasattr(data, "packing"):
-            raise ConfigError(f"task {self.name} needs language-modelling data, got {type(data).__name__}; "
-                              "use data: class_path: ftlab.data.LanguageModelingData")
 
     def forward(self, model, batch: dict) -> Any:
         # No KV cache: with one, transformers skips its packed-sequence check and packed examples would

@@ -9,7 +9,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification
 
-from ftlab.errors import ConfigError
 from ftlab.tasks.base import Task
 
 
@@ -23,11 +22,6 @@ class SequenceClassification(Task):
 
     def __init__(self) -> None:
         self.num_labels = 0
-
-    def check_data(self, data) -> None:
-        if not getattr(data, "label_names", None):
-            raise ConfigError(f"task {self.name} needs a data module with label names, got {type(data).__name__}; "
-                              "use data: class_path: ftlab.data.TextClassificationData")
 
     def model_kwargs(self, data) -> dict:
         names = list(data.label_names)

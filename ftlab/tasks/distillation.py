@@ -81,6 +81,7 @@ class Distillation(Task):
     peft_task_type = property(lambda self: self.student.peft_task_type)
     main_metric = property(lambda self: self.student.main_metric)
     higher_is_better = property(lambda self: self.student.higher_is_better)
+    data_class = property(lambda self: self.student.data_class)
 
     def _teacher_path(self) -> str:
         path = teacher_folder(os.path.expanduser(self.teacher))

@@ -50,8 +50,9 @@ class DomainAdaptation(CausalLM):
             raise RuntimeError("DomainAdaptation.resolve(config) must run before the model is built")
         return AutoModelForMaskedLM if self.objective == "mlm" else AutoModelForCausalLM
 
-    def check_data(self, data) -> None:
-        if getattr(data, "mode", None) != "text":
+    def check_data_type(self, data) -> None:
+        super().check_data_type(data)
+        if data.mode != "text":
             raise ConfigError(f"task {self.name} trains on plain text: use data: class_path: "
                               "ftlab.data.LanguageModelingData with data.text_column set")
 
@@ -74,7 +75,9 @@ class DomainAdaptation(CausalLM):
         if not training and self._eval_masker is None:
             from transformers import DataCollatorForLanguageModeling
 
-            self._eval_masker = DataCollatorForLanguageModeling(self._masker.tokenizer, mlm_probability=self.mlm_probability, seed=0)
+            self._eval_masker = DataCollatorForLanguageModeling(self._masker.tokenizer,
+                                                                mlm_probability=self.mlm_probability, seed=0)
+            self._eval_masker.create_rng()
         masker = self._masker if training else self._eval_masker
         batch = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
         if "attention_mask" not in batch:  # packed rows: only the collator's padding at the end is masked out

@@ -21,6 +21,7 @@ class Seq2Seq(Task):
     auto_class = AutoModelForSeq2SeqLM
     peft_task_type = "SEQ_2_SEQ_LM"
     main_metric = "rougeL_fmeasure"
+    data_class = "Seq2SeqData"
 
     def __init__(self, num_beams: int = 1) -> None:
         """
@@ -32,11 +33,6 @@ class Seq2Seq(Task):
         self.num_beams = num_beams
         self.tokenizer = None
         self.max_new_tokens = 64
-
-    def check_data(self, data) -> None:
-        if not hasattr(data, "target_column"):
-            raise ConfigError(f"task {self.name} needs source/target data, got {type(data).__name__}; "
-                              "use data: class_path: ftlab.data.Seq2SeqData")
 
     def model_kwargs(self, data) -> dict:
         self.tokenizer = data.tokenizer

@@ -8,7 +8,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModelForTokenClassification
 
-from ftlab.errors import ConfigError
 from ftlab.metrics import EntityF1
 from ftlab.tasks.base import Task
 
@@ -21,14 +20,10 @@ class TokenClassification(Task):
     auto_class = AutoModelForTokenClassification
     peft_task_type = "TOKEN_CLS"
     main_metric = "f1"
+    data_class = "TokenClassificationData"
 
     def __init__(self) -> None:
         self.label_names: list[str] = []
-
-    def check_data(self, data) -> None:
-        if not hasattr(data, "tokens_column"):
-            raise ConfigError(f"task {self.name} needs word/tag data, got {type(data).__name__}; "
-                              "use data: class_path: ftlab.data.TokenClassificationData")
 
     def model_kwargs(self, data) -> dict:
         self.label_names = list(data.label_names)

@@ -53,13 +53,14 @@ def chat_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def seq2seq_csv(tmp_path_factory) -> Path:
+    """A review to its verdict: "good good" or "bad bad" after its sentiment words."""
     rng = random.Random(3)
     rows = []
     for words in _sentences(160, 3):
-        sentiment = rng.choices(POSITIVE + NEGATIVE, k=2)
-        mixed = words + sentiment
+        positive = rng.random() < 0.5
+        mixed = words + rng.choices(POSITIVE if positive else NEGATIVE, k=2)
         rng.shuffle(mixed)
-        rows.append({"source": " ".join(mixed), "target": " ".join(w for w in mixed if w in sentiment)})
+        rows.append({"source": " ".join(mixed), "target": "good good" if positive else "bad bad"})
     return write_csv(tmp_path_factory.mktemp("s2s") / "pairs.csv", rows)
 
 

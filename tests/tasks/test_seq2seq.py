@@ -1,0 +1,38 @@
+"""Seq2seq on a tiny T5 built from a config: fit, generation metrics, export and reload, bad input."""
+
+import json
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from tests.conftest import run_ftlab
+from tests.tasks.conftest import task_args
+
+
+def test_t5_learns_the_verdicts_and_exports(tmp_path, tiny_t5, seq2seq_csv):
+    run = tmp_path / "run"
+    out = run_ftlab(*task_args(run, tiny_t5, "Seq2SeqData", seq2seq_csv, "Seq2Seq", "--trainer.max_epochs=8",
+                               "--data.max_target_length=8", "--model.optim.lr=0.01"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    rouge = [h["val/rougeL_fmeasure"] for h in summary["val_history"]]
+    assert rouge[-1] > rouge[0] + 0.2 and rouge[-1] > 0.5, rouge
+    assert 0 <= summary["test/bleu"] <= 1 and summary["test/rougeL_fmeasure"] > 0.5
+    # the export reloads with plain transformers and generates as the run scored it
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(run / "export"), AutoTokenizer.from_pretrained(run / "export")
+    enc = tok(["the film superb of a lovely", "a dull plot and awful cast"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = tok.batch_decode(model.generate(**enc, max_new_tokens=8), skip_special_tokens=True)
+    assert [set(o.split()) for o in out] == [{"good"}, {"bad"}]
+
+
+def test_missing_target_column_is_named(tmp_path, tiny_t5, seq2seq_csv):
+    out = run_ftlab(*task_args(tmp_path / "run", tiny_t5, "Seq2SeqData", seq2seq_csv, "Seq2Seq",
+                               "--data.target_column=summary"))
+    assert out.returncode == 2 and "data.target_column: column 'summary' is not in the train data" in out.stderr
+
+
+def test_a_task_with_the_wrong_data_module_is_refused(tmp_path, tiny_t5, seq2seq_csv):
+    out = run_ftlab(*task_args(tmp_path / "run", tiny_t5, "TextClassificationData", seq2seq_csv, "Seq2Seq",
+                               "--data.label_column=target"))
+    assert out.returncode == 2 and "task seq2seq reads data: class_path: ftlab.data.Seq2SeqData, got TextClassificationData" in out.stderr
