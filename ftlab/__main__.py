@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             from ftlab.compare.cli import main as compare_main
 
             return compare_main(args[1:])
+        elif args[:1] == ["estimate"]:
+            from ftlab.estimate.cli import main as estimate_main
+
+            return estimate_main(args[1:])
         elif args[:1] == ["slurm"]:
             from ftlab.slurm.cli import main as slurm_main
 

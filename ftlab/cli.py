@@ -179,6 +179,14 @@ class _CheckOnly(FtlabCLI):
 def check_fit_config(args: list[str]) -> tuple[dict, str]:
     """Checks a fit command line (`--config X.yaml --trainer.max_epochs 3 ...`) without loading anything
     expensive. Returns the trainer settings and the whole config as YAML (to freeze it for a later job)."""
+    cli = parse_fit_config(args)
+    cfg = cli.config["fit"]
+    trainer = cfg["trainer"].as_dict() if hasattr(cfg["trainer"], "as_dict") else dict(cfg["trainer"])
+    return trainer, cli._parser("fit").dump(cfg, skip_none=False)
+
+
+def parse_fit_config(args: list[str]) -> _CheckOnly:
+    """A fit command line parsed and checked, with its model and data modules built (no weights, no data)."""
     import logging
     import warnings
 
@@ -191,6 +199,4 @@ def check_fit_config(args: list[str]) -> tuple[dict, str]:
             cli = _CheckOnly(**{**_CLI_KWARGS, "save_config_callback": None}, args=["fit", *args])
     finally:
         seed_log.setLevel(level)
-    cfg = cli.config["fit"]
-    trainer = cfg["trainer"].as_dict() if hasattr(cfg["trainer"], "as_dict") else dict(cfg["trainer"])
-    return trainer, cli._parser("fit").dump(cfg, skip_none=False)
+    return cli

@@ -65,6 +65,7 @@ class FineTuneModule(L.LightningModule):
         dtype: str | None = None,
         skip_nonfinite_steps: int = 0,
         gguf_file: str | None = None,
+        config_overrides: dict | None = None,
     ):
         """
         Args:
@@ -83,6 +84,8 @@ class FineTuneModule(L.LightningModule):
                 good checkpoint.
             gguf_file: A GGUF file inside `name_or_path` (a folder or hub repository) to load, dequantized
                 into a regular model. A `name_or_path` ending in `.gguf` sets it by itself.
+            config_overrides: Model config fields to change at load, e.g. `{num_hidden_layers: 3}`: a
+                3-layer model initialised from the first 3 pretrained layers (a distillation student).
         """
         super().__init__()
         path, _ = model_location(name_or_path, gguf_file)
@@ -98,6 +101,7 @@ class FineTuneModule(L.LightningModule):
         self.revision = revision
         self.load_dtype = dtype
         self.gguf_file = gguf_file
+        self.config_overrides = dict(config_overrides or {})
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
         self.skip_nonfinite_steps = skip_nonfinite_steps
@@ -113,7 +117,7 @@ class FineTuneModule(L.LightningModule):
 
     # ---- building
     def _load_kwargs(self, data) -> dict:
-        kwargs = {"trust_remote_code": self.trust_remote_code, **self.task.model_kwargs(data)}
+        kwargs = {"trust_remote_code": self.trust_remote_code, **self.config_overrides, **self.task.model_kwargs(data)}
         if self.revision:
             kwargs["revision"] = self.revision
         if self.load_dtype:
@@ -128,6 +132,12 @@ class FineTuneModule(L.LightningModule):
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no model config could be loaded "
                               f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with config.json") from None
+        unknown = sorted(k for k in self.config_overrides if not hasattr(config, k))
+        if unknown:
+            raise ConfigError(f"model.config_overrides: {unknown} are not fields of this {config.model_type} "
+                              f"config; e.g. {', '.join(sorted(config.to_dict())[:8])}, ...")
+        for key, value in self.config_overrides.items():
+            setattr(config, key, value)
         self.task.resolve(config)
         return config
 

@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",
                    help="any other sbatch option, as one #SBATCH line, e.g. --sbatch-arg=--exclusive")
     p.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="batch script template")
+    p.add_argument("--gpu-type", default="H100", type=str.upper,
+                   help="GPU model of the nodes, for the memory estimate (default H100; see `ftlab estimate --help`)")
+    p.add_argument("--no-estimate", action="store_true", help="skip the memory estimate before submitting")
     p.add_argument("--dry-run", action="store_true", help="check and print the script; queue nothing")
     p.add_argument("--no-cluster-check", action="store_true",
                    help="do not check the shape against this machine's cluster (sinfo): render for another one")
@@ -67,12 +70,37 @@ def prepare(args: argparse.Namespace, fit_overrides: list[str]) -> tuple[SlurmJo
         else job.check_cluster()
     if note:
         print(f"ftlab: note: {note}", file=sys.stderr)
+    if job.gpus_per_node and not args.no_estimate:
+        warn_if_it_does_not_fit(args, job, fit_args)
     workdir = os.getcwd()
     run_dir = os.path.join(workdir, trainer.get("default_root_dir") or "runs/default")
     python = "python" if job.container else sys.executable
     script = render(Path(args.template).read_text(), job, run_dir=run_dir, workdir=workdir,
                     fit_args=["--config", os.path.join(run_dir, FROZEN_CONFIG)], python=python)
     return job, run_dir, frozen, script
+
+
+def warn_if_it_does_not_fit(args: argparse.Namespace, job: SlurmJob, fit_args: list[str]) -> None:
+    """The memory estimate for the job's shape on its GPUs: a warning when it does not fit (the job may
+    still run, e.g. with a strategy option the estimate does not model)."""
+    from ftlab.estimate.cli import GPUS, GiB, estimate
+    from ftlab.estimate.cli import parser as estimate_parser
+
+    if args.gpu_type not in GPUS:
+        print(f"ftlab: note: no memory estimate: --gpu-type {args.gpu_type!r} is not one of {', '.join(GPUS)}",
+              file=sys.stderr)
+        return
+    est = estimate(estimate_parser().parse_args(["--gpu", args.gpu_type, "--devices", str(job.gpus_per_node),
+                                                 "--num-nodes", str(job.nodes)]), fit_args)
+    need = est["total_bytes"] / GiB
+    line = (f"{need:.1f} GiB per GPU of {est['memory_gib']:g} GiB ({args.gpu_type}, {est['strategy']} on "
+            f"{est['devices']} GPUs, batch {est['batch_per_device']} x {est['seq_len']})")
+    if est["fits"]:
+        print(f"ftlab: memory estimate: {line}", file=sys.stderr)
+    else:
+        print(f"ftlab: warning: the memory estimate does not fit: {line}; shard more (--trainer.strategy fsdp or "
+              "deepspeed_stage_3), lower data.batch_size, or use --trainer.precision bf16-true "
+              "(details: python -m ftlab estimate)", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:

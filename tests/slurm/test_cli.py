@@ -119,3 +119,14 @@ def test_no_secret_and_no_shell_in_what_submit_writes(tmp_path, tiny_bert, revie
 
     assert yaml.safe_load(frozen)["trainer"]["logger"]["init_args"]["name"] == sneaky
     assert not (tmp_path / "pwned").exists()
+
+
+def test_submit_warns_when_the_memory_estimate_does_not_fit(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/big", tiny_bert, reviews_csv, accelerator="auto")
+    gpus = ["--nodes", "2", "--gpus-per-node", "4", "--no-cluster-check", "--data.init_args.label_names=[neg, pos]"]
+    assert main(["slurm", "render", "--config", str(cfg), *gpus, "--gpu-type", "T4"]) == 0
+    assert "ftlab: memory estimate: 0.0 GiB per GPU of 16 GiB (T4, ddp on 8 GPUs" in capsys.readouterr().err
+    assert main(["slurm", "render", "--config", str(cfg), *gpus, "--data.init_args.batch_size=3000000"]) == 0
+    err = capsys.readouterr().err
+    assert "ftlab: warning: the memory estimate does not fit" in err and "of 80 GiB (H100" in err

@@ -1,0 +1,1 @@
+"""`ftlab estimate`: memory per device and throughput of a config, before a job is queued."""
