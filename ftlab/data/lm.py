@@ -145,23 +145,31 @@ class LanguageModelingData(TextDataModule):
                 "labels": [e[1] for e in examples]}
 
     def _pack(self, examples) -> dict:
-        """Greedy packing in order: a row takes examples while they fit in max_length."""
+        """First-fit decreasing bin packing of the examples into max_length rows (within each batch of rows
+        `datasets.map` hands over, 1,000 by default): longest first, each into the first row with room.
+        Greedy in-order packing wasted 13-22% of each row on the real data (benchmarks/padding.py)."""
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+            n = len(examples[i][0])
+            slot = next((r for r, left in enumerate(room) if left >= n), None)
+            if slot is None:
+                rows.append([])
+                room.append(self.max_length)
+                slot = len(rows) - 1
+            rows[slot].append(i)
+            room[slot] -= n
         out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-        row: dict[str, list] = {k: [] for k in out}
-
-        def flush():
-            if row["input_ids"]:
-                for k in out:
-                    out[k].append(row[k])
-                    row[k] = []
-
-        for ids, labels in examples:
-            if len(row["input_ids"]) + len(ids) > self.max_length:
-                flush()
-            row["input_ids"] += ids
-            row["labels"] += [-100] + labels[1:]  # an example's first token is not predicted from the last one's
-            row["position_ids"] += list(range(len(ids)))
-        flush()
+        for members in rows:
+            ids, labels, positions = [], [], []
+            for i in members:
+                ex_ids, ex_labels = examples[i]
+                ids += ex_ids
+                labels += [-100] + ex_labels[1:]  # an example's first token is not predicted from the last one's
+                positions += list(range(len(ex_ids)))
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["position_ids"].append(positions)
         return out
 
     # ---- held-out prompts for sample generations

@@ -26,7 +26,7 @@ from ftlab.errors import ConfigError
 
 _SPLIT_ALIASES = {"validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
                   "test": "test", "train": "train"}
-CACHE_FORMAT = 2  # bump when the cached layout changes
+CACHE_FORMAT = 3  # bump when the cached layout changes (3: first-fit-decreasing packing)
 
 
 def default_cache_dir() -> str:
@@ -205,6 +205,22 @@ class TextDataModule(L.LightningDataModule):
         if os.path.exists(os.path.join(path, "meta.json")):
             rank_zero_info(f"ftlab: tokenised data from cache {path}")
             return
+        import datasets
+
+        # ftlab's cache (keyed by the data, tokenizer and options) is the only one. datasets' own map cache
+        # keys on a pickle of the mapped function, which misses changes in the methods that function calls:
+        # it served rows packed by older code.
+        caching = datasets.is_caching_enabled()
+        datasets.disable_caching()
+        try:
+            self._prepare(path)
+        finally:
+            if caching:
+                datasets.enable_caching()
+
+    def _prepare(self, path: str) -> None:
+        import datasets
+
         raw = self._load_checked()
         raw, meta = self.prepare_labels(raw)
         splits = self._split(raw)
@@ -220,8 +236,6 @@ class TextDataModule(L.LightningDataModule):
         os.makedirs(self.cache_root, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=self.cache_root, prefix=".tmp-")
         try:
-            import datasets
-
             datasets.DatasetDict(encoded).save_to_disk(tmp)
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f)
