@@ -25,7 +25,7 @@ def main() -> None:
         second = make(cache)
         second.tokenizer  # noqa: B018
         calls = []
-        second.encode = lambda batch, _f=second.encode: calls.append(1) or _f(batch)  # count tokenising calls
+        second.encode = lambda batch, _f=second.encode, _c=calls: _c.append(1) or _f(batch)  # count tokenising
         t0 = time.perf_counter()
         second.prepare_data()
         second.setup()
