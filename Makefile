@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: quickstart test install lint clean
+.PHONY: quickstart test install lint bench clean
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ test: install
 	$(PY) -m pytest tests
 
 lint: install
-	$(VENV)/bin/ruff check ftlab tests
+	$(VENV)/bin/ruff check ftlab tests benchmarks
+
+bench: install
+	PYTHON=$(PY) benchmarks/run_all
 
 clean:
 	rm -rf runs .pytest_cache

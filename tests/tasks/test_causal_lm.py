@@ -138,3 +138,21 @@ def test_smollm2_gguf_fine_tunes_with_lora_on_chatterbot(tmp_path):
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     assert sample["generated"].strip()
     assert (run / "export" / "adapter" / "adapter_config.json").exists()
+
+
+def test_prompt_response_columns_train_on_the_response_only(tmp_path, tiny_models):
+    import csv
+
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer"])
+        w.writeheader()
+        w.writerows({"question": "the film is good", "answer": f"{POSITIVE[i % 8]} superb"} for i in range(40))
+    data = _data(tmp_path, tiny_models["llama"], path, prompt_column="question", response_column="answer",
+                 packing=False)
+    tok = data.tokenizer
+    for row in data.splits["train"].select(range(10)):
+        trained = tok.convert_ids_to_tokens([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+        assert trained[-2:] == ["superb", "[SEP]"] and trained[0] in POSITIVE and len(trained) == 3
+    with pytest.raises(Exception, match="prompt_column and data.response_column go together"):
+        LanguageModelingData(str(path), prompt_column="question")

@@ -54,10 +54,16 @@ def _student(tmp_path, teacher_export):
     return folder
 
 
-def test_a_smaller_student_learns_from_a_trained_teacher(tmp_path, tiny_bert, reviews_csv):
-    teacher = tmp_path / "teacher"
-    out = run_ftlab(*fit_args(teacher, tiny_bert, reviews_csv, "--trainer.max_epochs=3"))
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_bert, reviews_csv):
+    """A trained 2-layer teacher run."""
+    run = tmp_path_factory.mktemp("teacher")
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=3"))
     assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+def test_a_smaller_student_learns_from_a_trained_teacher(tmp_path, teacher, reviews_csv):
     teacher_weights = load_file(teacher / "export" / "model.safetensors")
     student = _student(tmp_path, teacher / "export")
     run = tmp_path / "run"
@@ -77,9 +83,20 @@ def test_a_smaller_student_learns_from_a_trained_teacher(tmp_path, tiny_bert, re
         assert torch.equal(ckpt[f"teacher.model.{name}"], value), name
 
 
-def test_a_teacher_with_other_labels_is_refused(tmp_path, tiny_bert, reviews_csv):
-    teacher = tmp_path / "teacher"
-    assert run_ftlab(*fit_args(teacher, tiny_bert, reviews_csv, "--trainer.max_steps=2")).returncode == 0
+def test_distillation_under_zero3_two_ranks(tmp_path, teacher, reviews_csv):
+    student = _student(tmp_path, teacher / "export")
+    run = tmp_path / "run"
+    # batch 8 per rank: the same 16 rows per step, and as many steps, as the single-device test
+    out = run_ftlab(*fit_args(run, student, reviews_csv, "--trainer.max_epochs=3", "--model.task=Distillation",
+                              f"--model.task.teacher={teacher}", "--trainer.strategy=deepspeed_stage_3",
+                              "--trainer.devices=2", "--data.batch_size=8"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test/accuracy"] > 0.8 and len(summary["param_numel_per_rank"]) == 2
+    assert AutoModelForSequenceClassification.from_pretrained(run / "export").config.num_hidden_layers == 1
+
+
+def test_a_teacher_with_other_labels_is_refused(tmp_path, tiny_bert, teacher, reviews_csv):
     out = run_ftlab(*fit_args(tmp_path / "run", tiny_bert, reviews_csv, "--model.task=Distillation",
                               f"--model.task.teacher={teacher}", "--data.label_names=[pos, neg]"))
     assert out.returncode == 2
