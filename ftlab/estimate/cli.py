@@ -61,16 +61,17 @@ def _devices(value) -> int:
     return 1  # "auto" on a machine without the GPUs in question: give --devices
 
 
-def _train_rows(data) -> int | None:
-    """Training rows, from the tokenised cache when this data was prepared before, else max_train_rows."""
+def _train_rows(data) -> tuple[int | None, str]:
+    """Training rows and where the count comes from: the tokenised cache when this data was prepared
+    before (rows as batched, i.e. after packing), else data.max_train_rows (examples)."""
     try:
         meta = os.path.join(data.cache_path, "meta.json")
         if os.path.exists(meta):
             with open(meta) as f:
-                return json.load(f)["sizes"]["train"]
+                return json.load(f)["sizes"]["train"], "tokenised cache"
     except Exception:  # noqa: BLE001 - no tokenizer at hand: fall back
         pass
-    return data.max_train_rows
+    return data.max_train_rows, "data.max_train_rows"
 
 
 def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
@@ -118,7 +119,7 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
 
     flops = flops_per_token(total, trainable, blocks, blocks_with_activations(module.policy, blocks), hidden, seq,
                             isinstance(module.policy, Full))
-    rows = _train_rows(data)
+    rows, rows_source = _train_rows(data)
     accumulate = int(trainer.get("accumulate_grad_batches") or 1)
     max_steps = trainer.get("max_steps")
     if max_steps and max_steps > 0:
@@ -134,7 +135,8 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
             **mem.as_dict(), "param_numel_per_rank": [r[0].numel for r in ranks],
             "optimizer_state_numel_per_rank": [r[2].numel for r in ranks], "fits": mem.total_bytes <= capacity * GiB * 0.9,
             "flops_per_token": flops, "tokens_per_s": spd.tokens_per_s, "step_time_s": spd.step_time_s,
-            "steps": steps, "wall_time_s": spd.wall_time_s}
+            "steps": steps, "train_rows": rows, "train_rows_from": rows_source if rows else None,
+            "wall_time_s": spd.wall_time_s}
 
 
 def report(est: dict) -> str:
@@ -157,8 +159,9 @@ def report(est: dict) -> str:
     ]
     if est["wall_time_s"]:
         t = est["wall_time_s"]
-        lines.append(f"  {est['steps']:,} steps: " + (f"{t / 3600:.1f} h" if t > 5400 else f"{t / 60:.1f} min" if t > 90
-                                                      else f"{t:.1f} s"))
+        source = f" ({est['train_rows']:,} training rows, from the {est['train_rows_from']})" if est["train_rows"] else ""
+        lines.append(f"  {est['steps']:,} steps{source}: " + (f"{t / 3600:.1f} h" if t > 5400 else
+                                                               f"{t / 60:.1f} min" if t > 90 else f"{t:.1f} s"))
     else:
         lines.append("  total time: unknown until the data is prepared once (or set trainer.max_steps)")
     return "\n".join(lines)
