@@ -34,7 +34,7 @@ def hf_trainer() -> dict:
     train, test = data.splits["train"], data.splits["test"]
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"), num_labels=2)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                             num_train_epochs=1, learning_rate=5e-5, warmup_ratio=0.06, lr_scheduler_type="linear",
+                             num_train_epochs=1, learning_rate=5e-5, warmup_steps=0.06, lr_scheduler_type="linear",
                              weight_decay=0.01, max_grad_norm=1.0, report_to=[], save_strategy="no", eval_strategy="no",
                              logging_steps=20, seed=0, use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(data.tokenizer))

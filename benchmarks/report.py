@@ -69,14 +69,15 @@ def main(path: str = "benchmarks/results.jsonl", seconds: float | None = None) -
             if "activations_measured_mb" not in r:
                 rows.append([r["config"], "", "", "", "", r.get("skipped") or r.get("error")])
                 continue
-            ok &= abs(r["estimate_over_measured"] - 1) <= 0.25
+            ok &= abs(r["activations_estimated_mb"] - r["activations_measured_mb"]) <= max(
+                0.25 * r["activations_measured_mb"], 10)  # a frozen backbone keeps a few MB: 10 MB slack
             rows.append([r["config"], r["policy"], f"{r['batch']} x {r['seq_len']}", f"{r['activations_measured_mb']:.0f}",
                          f"{r['activations_estimated_mb']:.0f}", f"{r['estimate_over_measured']:.2f}",
                          f"{r['peak_rss_mb']:.0f}"])
         md += ["## 4. Memory\n",
                "Activations kept by one training step (forward of a full-length batch of the configured size; RSS "
-               "growth with glibc's mmap threshold pinned) against `ftlab estimate`. Goal: the estimate within 25% "
-               f"of the measurement: {verdict(ok)}. Same batch (32 x 64), the three policies: the quickstart rows.\n",
+               "growth after a warm-up forward, with glibc's mmap threshold pinned) against `ftlab estimate`. Goal: "
+               f"the estimate within 25% of the measurement (10 MB for the near-empty frozen case): {verdict(ok)}. Same batch (32 x 64), the three policies: the quickstart rows.\n",
                table(["config", "policy", "batch", "measured MB", "estimated MB", "estimate / measured",
                       "process peak MB"], rows), ""]
     if "sharding" in by:

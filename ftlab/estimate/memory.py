@@ -180,15 +180,17 @@ def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: 
                      dtype: torch.dtype = torch.float32) -> int:
     """Activations a training step keeps for backward, per device: probes with 1 and 2 blocks give the
     cost outside the blocks and per block (batch 1), scaled to the run's blocks and batch."""
+    # a distillation teacher runs without gradients: it keeps nothing for backward; the student's task runs
+    task = getattr(module.task, "student", module.task)
     measured = []
     for blocks in (1, 2):
         torch.manual_seed(0)
-        model = module.task.auto_class.from_config(with_blocks(config, blocks), dtype=dtype)
+        model = task.auto_class.from_config(with_blocks(config, blocks), dtype=dtype)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = 0
-        model = _probe_policy(module.policy, blocks).apply(model.train(), module.task)
-        batch = probe_batch(module.task, config, 1, seq_len, target_len)
-        nbytes, _ = saved_activation_bytes(model, lambda m=model, b=batch: module.task.forward(m, b))
+        model = _probe_policy(module.policy, blocks).apply(model.train(), task)
+        batch = probe_batch(task, config, 1, seq_len, target_len)  # (masked-LM labels included)
+        nbytes, _ = saved_activation_bytes(model, lambda m=model, b=batch: task.forward(m, b))
         measured.append(nbytes)
     per_block = max(measured[1] - measured[0], 0)
     outside = max(measured[0] - per_block, 0)

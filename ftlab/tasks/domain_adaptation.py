@@ -34,6 +34,7 @@ class DomainAdaptation(CausalLM):
             raise ConfigError(f"model.task.mlm_probability={mlm_probability} must be in (0, 1), e.g. 0.15")
         self.objective = objective
         self.mlm_probability = mlm_probability
+        self._tokenizer = None
         self._masker = None
         self._eval_masker = None
 
@@ -57,14 +58,18 @@ class DomainAdaptation(CausalLM):
                               "ftlab.data.LanguageModelingData with data.text_column set")
 
     def model_kwargs(self, data) -> dict:
-        if self.objective == "mlm":
-            from transformers import DataCollatorForLanguageModeling
-
-            if data.tokenizer.mask_token is None:
-                raise ConfigError(f"model.task.objective=mlm: tokenizer {data.tokenizer_name!r} has no mask token")
-            self._masker = DataCollatorForLanguageModeling(data.tokenizer, mlm_probability=self.mlm_probability)
-            self._special = torch.tensor(sorted(data.tokenizer.all_special_ids))
+        self._tokenizer = data.tokenizer
         return {}
+
+    def _make_masker(self, seed: int | None = None):
+        from transformers import DataCollatorForLanguageModeling
+
+        if self._tokenizer.mask_token is None:
+            raise ConfigError(f"model.task.objective=mlm: tokenizer {self._tokenizer.name_or_path!r} has no mask token")
+        masker = DataCollatorForLanguageModeling(self._tokenizer, mlm_probability=self.mlm_probability, seed=seed)
+        if seed is not None:
+            masker.create_rng()
+        return masker
 
     def transform_batch(self, batch: dict, training: bool) -> dict:
         if self.objective != "mlm":
@@ -72,17 +77,17 @@ class DomainAdaptation(CausalLM):
         # Dynamic masking, drawn anew each epoch (RoBERTa). Training draws from the global RNG (checkpointed:
         # a resumed run masks as the uninterrupted one would); evaluation from a fixed seed, so that
         # every validation scores the same masks.
-        if not training and self._eval_masker is None:
-            from transformers import DataCollatorForLanguageModeling
-
-            self._eval_masker = DataCollatorForLanguageModeling(self._masker.tokenizer,
-                                                                mlm_probability=self.mlm_probability, seed=0)
-            self._eval_masker.create_rng()
-        masker = self._masker if training else self._eval_masker
+        if training:
+            self._masker = self._masker or self._make_masker()
+            masker = self._masker
+        else:
+            self._eval_masker = self._eval_masker or self._make_masker(seed=0)
+            masker = self._eval_masker
+        special_ids = torch.tensor(sorted(self._tokenizer.all_special_ids))
         batch = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
         if "attention_mask" not in batch:  # packed rows: only the collator's padding at the end is masked out
-            batch["attention_mask"] = (batch["input_ids"] != self._masker.tokenizer.pad_token_id).long()
-        special = torch.isin(batch["input_ids"], self._special)
+            batch["attention_mask"] = (batch["input_ids"] != self._tokenizer.pad_token_id).long()
+        special = torch.isin(batch["input_ids"], special_ids)
         batch["input_ids"], batch["labels"] = masker.torch_mask_tokens(batch["input_ids"].clone(), special)
         return batch
 
