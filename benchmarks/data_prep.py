@@ -3,6 +3,7 @@ same data, tokenizer and options must not tokenise again)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -13,7 +14,8 @@ from benchmarks.padding import CASES
 
 def main() -> None:
     for name, make in CASES.items():
-        cache = tempfile.mkdtemp(prefix="ftlab-bench-cache-")
+        # a fresh cache (or run_all's, empty at the start: padding.py reads it afterwards)
+        cache = os.environ.get("FTLAB_BENCH_CACHE") or tempfile.mkdtemp(prefix="ftlab-bench-cache-")
         first = make(cache)
         first.tokenizer  # noqa: B018 - load the tokenizer outside the timing
         t0 = time.perf_counter()

@@ -101,8 +101,8 @@ def state_per_rank(model: nn.Module, strategy: str, world: int, rank: int = 0,
 
 # ---- activations
 def saved_activation_bytes(model: nn.Module, fn) -> tuple[int, object]:
-    """Bytes of the tensors autograd saves for backward while `fn()` runs (each storage once, the
-    parameters not at all), and fn's result (which keeps them alive)."""
+    """Bytes of the tensors autograd saves for backward while `fn()` runs, and of the tensors fn returns
+    (each storage once, the parameters not at all); and fn's result (which keeps them alive)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -114,6 +114,12 @@ def saved_activation_bytes(model: nn.Module, fn) -> tuple[int, object]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    # the outputs live until the step ends too: an LM's logits (batch x length x vocab) are as large as
+    # several blocks' activations
+    values = out.values() if hasattr(out, "values") else [out]
+    for t in values:
+        if isinstance(t, torch.Tensor):
+            pack(t)
     return sum(seen.values()), out
 
 
