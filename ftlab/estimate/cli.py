@@ -93,14 +93,15 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     module, data = cli.model, cli.datamodule
     if getattr(data, "label_names", True) is None:
         data.label_names = ["0", "1"]  # the head's size only: the labels are read with the data
-    config = module.model_config(data)
     precision = str(trainer.get("precision") or "32-true")
     low = precision.startswith(("bf16-true", "16-true"))
     param_bytes = 2 if low or module.load_dtype in ("bfloat16", "float16") else 4
-    with torch.device("meta"):
-        skeleton = module.task.auto_class.from_config(config)
+    skeleton = module.skeleton(data)  # the model's structure on the meta device: no weights
+    config = skeleton.config
     model = module.policy.apply(skeleton, module.task)
-    ranks = [state_per_rank(model, strategy, world, r, param_bytes) for r in range(world)]
+    # the optimizer's own groups, as the policy makes them for the run (lr scale x weight decay)
+    groups = [sum(p.numel() for p in g["params"]) for g in module.policy.param_groups(model, 1.0, 0.0)]
+    ranks = [state_per_rank(model, groups, strategy, world, r, param_bytes) for r in range(world)]
     params, grads, optim = ranks[0]
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -63,19 +63,10 @@ def _fsdp_local(numel: int, shape: torch.Size, world: int, rank: int) -> int:
     return max(0, min(chunk, rows - rank * chunk)) * (numel // rows if rows else 0)
 
 
-def _no_decay_groups(model: nn.Module, trainable: list[tuple[str, nn.Parameter]]) -> list[int]:
-    """Element counts of the optimizer's parameter groups (decay / no decay), as `Policy.param_groups`."""
-    from ftlab.policies.base import _NO_DECAY
-
-    groups = [0, 0]
-    for name, p in trainable:
-        groups[bool(_NO_DECAY.search(name))] += p.numel()
-    return [g for g in groups if g]
-
-
-def state_per_rank(model: nn.Module, strategy: str, world: int, rank: int = 0,
+def state_per_rank(model: nn.Module, group_sizes: list[int], strategy: str, world: int, rank: int = 0,
                    param_bytes: int = 4, grad_bytes: int | None = None) -> tuple[TensorBytes, TensorBytes, TensorBytes]:
-    """(parameters, gradients, optimizer state) held by `rank` (rank 0 holds the most)."""
+    """(parameters, gradients, optimizer state) held by `rank` (rank 0 holds the most). `group_sizes`:
+    elements of each optimizer parameter group (ZeRO-1/2 pad each group's flat buffer on its own)."""
     grad_bytes = grad_bytes or param_bytes
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
@@ -90,7 +81,7 @@ def state_per_rank(model: nn.Module, strategy: str, world: int, rank: int = 0,
         grads = sum(math.ceil(p.numel() / world) for _, p in trainable)
         opt = ADAM_STATES * grads
     elif strategy in ("deepspeed_stage_1", "deepspeed_stage_2"):
-        partition = sum(math.ceil(g / (2 * world)) * 2 for g in _no_decay_groups(model, trainable))
+        partition = sum(math.ceil(g / (2 * world)) * 2 for g in group_sizes)
         params, opt = total, ADAM_STATES * partition
         grads = partition if strategy == "deepspeed_stage_2" else train
     else:  # ddp, single device
