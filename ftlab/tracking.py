@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import time
+from time import perf_counter
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from lightning.pytorch.cli import SaveConfigCallback
 
 from ftlab.data.collate import batch_counts
+from ftlab.estimate.throughput import ModelFlops
 
 RUN_ID_FILE = "wandb-run-id"
 
@@ -76,9 +77,18 @@ class TrainingMetrics(L.Callback):
     """Per optimizer step: learning rate of each parameter group, gradient norm, step time, and global
     samples/s and tokens/s (plus MFU where the device's peak FLOP/s is known)."""
 
-    def __init__(self, window: int = 20):
+    def __init__(self, window: int = 20, peak_flops: float | None = None):
+        """
+        Args:
+            window: Batches in the rolling window of the throughput and MFU figures.
+            peak_flops: Peak FLOP/s of one device for train/mfu, where Lightning's table does not know the
+                device (a GPU newer than the installed Lightning; CPUs). Default: Lightning's table (CUDA).
+        """
         self.window = window
+        self.peak_flops = peak_flops
         self._throughput: Throughput | None = None
+        self._flops: ModelFlops | None = None
+        self._epoch = 0
         self._t0 = self._last = 0.0
         self._samples = self._tokens = self._batches = 0
 
@@ -87,10 +97,23 @@ class TrainingMetrics(L.Callback):
         precision = str(trainer.precision)
         dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
         # peak FLOP/s is known for CUDA devices only (Lightning's table); elsewhere no MFU is logged
-        flops = get_available_flops(device, dtype) if device.type == "cuda" else None
+        flops = self.peak_flops or (get_available_flops(device, dtype) if device.type == "cuda" else None)
         self._throughput = Throughput(available_flops=flops, world_size=trainer.world_size, window_size=self.window)
-        self._t0 = self._last = time.perf_counter()
+        self._count_flops(trainer, pl_module)
+        self._t0 = self._last = perf_counter()
         self._samples = self._tokens = self._batches = 0
+
+    def _count_flops(self, trainer, pl_module) -> None:
+        # the totals recorded in configure_model, before a strategy sharded the parameters; a policy that
+        # unfreezes mid-run is recounted (DeepSpeed, whose ZeRO-3 placeholders would count 0, refuses those)
+        changes = getattr(getattr(pl_module, "policy", None), "changes_trainable_set", False)
+        self._flops = ModelFlops.of(pl_module.model, pl_module.total_params,
+                                    None if changes else pl_module.trainable_params)
+        self._epoch = trainer.current_epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch != self._epoch:  # gradual unfreezing changes what trains at an epoch start
+            self._count_flops(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -99,14 +122,16 @@ class TrainingMetrics(L.Callback):
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now = perf_counter()
         samples, tokens = batch_counts(batch)
         self._batches += 1
         self._samples += samples
         self._tokens += tokens
-        # FLOPs for MFU: the usual 6 x parameters x tokens of a training step (forward + backward)
+        # Throughput takes this rank's FLOPs since the last update (it sums the window itself). They count
+        # computed tokens, padding included, as MFU conventionally does: the device did that work. tokens/s
+        # counts real tokens only.
         self._throughput.update(time=now - self._t0, batches=self._batches, samples=self._samples,
-                                lengths=self._tokens, flops=6 * pl_module.total_params * self._tokens)
+                                lengths=self._tokens, flops=self._flops.batch(*batch["input_ids"].shape[:2]))
         step_time, self._last = now - self._last, now
         if trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
             return

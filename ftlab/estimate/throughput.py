@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 # Dense bf16 tensor-core peak (TFLOP/s) and memory (GiB) per GPU, from the vendors' data sheets.
 GPUS: dict[str, tuple[float, float]] = {
     "H200": (989.0, 141.0),
@@ -42,6 +44,46 @@ def flops_per_token(total_params: int, trainable_params: int, blocks: int, grad_
         return 3.0 * forward
     activation_grads = forward * (grad_blocks / max(blocks, 1))
     return forward + activation_grads + 2.0 * trainable_params
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """What `flops_per_token` needs, read from a real model with its policy applied: the training step's
+    FLOPs of any batch shape from one object (train/mfu)."""
+
+    total_params: int
+    trainable_params: int
+    blocks: int
+    grad_blocks: int
+    hidden: int
+    full: bool
+
+    @classmethod
+    def of(cls, model: nn.Module, total_params: int | None = None, trainable_params: int | None = None) -> ModelFlops:
+        """From `model` as it trains now. `total_params` / `trainable_params`: counts taken before a strategy
+        sharded the parameters (a ZeRO-3 rank holds empty placeholders); default: counted here."""
+        from ftlab.policies.layers import find_parts
+
+        parts = find_parts(model)
+        blocks = len(parts.blocks)
+        named = list(model.named_parameters())
+        total = total_params if total_params is not None else sum(p.numel() for _, p in named)
+        trainable = trainable_params if trainable_params is not None else \
+            sum(p.numel() for _, p in named if p.requires_grad)
+        # activation gradients run from the loss down to the lowest trainable parameter: depth 0 (embeddings)
+        # needs every block, depth i (block i-1) the blocks from there up, the head alone none
+        lowest = min((parts.depth(n) for n, p in named if p.requires_grad), default=blocks + 1)
+        config = getattr(model, "config", None)
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
+        return cls(total, trainable, blocks, min(blocks, blocks + 1 - lowest), hidden, trainable >= total)
+
+    def per_token(self, seq_len: int) -> float:
+        return flops_per_token(self.total_params, self.trainable_params, self.blocks, self.grad_blocks, self.hidden,
+                               seq_len, self.full)
+
+    def batch(self, rows: int, seq_len: int) -> float:
+        """FLOPs of one training step on rows x seq_len computed tokens (padding computes like any token)."""
+        return rows * seq_len * self.per_token(seq_len)
 
 
 def speed(flops: float, peak_tflops: float, mfu: float, devices: int, tokens_per_step: int,
