@@ -2,7 +2,8 @@
 # `apptainer build ftlab.sif docker-daemon://ftlab:latest`) and for `docker run --gpus all ftlab fit ...`.
 #   docker build -t ftlab .
 #   docker run --gpus all -v "$PWD:/work" -w /work ftlab fit --config configs/quickstart.yaml
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# the devel image: DeepSpeed compiles its ops (fused Adam, ZeRO-3 helpers) with nvcc at run time
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -13,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc g++ git \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc g++ git ninja-build \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

@@ -1,5 +1,5 @@
-"""The Dockerfile, checked as far as a machine without a Docker engine allows: hadolint, and every path it
-copies exists."""
+"""The Dockerfile, checked as far as a machine without a Docker engine allows: hadolint, every path it
+copies exists, and its base carries the CUDA compiler."""
 
 import re
 import shutil
@@ -20,3 +20,7 @@ def test_dockerfile_lints_clean_and_copies_existing_paths():
         for src in sources.split():
             assert (REPO / src).exists(), src
     assert 'ENTRYPOINT ["python", "-m", "ftlab"]' in text
+    # DeepSpeed builds its ops with nvcc (and ninja) at run time: a runtime image has neither
+    [base] = re.findall(r"^FROM (\S+)", text, flags=re.M)
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?devel-ubuntu[\d.]+", base), base
+    assert re.search(r"apt-get install .*\bninja-build\b", text), "ninja-build"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ftlab.errors import ConfigError
-from ftlab.slurm.job import SlurmJob
+from ftlab.slurm.job import MIN_LEAD_S, SlurmJob, checkpoint_lead
 from ftlab.slurm.script import DEFAULT_TEMPLATE, render
 
 FROZEN_CONFIG = "submitted-config.yaml"
@@ -38,14 +38,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
     p.add_argument("--job-name", help="job name (default: the run directory's name)")
     p.add_argument("--container", help="container: a .sif file (Apptainer) or an image name (pyxis/enroot)")
-    p.add_argument("--signal-lead", type=int, default=120,
-                   help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--signal-lead", type=int,
+                   help="seconds before the time limit at which the job checkpoints and requeues itself. Default: "
+                        "the time to write the checkpoint (fp32 weights + AdamW moments of the trainable ones, "
+                        "counted on a weightless model) at 0.5 GB/s per node, plus 60 s, at least 120 s. Sharded "
+                        "checkpoints (fsdp, deepspeed_stage_3) count every node writing in parallel; single files "
+                        "(ddp, fsdp state_dict_type full) and ZeRO-1/2 (rank 0 writes the weights) one node")
     p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",
                    help="any other sbatch option, as one #SBATCH line, e.g. --sbatch-arg=--exclusive")
     p.add_argument("--template", default=str(DEFAULT_TEMPLATE), help="batch script template")
     p.add_argument("--gpu-type", default="H100", type=str.upper,
                    help="GPU model of the nodes, for the memory estimate (default H100; see `ftlab estimate --help`)")
-    p.add_argument("--no-estimate", action="store_true", help="skip the memory estimate before submitting")
+    p.add_argument("--no-estimate", action="store_true",
+                   help="skip the memory estimate before submitting (the parameters are still counted for the "
+                        "default --signal-lead)")
     p.add_argument("--dry-run", action="store_true", help="check and print the script; queue nothing")
     p.add_argument("--no-cluster-check", action="store_true",
                    help="do not check the shape against this machine's cluster (sinfo): render for another one")
@@ -70,8 +76,9 @@ def prepare(args: argparse.Namespace, fit_overrides: list[str]) -> tuple[SlurmJo
         else job.check_cluster()
     if note:
         print(f"ftlab: note: {note}", file=sys.stderr)
-    if job.gpus_per_node and not args.no_estimate:
-        warn_if_it_does_not_fit(args, job, fit_args)
+    est = warn_if_it_does_not_fit(args, job, fit_args) if job.gpus_per_node and not args.no_estimate else None
+    if job.signal_lead is None:
+        choose_signal_lead(job, trainer, fit_args, est)
     workdir = os.getcwd()
     run_dir = os.path.join(workdir, trainer.get("default_root_dir") or "runs/default")
     python = "python" if job.container else sys.executable
@@ -80,16 +87,54 @@ def prepare(args: argparse.Namespace, fit_overrides: list[str]) -> tuple[SlurmJo
     return job, run_dir, frozen, script
 
 
-def warn_if_it_does_not_fit(args: argparse.Namespace, job: SlurmJob, fit_args: list[str]) -> None:
+def checkpoint_writers(strategy, nodes: int) -> int:
+    """Nodes that write a checkpoint in parallel: all of them for sharded checkpoints (FSDP's default, ZeRO-3),
+    else 1 (one file from rank 0; ZeRO-1/2, whose rank 0 writes all the weights, counted so too)."""
+    if isinstance(strategy, str):
+        return nodes if strategy == "fsdp" or strategy.startswith("deepspeed_stage_3") else 1
+    if isinstance(strategy, dict):
+        name = str(strategy.get("class_path", "")).rsplit(".", 1)[-1]
+        init = strategy.get("init_args") or {}
+        sharded = (name == "FSDP" and init.get("state_dict_type", "sharded") == "sharded"  # ftlab's
+                   or name == "FSDPStrategy" and init.get("state_dict_type") == "sharded"  # Lightning's: full
+                   or name == "ModelParallelStrategy" and init.get("save_distributed_checkpoint", True)
+                   or "DeepSpeed" in name and init.get("stage") == 3)
+        return nodes if sharded else 1
+    return 1
+
+
+def choose_signal_lead(job: SlurmJob, trainer: dict, fit_args: list[str], est: dict | None) -> None:
+    """USR1's lead from the size of the checkpoint the job writes (parameter counts from the memory estimate's
+    weightless model, or counted the same way); the 120 s minimum where they cannot be counted."""
+    from ftlab.estimate.cli import estimate
+    from ftlab.estimate.cli import parser as estimate_parser
+
+    if est is None:
+        try:
+            est = estimate(estimate_parser().parse_args(["--no-activations", "--devices", str(job.tasks_per_node),
+                                                         "--num-nodes", str(job.nodes)]), fit_args)
+        except ConfigError as err:
+            why = f"the minimum: the checkpoint size is unknown ({str(err)[:160]})"
+            job.signal_lead, job.signal_lead_why = MIN_LEAD_S, why
+            print(f"ftlab: warning: USR1 lead {MIN_LEAD_S} s, {job.signal_lead_why}; set --signal-lead for a large "
+                  "model", file=sys.stderr)
+            return
+    writers = checkpoint_writers(trainer.get("strategy", "auto"), job.nodes)
+    job.signal_lead, job.signal_lead_why = checkpoint_lead(est["total_params"], est["trainable_params"], writers)
+    job.check_signal_lead()
+    print(f"ftlab: USR1 lead {job.signal_lead} s: {job.signal_lead_why}", file=sys.stderr)
+
+
+def warn_if_it_does_not_fit(args: argparse.Namespace, job: SlurmJob, fit_args: list[str]) -> dict | None:
     """The memory estimate for the job's shape on its GPUs: a warning when it does not fit (the job may
-    still run, e.g. with a strategy option the estimate does not model)."""
+    still run, e.g. with a strategy option the estimate does not model). Returns the estimate."""
     from ftlab.estimate.cli import GPUS, GiB, estimate
     from ftlab.estimate.cli import parser as estimate_parser
 
     if args.gpu_type not in GPUS:
         print(f"ftlab: note: no memory estimate: --gpu-type {args.gpu_type!r} is not one of {', '.join(GPUS)}",
               file=sys.stderr)
-        return
+        return None
     est = estimate(estimate_parser().parse_args(["--gpu", args.gpu_type, "--devices", str(job.gpus_per_node),
                                                  "--num-nodes", str(job.nodes)]), fit_args)
     need = est["total_bytes"] / GiB
@@ -101,6 +146,7 @@ def warn_if_it_does_not_fit(args: argparse.Namespace, job: SlurmJob, fit_args: l
         print(f"ftlab: warning: the memory estimate does not fit: {line}; shard more (--trainer.strategy fsdp or "
               "deepspeed_stage_3), lower data.batch_size, or use --trainer.precision bf16-true "
               "(details: python -m ftlab estimate)", file=sys.stderr)
+    return est
 
 
 def main(argv: list[str]) -> None:

@@ -3,6 +3,7 @@ fit config it runs, and against the cluster's partitions (`sinfo`), all before a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,28 @@ def time_seconds(value: str) -> int:
     return (parts[0] * 60 + parts[1]) * 60 + parts[2]
 
 
+# USR1's lead by default: time to write the checkpoint, on a conservative shared file system, plus a margin
+WRITE_BYTES_PER_S_PER_NODE = 0.5e9
+LEAD_MARGIN_S = 60  # the step in progress, then the requeue
+MIN_LEAD_S = 120
+
+
+def checkpoint_lead(total_params: int, trainable_params: int, writers: int = 1) -> tuple[int, str]:
+    """Seconds of USR1 lead to write a checkpoint of this model, and why (one line). `writers`: nodes that
+    write it in parallel (a sharded checkpoint: every node; a single file: rank 0's node alone)."""
+    from types import SimpleNamespace
+
+    from ftlab.checkpoints import checkpoint_bytes
+
+    size = checkpoint_bytes(SimpleNamespace(total_params=total_params, trainable_params=trainable_params))
+    write = size / (WRITE_BYTES_PER_S_PER_NODE * writers)
+    lead = max(MIN_LEAD_S, math.ceil(write + LEAD_MARGIN_S))
+    why = (f"checkpoint ~{size / 1e9:.1f} GB (fp32 weights of {total_params:,} params + AdamW moments of "
+           f"{trainable_params:,} trainable) written by {writers} node(s) at {WRITE_BYTES_PER_S_PER_NODE / 1e9:g} "
+           f"GB/s each: {write:.0f} s + {LEAD_MARGIN_S} s margin, at least {MIN_LEAD_S} s")
+    return lead, why
+
+
 @dataclass
 class SlurmJob:
     """What `ftlab slurm submit` asks Slurm for."""
@@ -47,7 +70,8 @@ class SlurmJob:
     mem: str | None = None
     job_name: str | None = None
     container: str | None = None
-    signal_lead: int = 120  # seconds before the time limit at which USR1 asks for a checkpoint + requeue
+    signal_lead: int | None = None  # seconds before the time limit at which USR1 asks for a checkpoint + requeue
+    signal_lead_why: str | None = None  # how ftlab chose the lead (None: the user's --signal-lead)
     sbatch_args: list[str] = field(default_factory=list)
 
     @property
@@ -70,12 +94,20 @@ class SlurmJob:
         seconds = time_seconds(self.time)
         if seconds <= 0:
             raise ConfigError(f"--time {self.time!r}: give a positive time limit")
-        if not 0 < self.signal_lead < seconds:
-            raise ConfigError(f"--signal-lead {self.signal_lead}: the checkpoint signal must come after the start and "
-                              f"before the time limit ({seconds} s); give 0 < seconds < {seconds}")
+        if self.signal_lead is not None:
+            self.check_signal_lead()
         if self.container and self.container.endswith(".sif") and not os.path.isfile(self.container):
             raise ConfigError(f"--container {self.container!r}: no such Apptainer image; give an existing .sif file "
                               "or an image name for pyxis")
+
+    def check_signal_lead(self) -> None:
+        seconds = time_seconds(self.time)
+        if not 0 < self.signal_lead < seconds:
+            if self.signal_lead_why is None:
+                raise ConfigError(f"--signal-lead {self.signal_lead}: the checkpoint signal must come after the start "
+                                  f"and before the time limit ({seconds} s); give 0 < seconds < {seconds}")
+            raise ConfigError(f"--time {self.time}: the checkpoint needs a lead of {self.signal_lead} s before the "
+                              f"time limit ({self.signal_lead_why}); give a longer --time or set --signal-lead")
 
     def check_trainer(self, trainer: dict) -> None:
         """The shape against the fit config's trainer section (Slurm's allocation becomes the trainer's)."""

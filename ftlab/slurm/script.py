@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from ftlab.errors import ConfigError
-from ftlab.slurm.job import SlurmJob
+from ftlab.slurm.job import MIN_LEAD_S, SlurmJob
 
 # The templates are the repository's slurm/ folder: the project's own (in a clone or an editable install,
 # next to the package), else one in the working directory.
@@ -45,7 +45,7 @@ def directives(job: SlurmJob, run_dir: str) -> dict[str, str | bool | None]:
         "gpus-per-node": str(job.gpus_per_node) if job.gpus_per_node else None,
         "cpus-per-task": str(job.cpus_per_task),
         "time": job.time,
-        "signal": f"USR1@{job.signal_lead}",
+        "signal": f"USR1@{job.signal_lead or MIN_LEAD_S}",
         "requeue": True,
         "open-mode": "append",
         "output": f"{run_dir}/slurm-%j.out",
@@ -85,6 +85,8 @@ def render(template: str, job: SlurmJob, *, run_dir: str, workdir: str, fit_args
                     seen.add(key)
             for arg in job.sbatch_args:
                 out.insert(_last_directive(out) + 1, f"#SBATCH {_directive_value('sbatch-arg', arg)}")
+            out.append(f"# USR1 {job.signal_lead or MIN_LEAD_S} s before the time limit: "
+                       f"{' '.join((job.signal_lead_why or 'given with --signal-lead').split())}")
             out.append(f"FTLAB_ARGS=({' '.join(shlex.quote(a) for a in fit_args)})")
             out.append(f"PYTHON={shlex.quote(python)}")
             out.append(f"CONTAINER={shlex.quote(job.container or '')}")

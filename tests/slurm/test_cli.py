@@ -32,6 +32,7 @@ def test_render_fills_the_shape_and_quotes_every_value(tmp_path, tiny_bert, revi
                  "#SBATCH --time=10", "#SBATCH --signal=USR1@30", "#SBATCH --requeue"):
         assert line in script.splitlines()
     assert "--gpus-per-node" not in "".join(line for line in script.splitlines() if line.startswith("#SBATCH"))
+    assert "# USR1 30 s before the time limit: given with --signal-lead" in script.splitlines()
     args = settings(script)
     assert args[:2] == ["--config", f"{tmp_path}/{run}/submitted-config.yaml"]
     assert args[3] == str(tmp_path)
@@ -52,6 +53,56 @@ def test_render_for_a_gpu_cluster(tmp_path, tiny_bert, reviews_csv, capsys, monk
     assert "CONTAINER=nvcr.io/nvidia/pytorch:25.01-py3" in lines
 
 
+def test_srun_gets_the_cpus_per_task_of_the_job(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    """srun (Slurm >= 22.05) does not inherit sbatch's --cpus-per-task; the script hands it over through
+    SRUN_CPUS_PER_TASK, which bash sets from the job's SLURM_CPUS_PER_TASK before srun runs."""
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/cpus", tiny_bert, reviews_csv)
+    assert main(["slurm", "render", "--config", str(cfg), *SHAPE, "--cpus-per-task", "6", "--no-cluster-check"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --cpus-per-task=6" in script.splitlines()
+    head = script.split('"${SRUN[@]}"', 1)[0]  # everything before srun, without running srun
+    assert "SRUN_CPUS_PER_TASK" in head
+    for given, expected in (("6", "6"), (None, "unset")):
+        env = {"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_NTASKS_PER_NODE": "1", **({"SLURM_CPUS_PER_TASK": given} if given else {})}
+        out = subprocess.run(["bash", "-c", head + '\necho "${SRUN_CPUS_PER_TASK-unset}"'], capture_output=True,
+                             text=True, env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == expected
+
+
+def test_default_signal_lead_comes_from_the_checkpoint_size(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/lead", tiny_bert, reviews_csv)
+    shape = [a for a in SHAPE if a not in ("--signal-lead", "30")]
+    assert main(["slurm", "render", "--config", str(cfg), *shape, "--time", "60", "--no-cluster-check"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert "#SBATCH --signal=USR1@120" in lines  # a tiny model's checkpoint writes in well under the minimum
+    [why] = [line for line in lines if line.startswith("# USR1 120 s before the time limit: checkpoint ~0.0 GB")]
+    assert "at least 120 s" in why and "written by 1 node(s)" in why
+    assert "ftlab: USR1 lead 120 s: checkpoint ~0.0 GB" in out.err
+
+
+def test_checkpoint_lead_of_a_70b_model():
+    from ftlab.slurm.cli import checkpoint_writers
+    from ftlab.slurm.job import checkpoint_lead
+
+    n = 70_000_000_000
+    # full fine-tuning: 4 + 8 bytes per parameter = 840 GB; one writer at 0.5 GB/s: 1680 s + 60 s
+    assert checkpoint_lead(n, n, writers=1)[0] == 1740
+    # sharded over 8 nodes: 210 s + 60 s
+    assert checkpoint_lead(n, n, writers=8)[0] == 270
+    # LoRA (0.2% trainable): 280 GB + 1.12 GB = 562.24 s + 60 s
+    lead, why = checkpoint_lead(n, n // 500, writers=1)
+    assert lead == 623 and "~281.1 GB" in why
+    assert checkpoint_lead(1_000_000, 1_000_000)[0] == 120  # never below the minimum
+    assert checkpoint_writers("fsdp", 8) == 8 and checkpoint_writers("deepspeed_stage_3_offload", 8) == 8
+    assert checkpoint_writers("ddp", 8) == checkpoint_writers("deepspeed_stage_2", 8) == 1
+    assert checkpoint_writers({"class_path": "ftlab.strategies.FSDP", "init_args": {"state_dict_type": "full"}}, 8) == 1
+
+
 def test_dry_run_queues_and_writes_nothing(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = write_config(tmp_path / "x.yaml", "runs/dry", tiny_bert, reviews_csv)
@@ -70,6 +121,8 @@ BAD = {
     "bad time": ([], ["--gpus-per-node", "0", "--time", "two hours"], "'two hours' is not a Slurm time"),
     "signal after the limit": ([], ["--gpus-per-node", "0", "--time", "1", "--signal-lead", "120"], "--signal-lead 120"),
     "zero nodes": ([], ["--nodes", "0"], "--nodes 0"),
+    "time shorter than the checkpoint lead": ([], ["--gpus-per-node", "0", "--time", "1"],
+                                              "--time 1: the checkpoint needs a lead of 120 s"),
     "missing data path": (["--data.init_args.source", "/nonexistent/x.csv"], SHAPE, "'/nonexistent/x.csv' not found"),
     "missing model folder": (["--model.name_or_path", "/nonexistent/model"], SHAPE, "'/nonexistent/model'"),
     "missing apptainer image": ([], [*SHAPE, "--container", "/nonexistent/ftlab.sif"], "no such Apptainer image"),
