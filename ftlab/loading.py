@@ -8,6 +8,7 @@ a laptop CPU, 13 s more for its tokenizer). The dequantized copy is cached once 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -66,6 +67,56 @@ def resolve_pretrained(name_or_path: str, gguf_file: str | None = None, **kwargs
     if not os.path.isfile(os.path.join(path, extra["gguf_file"])):
         raise ConfigError(f"model.gguf_file={extra['gguf_file']!r}: no such file in {path}")
     return _gguf_folder(path, extra["gguf_file"], {k: v for k, v in kwargs.items() if k == "trust_remote_code"})
+
+
+# What from_pretrained reads besides the weights: model, generation and tokenizer configs and the weight
+# index (*.json), tokenizer vocabularies (sentencepiece *.model, WordPiece/BPE *.txt, *.tiktoken), chat templates
+_SIDE_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def download_pretrained(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                        trust_remote_code: bool = False) -> None:
+    """Fetch into the Hugging Face cache the files `from_pretrained` reads for a hub id: configs, tokenizer and
+    the weights (safetensors; PyTorch's *.bin only where a repository has no safetensors). One rank per node
+    calls it before the others load (FineTuneModule.prepare_data), so a node downloads multi-GB weights once.
+    A local folder or named offline model has nothing to fetch; a GGUF source is fetched and dequantized.
+
+    Args:
+        name_or_path: As `model.name_or_path`.
+        gguf_file: As `model.gguf_file`.
+        revision: Hub revision (branch, tag or commit).
+        trust_remote_code: Fetch the repository's model code (*.py) too.
+    """
+    path, extra = model_location(name_or_path, gguf_file)
+    if extra:  # the GGUF file downloads (hub) and dequantizes into ftlab's cache, where every rank finds it
+        resolve_pretrained(name_or_path, gguf_file, revision=revision, trust_remote_code=trust_remote_code)
+        return
+    if os.path.isdir(os.path.expanduser(path)):
+        return
+    from huggingface_hub import snapshot_download
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    from ftlab import __version__
+
+    def fetch(patterns: list[str]) -> str:
+        # top-level files only: subfolders hold other formats (onnx/, openvino/) or other checkpoints
+        return snapshot_download(path, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"],
+                                 library_name="ftlab", library_version=__version__)
+
+    try:
+        folder = fetch([*_SIDE_FILES, *(["*.py"] if trust_remote_code else []), SAFE_WEIGHTS_NAME])
+        if os.path.exists(os.path.join(folder, SAFE_WEIGHTS_NAME)):
+            return
+        for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):  # sharded: the shards its index names
+            if os.path.exists(os.path.join(folder, index)):
+                with open(os.path.join(folder, index)) as f:
+                    fetch(sorted(set(json.load(f)["weight_map"].values())))
+                return
+        fetch([WEIGHTS_NAME])
+    except OSError as err:  # huggingface_hub's HTTP and cache errors are OSErrors
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: the model files could not be downloaded "
+                          f"({str(err).splitlines()[0][:200]}); check the hub id, model.revision and the network, "
+                          "or give a local folder") from None
 
 
 def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kwargs):

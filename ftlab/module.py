@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
-from ftlab.loading import load_config, load_model
+from ftlab.loading import download_pretrained, load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.strategies import shard_model
@@ -160,6 +160,11 @@ class FineTuneModule(L.LightningModule):
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
         model.train()  # transformers returns models in eval mode (dropout off)
         return self.policy.apply(model, self.task)
+
+    def prepare_data(self) -> None:
+        """On local rank 0 of each node while the node's other ranks wait (Lightning): hub files download once
+        per node into the Hugging Face cache, where every rank's from_pretrained then finds them."""
+        download_pretrained(self.name_or_path, self.gguf_file, self.revision, self.trust_remote_code)
 
     def unsharded_model(self, state_dict: dict) -> torch.nn.Module:
         """A plain (unsharded) copy of the trained model from a full state dict, for export."""
