@@ -18,28 +18,42 @@ from ftlab.errors import ConfigError
 
 
 class RngState(L.Callback):
-    """Saves and restores the random number generators (dropout masks, sampling).
+    """Saves and restores the random number generators (dropout masks, sampling), per rank.
 
     Lightning checkpoints hold model, optimizer, scheduler and loop state, but not the RNGs: after a
     resume, dropout would draw different masks and the run would drift from the uninterrupted one.
-    The state saved is the one at save time; it is put back at the first training batch after the
-    restore, so that nothing run in between (sanity-check validation, model setup) shifts it.
+    Each rank's state is kept (ranks draw differently once their data differs; a GPU rank's CUDA
+    generator is its own device's): the states are gathered into the checkpoint, and each rank takes back
+    its own. A rank that did not exist when the checkpoint was written (a resume on more ranks) takes
+    rank 0's. The state is put back at the first training batch after the restore, so that nothing run
+    in between (sanity-check validation, model setup) shifts it.
     """
 
     def __init__(self):
         self._pending: dict | None = None
 
-    def state_dict(self) -> dict:
+    @staticmethod
+    def _local_state() -> dict:
         # plain tensors, lists and numbers only: checkpoints load with torch.load(weights_only=True)
         kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
         state = {
             "torch": torch.get_rng_state(),
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "python": [version, list(internal), gauss],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only
         return state
+
+    def state_dict(self) -> dict:
+        # called on every rank while a checkpoint is assembled (sharded saves need every rank there)
+        state = self._local_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)  # on the current device under NCCL
+            return {"per_rank": states}
+        return {"per_rank": [state]}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending = state
@@ -47,7 +61,8 @@ class RngState(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is not None:
             state, self._pending = self._pending, None
-            self._restore(state)
+            per_rank = state.get("per_rank", [state])  # older checkpoints: one state, rank 0's
+            self._restore(per_rank[trainer.global_rank] if trainer.global_rank < len(per_rank) else per_rank[0])
 
     @staticmethod
     def _restore(state: dict) -> None:
@@ -56,8 +71,68 @@ class RngState(L.Callback):
         random.setstate((version, tuple(internal), gauss))
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])  # the current device's
+
+
+class TrainingPosition(L.Callback):
+    """Keeps Lightning's loop counters in a checkpoint true to where training stands in the data, and refuses
+    a resume that would train nothing.
+
+    Why: the position within an epoch is the data module's (global batches of the epoch's order, the same
+    at any world size). Lightning's own counters disagree with it in two cases. (1) A run that stops at
+    `max_steps` mid-epoch saves its last checkpoint after Lightning has marked the epoch finished, so a
+    resume with a larger `max_steps` skipped the rest of the epoch (and with `max_epochs: 1` trained
+    nothing and exited 0). (2) Lightning counts batches per rank: resumed at another world size, its
+    count is translated to the new one, so that validation and accumulation keep their places.
+    A resume at max_steps / max_epochs is refused (Lightning would skip the fit and exit 0).
+    """
+
+    @staticmethod
+    def _position(trainer, checkpoint: dict) -> dict | None:
+        data = trainer.datamodule
+        return checkpoint.get(type(data).__qualname__) if data is not None else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        position = self._position(trainer, checkpoint)
+        if not position or position.get("epoch_finished", True):
+            return
+        loops = checkpoint["loops"]["fit_loop"]
+        for progress in loops["epoch_progress"].values():  # 'total' and 'current'
+            if progress["processed"] >= progress["started"]:  # marked finished: back to "mid-epoch"
+                progress["processed"] = progress["completed"] = progress["started"] - 1
+        loops["epoch_loop.batch_progress"]["is_last_batch"] = False
+        checkpoint["epoch"] = position["epoch"]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from ftlab.data.samplers import GroupedBatchSampler
+
+        if trainer.state.fn == "fit":
+            self._check_something_to_train(trainer, checkpoint)
+        position = self._position(trainer, checkpoint)
+        if not position or position.get("world_size", trainer.world_size) == trainer.world_size:
+            return
+        batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        count = GroupedBatchSampler.local_count(position["global_batches_done"], trainer.world_size)
+        shift = count - batches["current"]["processed"]
+        for key in ("ready", "started", "processed", "completed"):
+            batches["current"][key] += shift
+            batches["total"][key] += shift
+
+    @staticmethod
+    def _check_something_to_train(trainer, checkpoint: dict) -> None:
+        """Lightning skips a fit whose checkpoint is already at max_steps / max_epochs and exits as if it
+        had trained: say so instead."""
+        step = checkpoint.get("global_step", 0)
+        epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        if trainer.max_steps not in (None, -1) and step >= trainer.max_steps:
+            limit = f"trainer.max_steps={trainer.max_steps}"
+        elif trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
+            limit = f"trainer.max_epochs={trainer.max_epochs}"
+        else:
+            return
+        raise ConfigError(f"nothing to train: the checkpoint resumed is at step {step} after {epochs} finished "
+                          f"epoch(s), already at {limit}; raise it to train on, or start a new run without --ckpt_path")
 
 
 def checkpoint_bytes(pl_module) -> int:

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ftlab.callbacks import RunOutputs
-from ftlab.checkpoints import AtomicCheckpoint, RngState
+from ftlab.checkpoints import AtomicCheckpoint, RngState, TrainingPosition
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
 from ftlab.faults import StopLocalRanksOnError
@@ -68,7 +68,7 @@ class FtlabCLI(LightningCLI):
                 logger.dict_kwargs = extra
 
     def instantiate_trainer(self, **kwargs):
-        callbacks = [TrainingMetrics(), RngState(), StopLocalRanksOnError()]
+        callbacks = [TrainingMetrics(), RngState(), TrainingPosition(), StopLocalRanksOnError()]
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
         if in_slurm_job():

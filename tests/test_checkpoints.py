@@ -2,6 +2,7 @@
 masks, same losses, same final weights (fp32 on CPU)."""
 
 import csv
+import json
 import os
 import random
 import signal
@@ -115,3 +116,53 @@ def test_saves_are_atomic_and_crash_leftovers_are_never_resumed(tmp_path, tiny_b
     assert resumed.trainer.global_step == 2 * good  # resumed from the intact checkpoint
     names = sorted(p.name for p in ckpts.iterdir())
     assert "last.ckpt.partial" not in names and "epoch=0-step=10.ckpt" in names  # cleaned, and put back
+
+
+def test_accumulation_resumed_mid_epoch_equals_the_straight_run_bit_for_bit(tmp_path, tiny_bert, reviews_csv):
+    """accumulate_grad_batches 2, stopped at max_steps mid-epoch and resumed with a larger max_steps: the
+    same samples, steps and weights as the run never stopped (before the fix the resume trained nothing and
+    exited 0: Lightning had marked the stopped epoch finished). A resume at the limit says so."""
+    common = ["--trainer.accumulate_grad_batches=2", "--trainer.max_epochs=1", "--test_after_fit=false",
+              "--model.policy.dropout=0.2",  # dropout: the RNG state must come back too
+              # a learning rate that does not depend on max_steps, which differs between the runs
+              "--model.optim.schedule=constant", "--model.optim.warmup_ratio=0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(fit_args(straight, tiny_bert, reviews_csv, *common, "--trainer.max_steps=4", policy="Adapter"))
+    run_cli(fit_args(resumed, tiny_bert, reviews_csv, *common, "--trainer.max_steps=2", policy="Adapter"))
+    cli = run_cli(fit_args(resumed, tiny_bert, reviews_csv, *common, "--trainer.max_steps=4", "--ckpt_path=last",
+                           policy="Adapter"))
+    assert cli.trainer.global_step == 4  # 10 batches per epoch: 5 steps; stopped at 2 and 4, both mid-epoch
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (straight, resumed)]
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 4
+    assert summaries[0]["train_samples"] == summaries[1]["train_samples"] == 4 * 2 * 16
+    for name, tensor in weights(straight, "Adapter").items():
+        assert torch.equal(tensor, weights(resumed, "Adapter")[name]), name
+
+    out = run_ftlab(*fit_args(resumed, tiny_bert, reviews_csv, *common, "--trainer.max_steps=4", "--ckpt_path=last",
+                              policy="Adapter"))
+    assert out.returncode == 2 and "nothing to train" in out.stderr and "trainer.max_steps=4" in out.stderr, out.stderr[-2000:]
+
+
+def test_fsdp_checkpoint_of_two_ranks_continues_on_one_in_the_same_global_order(tmp_path, tiny_models, reviews_csv):
+    """2 ranks to step 3 (mid-epoch), then 1 rank with accumulation 2 (the same global batch): it trains
+    the remaining steps on the global batches the 2 ranks would have taken, so it ends where a 2-rank run
+    never stopped ends."""
+    model = tiny_models["llama"]
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    # the learning rate must not depend on max_steps, which only the stopped run sets
+    schedule = ["--model.optim.schedule=constant", "--model.optim.warmup_ratio=0", "--test_after_fit=false",
+                "--trainer.max_epochs=2"]
+    two = ["--trainer.strategy=fsdp", "--trainer.devices=2", *schedule]
+    out = run_ftlab(*fit_args(straight, model, reviews_csv, *two), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_ftlab(*fit_args(moved, model, reviews_csv, *two, "--trainer.max_steps=3"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (moved / "checkpoints" / "last.ckpt" / ".metadata").exists()  # sharded by 2 ranks
+    out = run_ftlab(*fit_args(moved, model, reviews_csv, "--trainer.strategy=fsdp", "--trainer.devices=1",
+                              "--trainer.accumulate_grad_batches=2", *schedule, "--ckpt_path=last"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, moved))
+    assert a["steps"] == b["steps"] == 10 and b["world_size"] == 1
+    assert a["train_samples"] == b["train_samples"] == 160 * 2  # every row of both epochs once, none twice
+    for name, tensor in weights(straight, "Full").items():
+        torch.testing.assert_close(weights(moved, "Full")[name], tensor, rtol=0, atol=2e-5)

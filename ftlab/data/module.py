@@ -15,7 +15,7 @@ from collections import Counter
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ftlab.data.collate import PadCollator
@@ -343,20 +343,33 @@ class TextDataModule(L.LightningDataModule):
             return ResumableLoader(ds.remove_columns("length"), owner=self, **kwargs)
         return DataLoader(ds.remove_columns("length"), **kwargs)
 
-    # ---- training position, checkpointed for exact mid-epoch resume
+    # ---- training position, checkpointed for exact mid-epoch resume at any world size
     def state_dict(self) -> dict:
         trainer = getattr(self, "trainer", None)
-        if self._train_sampler is None or trainer is None:
+        sampler = self._train_sampler
+        if sampler is None or trainer is None:
             return {}
-        # Lightning's count of batches trained on this epoch; the sampler has already handed out more
-        # (the fetcher prefetches).
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self._train_sampler.epoch, "batches_done": int(done)}
+        # Lightning's count of batches this rank trained this epoch (the sampler has already handed out more:
+        # the fetcher prefetches), as a position in the epoch's global order, which every world size shares
+        local = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        done = sampler.global_done(local)
+        return {"epoch": sampler.epoch, "global_batches_done": done, "epoch_finished": sampler.finished(local),
+                "batch_size": self.batch_size, "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        self._resume_at = (state["epoch"], state["batches_done"])
+        done = state.get("global_batches_done")
+        if done is None:  # written before positions were global: a count of one rank's batches
+            done = state["batches_done"] * self._rank()[0]
+        saved_batch = state.get("batch_size", self.batch_size)
+        if saved_batch != self.batch_size:
+            # the epoch's order is cut into batches of another size now: continue after the same number of rows
+            done = done * saved_batch // self.batch_size
+            rank_zero_warn(f"ftlab: data.batch_size changed from {saved_batch} to {self.batch_size} since the checkpoint: "
+                           f"this epoch continues after the same number of rows, in batches that differ from the "
+                           f"uninterrupted run's")
+        self._resume_at = (state["epoch"], done)
         if self._train_sampler is not None:
             self._train_sampler.resume(*self._resume_at)
 

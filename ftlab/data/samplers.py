@@ -46,11 +46,15 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.group_factor = group_factor
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, batches of it already trained on)
+        self._resume: tuple[int, int] | None = None  # (epoch, global batches of it already trained on)
+        # the epoch being iterated: global batches trained before it started, the global batch it ends at, and
+        # Lightning's count of this rank's batches at its start (a resumed count continues from the checkpoint's)
+        self._start = self._end = self._offset = 0
 
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Skip the first `batches_done` batches of `epoch` (a run resumed mid-epoch)."""
-        self._resume = (epoch, batches_done)
+    def resume(self, epoch: int, global_batches_done: int) -> None:
+        """Skip the first `global_batches_done` batches of `epoch`'s global order (a run resumed mid-epoch,
+        by any number of ranks: the position counts the batches of all ranks together)."""
+        self._resume = (epoch, global_batches_done)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of each epoch."""
@@ -62,7 +66,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
         # batch sampler itself: without this every epoch would replay the first epoch's order.
         return self
 
-    def _batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
+        """The epoch's batches for all ranks together, in training order: a function of (seed, epoch) and
+        the per-device batch size only, so the order is the same at every world size. Training: rank r of
+        W takes batches r, r + W, ... of it; a step of W ranks x A accumulated batches takes W x A of them."""
         n = len(self.lengths)
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True) if self.group_by_length else torch.arange(n)
@@ -80,23 +87,45 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if self.group_by_length:
             perm = torch.randperm(len(batches), generator=g).tolist()
             batches = [batches[i] for i in perm]
-        usable = len(batches) - len(batches) % self.num_replicas
-        return batches[:usable]
+        return batches
 
     def _eval_batches(self) -> int:
         per_rank = math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
         return per_rank * self.num_replicas
 
+    @staticmethod
+    def local_count(global_batches_done: int, num_replicas: int) -> int:
+        """Lightning's per-rank batch count that corresponds to a global position (what a resumed run's
+        loop counters are set to, so that validation and accumulation keep their places in the epoch)."""
+        return global_batches_done // num_replicas
+
+    def global_done(self, local_batches: int) -> int:
+        """Global batches of the current epoch trained once Lightning counts `local_batches` for this rank."""
+        return self._start + (local_batches - self._offset) * self.num_replicas
+
+    def finished(self, local_batches: int) -> bool:
+        """Whether the current epoch has no batch left at this world size."""
+        return self.global_done(local_batches) >= self._end
+
     def __iter__(self) -> Iterator[list[int]]:
-        skip = 0
+        batches = self.global_batches()
+        if not self.shuffle:
+            yield from batches[self.rank :: self.num_replicas]
+            return
+        self._start = self._offset = 0
         # Kept until the resumed epoch itself iterates: Lightning restores the position, creates an
         # iterator (still at the old epoch), and only then sets the epoch.
         if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
+            self._start = min(self._resume[1], len(batches))
+            self._offset = self.local_count(self._start, self.num_replicas)
             self._resume = None
-        yield from self._batches()[self.rank :: self.num_replicas][skip:]
+        rest = batches[self._start :]
+        usable = len(rest) - len(rest) % self.num_replicas  # every rank runs the same number of steps
+        self._end = self._start + usable
+        yield from rest[self.rank : usable : self.num_replicas]
 
     def __len__(self) -> int:
+        # the whole epoch at this world size (a resumed epoch ends early, when its batches run out)
         n_batches = math.ceil(len(self.lengths) / self.batch_size)
         if self.shuffle:
             return n_batches // self.num_replicas

@@ -41,16 +41,23 @@ class Preemption(L.Callback):
         self.requested = False
         self.preempted = False
         self._previous = None
+        self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self._previous = signal.signal(self.signum, self._on_signal)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last_step = trainer.global_step
+
     def _on_signal(self, signum, frame) -> None:
         self.requested = True  # nothing else here: a signal handler may run in the middle of anything
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.preempted or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        # only where an optimizer step just ended: mid-accumulation, the gradients gathered so far are in no
+        # checkpoint, and the resumed step would miss them
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if self.preempted or not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = trainer.checkpoint_callback.save_last_now(trainer)
         rank_zero_info(f"ftlab: requeue signal: saved {path} at step {trainer.global_step}; stopping to requeue")

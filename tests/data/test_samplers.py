@@ -50,3 +50,21 @@ def test_evaluation_keeps_every_row_once_and_equal_batch_counts_across_ranks():
         # the same number of forward passes on every rank (sharded strategies hang otherwise)
         assert len(shards[0]) == len(shards[1]) == len(samplers[0]) == len(samplers[1])
         assert all(0 < len(b) <= 10 for s in shards for b in s)
+
+
+def test_one_global_order_at_every_world_size_and_resume_across_sizes():
+    """Rank r of W takes global batches r, r + W, ...: interleaving the ranks' batches gives the 1-rank order.
+    A position of g global batches continues at batch g whatever the new world size."""
+    lens = lengths(400)
+    one = list(GroupedBatchSampler(lens, 10, seed=3))
+    two = [list(GroupedBatchSampler(lens, 10, seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert [b for pair in zip(*two) for b in pair] == one
+    resumed = GroupedBatchSampler(lens, 10, seed=3, num_replicas=1)
+    resumed.resume(0, 6)  # 3 batches on each of 2 ranks
+    assert list(resumed) == one[6:]
+    assert resumed.global_done(resumed.local_count(6, 1) + 2) == 8  # 2 more batches trained on 1 rank
+    wider = [GroupedBatchSampler(lens, 10, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for s in wider:
+        s.resume(0, 7)  # an odd position (from 1 rank): rank 0 continues at 7, rank 1 at 8
+    got = [list(s) for s in wider]
+    assert got[0][0] == one[7] and got[1][0] == one[8] and len(got[0]) == len(got[1]) == (40 - 7) // 2
