@@ -16,7 +16,7 @@ from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import download_pretrained, load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
-from ftlab.strategies import shard_model
+from ftlab.strategies import follow_trainable_change, shard_model
 from ftlab.tasks import SequenceClassification, Task
 
 # Lightning notes that the module's batch hook is used although a datamodule is passed: that is the intent
@@ -77,8 +77,9 @@ class FineTuneModule(L.LightningModule):
             trust_remote_code: Run model code shipped in the model repository. Off by default: it executes
                 arbitrary Python; turn on only for repositories you trust.
             revision: Hub revision (branch, tag or commit) to load.
-            dtype: Weight dtype to load (e.g. bfloat16); default float32. Mixed precision is
-                `trainer.precision`.
+            dtype: Weight dtype to load (e.g. bfloat16). Default: float32, or the dtype of a `*-true`
+                `trainer.precision` (bf16-true loads bfloat16). Never the checkpoint's own dtype: a bf16
+                checkpoint under `bf16-mixed` keeps fp32 master weights and optimizer state.
             skip_nonfinite_steps: Steps whose loss is NaN or infinite that may be skipped (no update) before
                 the run stops; 0 stops at the first. A stop names the step and batch and keeps the last
                 good checkpoint.
@@ -120,9 +121,17 @@ class FineTuneModule(L.LightningModule):
         kwargs = {"trust_remote_code": self.trust_remote_code, **self.config_overrides, **self.task.model_kwargs(data)}
         if self.revision:
             kwargs["revision"] = self.revision
-        if self.load_dtype:
-            kwargs["dtype"] = getattr(torch, self.load_dtype)
+        kwargs["dtype"] = self.weight_dtype()
         return kwargs
+
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the weights load in: `model.dtype` if set, else what `trainer.precision` trains in
+        (transformers would otherwise pick the checkpoint's own: bf16 weights with no fp32 master copy)."""
+        if self.load_dtype:
+            return getattr(torch, self.load_dtype)
+        trainer = getattr(self, "_trainer", None)
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
     def model_config(self, data):
         """The model's config (cheap: no weights); the task settles its config-dependent choices on it."""
@@ -203,8 +212,9 @@ class FineTuneModule(L.LightningModule):
         outputs = self(batch)
         loss = self.task.loss(outputs, batch)
         bad = not bool(torch.isfinite(loss.detach()).item())
-        if self.trainer.world_size > 1:  # every rank skips or stops together, or the collectives desync
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        # every rank skips or stops together, or the collectives desync (Lightning makes the vote's tensor on
+        # the rank's device, as NCCL needs)
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -260,10 +270,35 @@ class FineTuneModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         changed = self.policy.on_epoch_start(self.model, self.current_epoch)
         if changed:
+            follow_trainable_change(self.trainer.strategy)
             rank_zero_info(f"ftlab: epoch {self.current_epoch}: unfroze {len(changed)} more parameter tensors")
 
     # ---- optimizer
+    def _grad_scaler(self):
+        """The fp16 loss scaler of `16-mixed`, if any (bf16 needs none)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def configure_optimizers(self):
         groups = self.policy.param_groups(self.model, self.optim.lr, self.optim.weight_decay)
-        optimizer, scheduler = self.optim.build(groups, int(self.trainer.estimated_stepping_batches))
+        scaled = self._grad_scaler() is not None
+        if scaled and self.optim.fused and self.trainer.gradient_clip_val:
+            raise ConfigError("model.optim.fused=true with trainer.precision=16-mixed and gradient_clip_val: a fused "
+                              "AdamW unscales fp16 gradients inside its step, after clipping would run; leave "
+                              "optim.fused unset (ftlab then uses the foreach kernel under 16-mixed)")
+        # Under 16-mixed Lightning unscales the gradients before clipping and the gradient-norm log only for
+        # optimizers that do not unscale inside their step, as the fused AdamW does: use the foreach one there.
+        optimizer, scheduler = self.optim.build(groups, int(self.trainer.estimated_stepping_batches),
+                                                allow_fused=not scaled)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, except that bf16-mixed may clip a fused AdamW's gradients: Lightning's
+        mixed-precision plugin refuses that for both 16-mixed and bf16-mixed, though only fp16's loss scaler
+        (which a fused AdamW undoes inside its step) makes clipping first wrong."""
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -48,11 +48,14 @@ class Optim:
         if self.weight_decay < 0:
             raise ConfigError(f"model.optim.weight_decay={self.weight_decay} must be >= 0")
 
-    def build(self, param_groups: list[dict], total_steps: int):
+    def build(self, param_groups: list[dict], total_steps: int, allow_fused: bool = True):
+        """AdamW over the groups and its schedule; `allow_fused=False` picks the unfused kernel when
+        `fused` is left unset (16-mixed: see FineTuneModule.configure_optimizers)."""
         groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
         fused = self.fused
         if fused is None:
-            fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"])
+            fused = allow_fused and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                                        for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=fused or None)
         warmup = int(self.warmup_ratio * total_steps)
         scheduler = _SCHEDULES[self.schedule](optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))

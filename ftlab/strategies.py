@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
@@ -96,6 +96,16 @@ class FSDP(ModelParallelStrategy):
         return init_device_mesh(self.root_device.type, (self.replicate_size, world // self.replicate_size),
                                 mesh_dim_names=("replicate", "shard"))
 
+    def mixed_precision_policy(self):
+        """FSDP2's precision from `trainer.precision`. `bf16-mixed`: the sharded parameters (what AdamW
+        updates, and its state) stay fp32, the gathered ones are bf16 for forward and backward, gradients are
+        reduced in fp32. `*-true`: parameters load in that dtype and everything stays in it."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if str(self.precision_plugin.precision) == "bf16-mixed":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
     def shard_module(self, model: nn.Module) -> nn.Module:
         """Apply fully_shard to each transformer block, then to the root (called from configure_model)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -118,6 +128,7 @@ class FSDP(ModelParallelStrategy):
             "mesh": self._mesh(),
             "reshard_after_forward": self.sharding != "grad-op",
             "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
+            "mp_policy": self.mixed_precision_policy(),
         }
         for module in model.modules():
             if isinstance(module, parts.block_class):
@@ -174,6 +185,10 @@ class DeepSpeed(DeepSpeedStrategy):
             # ftlab builds its own (fused) AdamW; DeepSpeed would otherwise refuse a client optimizer
             # with offload ("ZeRO-Offload with a client provided optimizer").
             self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+        if first and str(self.precision_plugin.precision).endswith("-mixed"):
+            # DeepSpeed's mixed precision: bf16/fp16 module, fp32 master weights and optimizer state in its
+            # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
+            self.config.setdefault("communication_data_type", "fp32")
 
 
 def set_collective_timeout(strategy, seconds: int | None) -> None:
@@ -228,7 +243,8 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
         if not isinstance(strategy, DeepSpeedStrategy):
             raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: resume it with the same "
                               f"deepspeed_stage_* strategy, {fix}")
-        saved = len([f for f in os.listdir(os.path.join(path, "checkpoint")) if f.endswith("_model_states.pt")])
+        # one optimizer-state file per rank at every stage (ZeRO-1/2 write one model-state file in all)
+        saved = len([f for f in os.listdir(os.path.join(path, "checkpoint")) if f.endswith("_optim_states.pt")])
         if saved != world_size:
             raise ConfigError(f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has {world_size}; "
                               f"ZeRO checkpoints resume at the same world size only: use {saved} devices, {fix}")
@@ -263,6 +279,21 @@ def resolve_strategy(strategy):
     return strategy
 
 
+def follow_trainable_change(strategy) -> None:
+    """Called after parameters started training mid-run (gradual unfreezing). DDP registers its gradient
+    all-reduce only for the parameters that required grad when it wrapped the model: newly unfrozen ones
+    would train on each rank's own gradients and the replicas drift apart. So DDP wraps the model again.
+    FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is refused up front (check_combination)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
+        return
+    old = strategy.model
+    old.reducer._remove_autograd_hooks()  # its hooks would still all-reduce into the old buckets
+    strategy.model = old.module
+    strategy.configure_ddp()
+
+
 def shard_model(strategy, model: nn.Module) -> nn.Module:
     """Let the strategy shard the freshly built model, if it is a sharding strategy."""
     shard = getattr(strategy, "shard_module", None)
@@ -275,21 +306,86 @@ def _local_numel(t) -> int:
     return t.to_local().numel() if hasattr(t, "to_local") else t.numel()
 
 
-def sharding_stats(trainer, model: nn.Module) -> dict[str, list[int]]:
-    """Per-rank element counts of parameters and optimizer state (collective: every rank calls it)."""
+def _replicated(model: nn.Module) -> bool:
+    """Whether every rank holds every parameter whole (DDP, ZeRO-1/2), so that all copies must be equal."""
+    return not any(hasattr(p, "ds_tensor") or hasattr(p, "to_local") for p in model.parameters())
+
+
+def sharding_stats(trainer, model: nn.Module) -> dict:
+    """Per-rank element counts of parameters and optimizer state, and, where ranks hold replicas of the
+    model, whether the replicas are still equal (collective: every rank calls it)."""
     params = sum(_local_numel(p) for p in model.parameters())
     state = 0
     for optimizer in trainer.optimizers:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
         for per_param in optimizer.state.values():
             state += sum(_local_numel(v) for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0)
-    counts = torch.tensor([params, state], dtype=torch.long)
-    if trainer.world_size > 1:
-        gathered = trainer.strategy.all_gather(counts)
-        rows = gathered.view(-1, 2).tolist()
-    else:
-        rows = [counts.tolist()]
-    return {"param_numel_per_rank": [r[0] for r in rows], "optimizer_state_numel_per_rank": [r[1] for r in rows]}
+    device = trainer.strategy.root_device  # NCCL: no CPU tensors
+    # a fingerprint of this rank's replica: any drift between ranks (a gradient never all-reduced) shows
+    fingerprint = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = _replicated(model)
+    if replicated:
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                for chunk in p.detach().reshape(-1).split(1 << 24):  # bounded temporaries for huge embeddings
+                    chunk = chunk.double()
+                    fingerprint += (i + 1) * (chunk.sum() + chunk.square().sum())
+    row = torch.stack([torch.tensor(params, dtype=torch.float64, device=device),
+                       torch.tensor(state, dtype=torch.float64, device=device), fingerprint])
+    rows = trainer.strategy.all_gather(row).view(-1, 3).tolist()  # as is without a process group
+    stats = {"param_numel_per_rank": [int(r[0]) for r in rows], "optimizer_state_numel_per_rank": [int(r[1]) for r in rows]}
+    if replicated and len(rows) > 1:
+        stats["replicas_in_sync"] = len({r[2] for r in rows}) == 1
+        if not stats["replicas_in_sync"]:
+            rank_zero_warn("ftlab: the ranks' copies of the model differ at the end of training: some gradients were "
+                           "not averaged across ranks (please report this with your config)")
+    return stats
+
+
+def _dtype_name(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def reduce_dtype(strategy, model: nn.Module) -> str | None:
+    """The dtype gradients are averaged across ranks in."""
+    if isinstance(strategy, ModelParallelStrategy):
+        mp = strategy.mixed_precision_policy() if isinstance(strategy, FSDP) else None
+        if mp is not None and mp.reduce_dtype is not None:
+            return _dtype_name(torch.empty(0, dtype=mp.reduce_dtype))
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.deepspeed_engine is not None:
+        return _dtype_name(torch.empty(0, dtype=strategy.deepspeed_engine.communication_data_type))
+    # DDP (and FSDP without a reduce dtype) reduce in the gradients' own dtype, the parameters'
+    param = next((p for p in model.parameters() if p.requires_grad), None)
+    return _dtype_name(param) if param is not None else None
+
+
+def grads_dtype(trainer, optimizer) -> str | None:
+    """The dtype of the gradients the optimizer is about to step on (call before the step)."""
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    if engine is not None:  # ZeRO keeps them in its own buffers, in the dtype it accumulates them in
+        return _dtype_name(torch.empty(0, dtype=engine.get_data_types()[1]))
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return _dtype_name(grads[0]) if grads else None
+
+
+def precision_report(trainer, model: nn.Module, optimizer, grads: str | None) -> dict[str, str]:
+    """The dtypes a run actually trains in: the model's trainable parameters as stored, the parameters the
+    optimizer updates (DeepSpeed: its fp32 master copy), their gradients (`grads`, from `grads_dtype`), the
+    optimizer state, and the dtype gradients are reduced in across ranks. Call after an optimizer step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
+    # ZeRO-3 hands the torch optimizer its fp32 partitions only during the step
+    stepped = [p for g in inner.param_groups for p in g["params"]] or list(
+        getattr(optimizer, "fp32_partitioned_groups_flat", []))
+    state = [v for per in inner.state.values() for v in per.values() if torch.is_tensor(v) and v.dim() > 0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    report = {
+        "params": _dtype_name(trainable[0]) if trainable else None,
+        "master_params": _dtype_name(stepped[0]) if stepped else None,
+        "grads": grads,
+        "optimizer_state": _dtype_name(state[0]) if state else None,
+        "reduce": reduce_dtype(trainer.strategy, model) if torch.distributed.is_initialized() else None,
+    }
+    return {k: v for k, v in report.items() if v is not None}
 
 
 def full_state_dict(trainer, model: nn.Module) -> dict | None:

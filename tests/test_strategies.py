@@ -209,11 +209,65 @@ def test_fsdp_options_train_exactly_like_ddp(tmp_path_factory, tiny_models, revi
     assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
 
 
+# What bf16-mixed keeps in fp32 under each sharded strategy. FSDP2: fp32 shards (what AdamW updates), bf16
+# gathered for compute, gradients reduced in fp32. DeepSpeed: a bf16 module with fp32 master weights and
+# optimizer state in its optimizer, gradients accumulated in bf16 and reduced in fp32.
+MIXED = {"fsdp": {"params": "float32", "master_params": "float32", "grads": "float32", "optimizer_state": "float32",
+                  "reduce": "float32"},
+         "deepspeed_stage_2": {"params": "bfloat16", "master_params": "float32", "grads": "bfloat16",
+                               "optimizer_state": "float32", "reduce": "float32"}}
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
 def test_bf16_mixed_precision_under_sharding(tmp_path_factory, tiny_models, reviews_csv, strategy):
     ddp = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "ddp", "Full")
     run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, strategy, "Full",
                           "--trainer.precision=bf16-mixed")
     assert run["summary"]["precision"] == "bf16-mixed"
+    assert run["summary"]["dtypes"] == MIXED[strategy]
     diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
     assert len(diffs) == 10 and max(diffs) <= 2e-2 and max(diffs) > 0  # bf16 rounding, not another run
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("fsdp", {"params": "bfloat16", "master_params": "bfloat16", "grads": "bfloat16", "optimizer_state": "bfloat16",
+              "reduce": "bfloat16"}),
+    # DeepSpeed has no pure bf16: its bf16 mode always keeps fp32 master weights
+    ("deepspeed_stage_3", {"params": "bfloat16", "master_params": "float32", "grads": "bfloat16",
+                           "optimizer_state": "float32", "reduce": "bfloat16"}),
+])
+def test_bf16_true_under_sharding_with_clipping(tmp_path_factory, tiny_models, reviews_csv, strategy, expected):
+    run = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, strategy, "Full",
+                          "--trainer.precision=bf16-true", "--trainer.gradient_clip_val=0.5")
+    assert run["summary"]["dtypes"] == expected
+    assert len(run["losses"]) == 10 and run["summary"]["steps"] == 10
+
+
+def test_zero2_resumes_on_the_same_ranks_and_continues(tmp_path_factory, tiny_models, reviews_csv):
+    """ZeRO-1/2 write one model-state file and one optimizer file per rank: a resume counted the model
+    files and refused every ZeRO-1/2 checkpoint ("written by 1 DeepSpeed ranks"), so every requeue died."""
+    first = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "deepspeed_stage_2", "Adapter")
+    run = first["dir"]
+    args = fit_args(run, tiny_models["llama"], reviews_csv, "--trainer.strategy=deepspeed_stage_2",
+                    "--trainer.devices=2", "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=false",
+                    "--model.policy.dropout=0", policy="Adapter")
+    out = run_ftlab(*args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 15 and summary["train_samples"] == 3 * 160  # 2 epochs before, 1 more now
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradual_unfreezing_trains_the_unfrozen_blocks_on_every_rank(tmp_path_factory, tiny_models, reviews_csv,
+                                                                     strategy):
+    """DDP all-reduces only the parameters that trained when it wrapped the model: blocks unfrozen later
+    trained on each rank's own gradients and the replicas drifted apart (34 of 105 tensors). FSDP2 re-reads
+    requires_grad at every unshard: it must train exactly as DDP does."""
+    unfreeze = ("--trainer.max_epochs=3", "--model.policy.unfreeze_every=1")
+    ddp = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "ddp", "Freeze", *unfreeze)
+    assert ddp["summary"]["replicas_in_sync"] is True  # every parameter equal across the ranks
+    assert ddp["summary"]["trainable_params"] < ddp["summary"]["total_params"]
+    if strategy == "fsdp":
+        run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "fsdp", "Freeze", *unfreeze)
+        assert len(run["losses"]) == len(ddp["losses"]) == 15
+        assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5

@@ -17,7 +17,7 @@ from ftlab.data.collate import batch_counts
 from ftlab.errors import ConfigError
 from ftlab.export import export_model
 from ftlab.slurm.preemption import was_preempted
-from ftlab.strategies import full_state_dict, sharding_stats
+from ftlab.strategies import full_state_dict, grads_dtype, precision_report, sharding_stats
 
 
 def peak_memory_mb() -> float:
@@ -47,18 +47,23 @@ class RunOutputs(L.Callback):
         """
         self.export = export
         self.merge_adapter = merge_adapter
-        self.train_tokens = 0
+        self.train_tokens = 0  # this rank's, since this process started
         self.train_samples = 0
+        self._restored = (0, 0)  # all ranks' (tokens, samples) before the checkpoint this run resumed from
+        self._trainer = None
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
         self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
         self.val_history: list[dict] = []  # each validation of the fit: step, wall time, metrics
+        self.dtypes: dict[str, str] = {}  # what the run trains in, read off the first optimizer step
+        self._grads_dtype: str | None = None
 
     @staticmethod
     def run_dir(trainer: L.Trainer) -> str:
         return trainer.default_root_dir
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
         root = self.run_dir(trainer)
         try:
             os.makedirs(root, exist_ok=True)
@@ -73,29 +78,43 @@ class RunOutputs(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.dtypes and self._grads_dtype is None:
+            self._grads_dtype = grads_dtype(trainer, optimizer) or "none"
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         samples, tokens = batch_counts(batch)
         self.train_samples += samples
         self.train_tokens += tokens
+        if not self.dtypes and self._grads_dtype is not None:  # the first optimizer step has run
+            self.dtypes = precision_report(trainer, pl_module.model, trainer.optimizers[0], self._grads_dtype)
+            pure = " (bf16-true: no fp32 copy of the weights)" if self.dtypes.get("master_params") == "bfloat16" else ""
+            rank_zero_info(f"ftlab: {trainer.precision} trains in: " + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in self.dtypes.items()) + pure)
 
     def _elapsed(self) -> float:
         return self.wall_time_s + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
 
     def state_dict(self) -> dict:
-        return {"train_tokens": self.train_tokens, "train_samples": self.train_samples, "wall_time_s": self._elapsed(),
+        # called on every rank while a checkpoint is assembled: the counts saved are the global ones, so that
+        # a resume at any world size goes on from them (rank 0's file alone is kept)
+        tokens, samples = self._global_counts(self._trainer) if self._trainer is not None else (0, 0)
+        return {"train_tokens": tokens, "train_samples": samples, "wall_time_s": self._elapsed(),
                 "best": self.best, "val_history": self.val_history}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.train_tokens = state_dict.get("train_tokens", 0)
-        self.train_samples = state_dict.get("train_samples", 0)
+        self._restored = (state_dict.get("train_tokens", 0), state_dict.get("train_samples", 0))
+        self.train_tokens = self.train_samples = 0
         self.wall_time_s = state_dict.get("wall_time_s", 0.0)
         self.best = tuple(state_dict["best"]) if state_dict.get("best") else None
         self.val_history = list(state_dict.get("val_history", []))
 
     def _global_counts(self, trainer) -> tuple[int, int]:
-        counts = torch.tensor([self.train_tokens, self.train_samples], dtype=torch.long)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum") if trainer.world_size > 1 else counts
-        return int(counts[0]), int(counts[1])
+        """Tokens and samples trained by all ranks, the resumed checkpoint's included (collective)."""
+        # on the rank's device: NCCL has no CPU tensors (gloo takes both)
+        counts = torch.tensor([self.train_tokens, self.train_samples], dtype=torch.long, device=trainer.strategy.root_device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")  # a no-op without a process group
+        return int(counts[0]) + self._restored[0], int(counts[1]) + self._restored[1]
 
     def _write(self, trainer, pl_module, extra: dict) -> None:
         path = os.path.join(self.run_dir(trainer), "summary.json")
@@ -145,6 +164,7 @@ class RunOutputs(L.Callback):
                 "wall_time_s": round(wall, 2),
                 "train_samples_per_s": round(samples / wall, 2) if wall else None,
                 "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
+                "dtypes": self.dtypes,
                 **stats,
             }
             if self.best:

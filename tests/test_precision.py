@@ -1,0 +1,55 @@
+"""What each precision trains in, read off the run (summary.json `dtypes`), with gradient clipping on:
+`*-mixed` keeps fp32 weights, gradients, optimizer state and gradient reduction even for a checkpoint stored
+in bf16; `bf16-true` is bf16 throughout, on purpose. Single device here; DDP and the sharded strategies in
+tests/test_strategies.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ftlab.cli import run_cli
+from tests.conftest import TINY, _tokenizer, fit_args, run_ftlab
+
+FP32 = {"params": "float32", "master_params": "float32", "grads": "float32", "optimizer_state": "float32"}
+BF16 = {k: "bfloat16" for k in FP32}
+
+
+@pytest.fixture(scope="session")
+def bf16_llama(tmp_path_factory) -> Path:
+    """A tiny Llama stored in bf16, as Llama/Qwen/Mistral checkpoints are (config dtype bfloat16)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bf16-llama")
+    tok = _tokenizer(folder)
+    spec = dict(TINY["llama"])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id, **spec)
+    AutoModel.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text()).get("dtype") == "bfloat16"
+    return folder
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16-mixed", FP32), ("bf16-true", BF16), ("32-true", FP32)])
+def test_each_precision_trains_with_clipping_in_the_dtypes_it_promises(tmp_path, bf16_llama, reviews_csv, precision,
+                                                                        expected):
+    # Lightning's mixed-precision plugin refused gradient clipping with the fused AdamW at the first step
+    cli = run_cli(fit_args(tmp_path, bf16_llama, reviews_csv, f"--trainer.precision={precision}",
+                           "--trainer.gradient_clip_val=0.5", "--trainer.max_steps=3", "--test_after_fit=false"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dtypes"] == expected
+    assert cli.model.optim.fused is None and cli.trainer.optimizers[0].defaults["fused"]  # the fused kernel ran
+
+
+@pytest.mark.parametrize("precision,expected", [("bf16-mixed", {**FP32, "reduce": "float32"}),
+                                                ("bf16-true", {**BF16, "reduce": "bfloat16"})])
+def test_ddp_precision_and_reduce_dtype(tmp_path, bf16_llama, reviews_csv, precision, expected):
+    out = run_ftlab(*fit_args(tmp_path, bf16_llama, reviews_csv, "--trainer.strategy=ddp", "--trainer.devices=2",
+                              f"--trainer.precision={precision}", "--trainer.gradient_clip_val=0.5",
+                              "--trainer.max_steps=3", "--test_after_fit=false"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dtypes"] == expected and summary["replicas_in_sync"]
+    assert f"{precision} trains in: params {expected['params']}" in out.stderr
+
