@@ -14,19 +14,22 @@ Strategy names follow Lightning's registry. Where ftlab gives a name its own mea
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import timedelta
-from typing import Literal
 
 import torch
-from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
-from ftlab.policies.layers import find_parts
+from ftlab.strategies import ddp, deepspeed, fsdp
+from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
+from ftlab.strategies.fsdp import FSDP
+
+__all__ = ["FSDP", "DeepSpeed", "check_combination", "check_resume", "checkpoint_kind", "follow_trainable_change",
+           "full_state_dict", "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
+           "shard_model", "sharding_stats", "split_cpu_threads"]
 
 
 def split_cpu_threads(trainer) -> None:
@@ -42,153 +45,6 @@ def split_cpu_threads(trainer) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     rank_zero_info(f"ftlab: {local_ranks} CPU ranks on this host: {threads} thread(s) each (OMP_NUM_THREADS)")
-
-
-class FSDP(ModelParallelStrategy):
-    """Fully sharded data parallel (FSDP2): parameters, gradients and optimizer state split across ranks."""
-
-    def __init__(
-        self,
-        sharding: Literal["full", "grad-op", "hybrid"] = "full",
-        replicate_size: int | None = None,
-        activation_checkpointing: bool = False,
-        cpu_offload: bool = False,
-        state_dict_type: Literal["sharded", "full"] = "sharded",
-    ):
-        """
-        Args:
-            sharding: `full` (ZeRO-3 like: parameters re-sharded after forward), `grad-op` (ZeRO-2 like:
-                parameters stay gathered between forward and backward), `hybrid` (shard within groups of
-                `replicate_size`... see below, replicate across them).
-            replicate_size: For `hybrid`: number of replicas (e.g. the number of nodes); each replica
-                shards over world_size / replicate_size ranks.
-            activation_checkpointing: Recompute each block's activations in backward (less memory).
-            cpu_offload: Keep sharded parameters and optimizer state in CPU memory (GPU runs).
-            state_dict_type: Checkpoints as one folder of per-rank shards (`sharded`, fast, resumable at
-                the same world size) or one full file gathered on rank 0 (`full`, loadable anywhere).
-        """
-        if sharding == "hybrid" and not replicate_size:
-            raise ConfigError("trainer.strategy.sharding=hybrid needs replicate_size (e.g. the number of nodes)")
-        if replicate_size is not None and replicate_size < 1:
-            raise ConfigError(f"trainer.strategy.replicate_size={replicate_size} must be >= 1")
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=state_dict_type == "sharded")
-        self.sharding = sharding
-        self.replicate_size = replicate_size
-        self.activation_checkpointing = activation_checkpointing
-        self.cpu_offload = cpu_offload
-        self.state_dict_type = state_dict_type
-
-    def setup_environment(self) -> None:
-        # Pure data parallelism over every rank ("auto" in Lightning means one group per node).
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        super().setup_environment()
-
-    def _mesh(self):
-        if self.sharding != "hybrid":
-            return self.device_mesh["data_parallel"]
-        from torch.distributed.device_mesh import init_device_mesh
-
-        world = self.world_size
-        if world % self.replicate_size:
-            raise ConfigError(f"trainer.strategy.replicate_size={self.replicate_size} must divide the world size {world}")
-        # An explicit 2-D mesh: FSDP1's HYBRID_SHARD without one silently degraded to no sharding at all.
-        return init_device_mesh(self.root_device.type, (self.replicate_size, world // self.replicate_size),
-                                mesh_dim_names=("replicate", "shard"))
-
-    def mixed_precision_policy(self):
-        """FSDP2's precision from `trainer.precision`. `bf16-mixed`: the sharded parameters (what AdamW
-        updates, and its state) stay fp32, the gathered ones are bf16 for forward and backward, gradients are
-        reduced in fp32. `*-true`: parameters load in that dtype and everything stays in it."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        if str(self.precision_plugin.precision) == "bf16-mixed":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()
-
-    def shard_module(self, model: nn.Module) -> nn.Module:
-        """Apply fully_shard to each transformer block, then to the root (called from configure_model)."""
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-        parts = find_parts(model)
-        if parts.block_class is None:
-            raise ConfigError("fsdp: no list of transformer blocks was found in this model to shard by; "
-                              "use strategy ddp or deepspeed_stage_2")
-        if self.activation_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", True):
-                raise ConfigError("fsdp activation_checkpointing: this model does not support gradient checkpointing")
-            base = getattr(model, "get_base_model", lambda: model)()
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        offload = self.cpu_offload and self.root_device.type != "cpu"
-        if self.cpu_offload and not offload:
-            # the same config must run on a laptop: on CPU ranks the parameters already live in host
-            # memory (and torch's offload policy needs an accelerator)
-            rank_zero_info("ftlab: fsdp cpu_offload has no effect on CPU ranks; ignored")
-        kwargs = {
-            "mesh": self._mesh(),
-            "reshard_after_forward": self.sharding != "grad-op",
-            "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
-            "mp_policy": self.mixed_precision_policy(),
-        }
-        for module in model.modules():
-            if isinstance(module, parts.block_class):
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
-        return model
-
-
-class DeepSpeed(DeepSpeedStrategy):
-    """DeepSpeed ZeRO (stages 1-3, optional offload), on GPUs as Lightning runs it and on CPU with gloo.
-
-    Takes every option of Lightning's DeepSpeedStrategy (`stage`, `offload_optimizer`, bucket sizes, a
-    user's own ds_config JSON as `config`...).
-    """
-
-    def _on_cpu(self) -> bool:
-        return isinstance(self.accelerator, CPUAccelerator)
-
-    @property
-    def root_device(self) -> torch.device:
-        # DeepSpeed takes the device index as the rank's device (`device_rank`); a CPU device has none,
-        # and Lightning passes None, which deepspeed.initialize rejects. `cpu:<local rank>` is a valid
-        # torch device that places tensors on the CPU as usual.
-        device = super().root_device
-        return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
-
-    def setup_environment(self) -> None:
-        if self._on_cpu():
-            DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses anything but CUDA here
-        else:
-            super().setup_environment()
-
-    def setup_distributed(self) -> None:
-        if not self._on_cpu():
-            return super().setup_distributed()
-        # as Lightning's, minus the CUDA device-index check that CPU devices cannot pass
-        from lightning.fabric.utilities.seed import reset_seed
-
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
-
-    @contextlib.contextmanager
-    def model_sharded_context(self):
-        # No deepspeed.zero.Init: transformers' from_pretrained would load the pretrained weights into
-        # empty partitioned placeholders. The full weights load on each rank, and ZeRO-3 partitions them
-        # in deepspeed.initialize.
-        yield
-
-    def _init_config_if_needed(self) -> None:
-        first = not self._config_initialized
-        super()._init_config_if_needed()
-        if first and self.config.get("zero_optimization", {}).get("offload_optimizer"):
-            # ftlab builds its own (fused) AdamW; DeepSpeed would otherwise refuse a client optimizer
-            # with offload ("ZeRO-Offload with a client provided optimizer").
-            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
-        if first and str(self.precision_plugin.precision).endswith("-mixed"):
-            # DeepSpeed's mixed precision: bf16/fp16 module, fp32 master weights and optimizer state in its
-            # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
-            self.config.setdefault("communication_data_type", "fp32")
 
 
 def set_collective_timeout(strategy, seconds: int | None) -> None:
@@ -253,18 +109,17 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
                           f"resume with ddp or fsdp, {fix}")
 
 
-_DEEPSPEED_NAMES = {
-    "deepspeed_stage_1": {"stage": 1},
-    "deepspeed_stage_2": {"stage": 2},
-    "deepspeed_stage_2_offload": {"stage": 2, "offload_optimizer": True},
-    "deepspeed_stage_3": {"stage": 3},
-    "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
-}
-
-
 def resolve_strategy(strategy):
     """Strategy names whose meaning ftlab sets (see the module docstring) -> strategy objects; anything
     else goes to Lightning unchanged."""
+    if isinstance(strategy, str) and "." in strategy:  # a class path given as a plain string, no options
+        import importlib
+
+        module, _, name = strategy.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)()
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"trainer.strategy={strategy!r}: no such strategy class ({err})") from None
     if isinstance(strategy, str):
         from lightning.pytorch.strategies import StrategyRegistry
 
@@ -280,18 +135,10 @@ def resolve_strategy(strategy):
 
 
 def follow_trainable_change(strategy) -> None:
-    """Called after parameters started training mid-run (gradual unfreezing). DDP registers its gradient
-    all-reduce only for the parameters that required grad when it wrapped the model: newly unfrozen ones
-    would train on each rank's own gradients and the replicas drift apart. So DDP wraps the model again.
-    FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is refused up front (check_combination)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):
-        return
-    old = strategy.model
-    old.reducer._remove_autograd_hooks()  # its hooks would still all-reduce into the old buckets
-    strategy.model = old.module
-    strategy.configure_ddp()
+    """Called after parameters started training mid-run (gradual unfreezing): DDP must wrap the model again
+    (see ddp.rewrap_after_trainable_change). FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is
+    refused up front (check_combination)."""
+    ddp.rewrap_after_trainable_change(strategy)
 
 
 def shard_model(strategy, model: nn.Module) -> nn.Module:
@@ -392,15 +239,7 @@ def full_state_dict(trainer, model: nn.Module) -> dict | None:
     """The whole model's state dict on rank 0 (None elsewhere) when the strategy shards parameters;
     None everywhere when every rank already holds the full model. Collective under sharding."""
     if isinstance(trainer.strategy, ModelParallelStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if trainer.is_global_zero else None
-    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            if trainer.is_global_zero:
-                return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-        return None
+        return fsdp.full_state_dict(trainer, model)
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        return deepspeed.full_state_dict(trainer, model)
     return None

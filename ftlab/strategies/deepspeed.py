@@ -1,0 +1,87 @@
+"""DeepSpeed ZeRO (stages 1-3, optional offload) through Lightning's DeepSpeedStrategy, on GPUs as Lightning
+runs it and on CPU with gloo: everything ftlab knows about it, from the named presets to gathering the
+model back."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from torch import nn
+
+_DEEPSPEED_NAMES = {
+    "deepspeed_stage_1": {"stage": 1},
+    "deepspeed_stage_2": {"stage": 2},
+    "deepspeed_stage_2_offload": {"stage": 2, "offload_optimizer": True},
+    "deepspeed_stage_3": {"stage": 3},
+    "deepspeed_stage_3_offload": {"stage": 3, "offload_optimizer": True, "offload_parameters": True},
+}
+
+
+class DeepSpeed(DeepSpeedStrategy):
+    """DeepSpeed ZeRO (stages 1-3, optional offload), on GPUs as Lightning runs it and on CPU with gloo.
+
+    Takes every option of Lightning's DeepSpeedStrategy (`stage`, `offload_optimizer`, bucket sizes, a
+    user's own ds_config JSON as `config`...).
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @property
+    def root_device(self) -> torch.device:
+        # DeepSpeed takes the device index as the rank's device (`device_rank`); a CPU device has none,
+        # and Lightning passes None, which deepspeed.initialize rejects. `cpu:<local rank>` is a valid
+        # torch device that places tensors on the CPU as usual.
+        device = super().root_device
+        return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
+
+    def setup_environment(self) -> None:
+        if self._on_cpu():
+            DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses anything but CUDA here
+        else:
+            super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            return super().setup_distributed()
+        # as Lightning's, minus the CUDA device-index check that CPU devices cannot pass
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextlib.contextmanager
+    def model_sharded_context(self):
+        # No deepspeed.zero.Init: transformers' from_pretrained would load the pretrained weights into
+        # empty partitioned placeholders. The full weights load on each rank, and ZeRO-3 partitions them
+        # in deepspeed.initialize.
+        yield
+
+    def _init_config_if_needed(self) -> None:
+        first = not self._config_initialized
+        super()._init_config_if_needed()
+        if first and self.config.get("zero_optimization", {}).get("offload_optimizer"):
+            # ftlab builds its own (fused) AdamW; DeepSpeed would otherwise refuse a client optimizer
+            # with offload ("ZeRO-Offload with a client provided optimizer").
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+        if first and str(self.precision_plugin.precision).endswith("-mixed"):
+            # DeepSpeed's mixed precision: bf16/fp16 module, fp32 master weights and optimizer state in its
+            # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
+            self.config.setdefault("communication_data_type", "fp32")
+
+
+def full_state_dict(trainer, model: nn.Module) -> dict | None:
+    """The whole model's state dict on rank 0 (None elsewhere) under ZeRO-3; None under ZeRO-1/2, where every
+    rank holds the whole model. Collective."""
+    if not trainer.strategy.zero_stage_3:
+        return None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if trainer.is_global_zero:
+            return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+    return None
