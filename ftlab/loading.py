@@ -135,3 +135,64 @@ def load_config(name_or_path: str, gguf_file: str | None = None, **kwargs):
 
     path, extra = model_location(name_or_path, gguf_file)
     return AutoConfig.from_pretrained(path, **extra, **kwargs)
+
+
+class PretrainedWeights:
+    """The tensors of a pretrained model's safetensors files, read one at a time and by dim-0 rows: files are
+    memory-mapped, so a rank that keeps a shard of a tensor reads only that shard's rows.
+
+    Names: the checkpoint may be saved with or without the task model's backbone prefix (a `BertModel`
+    saved bare, loaded into `BertForSequenceClassification` whose names start with `bert.`), as
+    `from_pretrained` allows; `key()` maps a model name to the checkpoint's."""
+
+    def __init__(self, folder: str, prefix: str = ""):
+        from safetensors import safe_open
+
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            single = os.path.join(folder, "model.safetensors")
+            with safe_open(single, "pt") as f:
+                files = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        self.files = files
+        self.prefix = prefix + "." if prefix else ""
+        self._open: dict = {}
+
+    @classmethod
+    def find(cls, name_or_path: str, gguf_file: str | None, revision: str | None, prefix: str) -> PretrainedWeights | None:
+        """The weights `from_pretrained` would read for `name_or_path`, if they are safetensors (a GGUF source's
+        cached dequantized folder is); None for other formats."""
+        folder = resolve_pretrained(name_or_path, gguf_file, revision=revision)
+        if not os.path.isdir(folder):  # a hub id: prepare_data has fetched it into the hub cache
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = snapshot_download(folder, revision=revision, local_files_only=True)
+            except OSError:
+                return None
+        if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+            return None
+        return cls(folder, prefix)
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's name for the model's parameter `name`, or None if the checkpoint lacks it."""
+        for key in (name, name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else None,
+                    self.prefix + name if self.prefix else None):
+            if key and key in self.files:
+                return key
+        return None
+
+    def read(self, key: str, start: int = 0, stop: int | None = None):
+        """Rows [start, stop) of a tensor (the whole tensor by default), as stored."""
+        from safetensors import safe_open
+
+        path = self.files[key]
+        if path not in self._open:
+            self._open[path] = safe_open(path, "pt")
+        sliced = self._open[path].get_slice(key)
+        shape = sliced.get_shape()
+        if not shape:  # a scalar
+            return self._open[path].get_tensor(key)
+        return sliced[start: shape[0] if stop is None else stop]

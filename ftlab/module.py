@@ -16,7 +16,7 @@ from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import download_pretrained, load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
-from ftlab.strategies import follow_trainable_change, shard_model
+from ftlab.strategies import build_sharded, follow_trainable_change
 from ftlab.tasks import SequenceClassification, Task
 
 # Lightning notes that the module's batch hook is used although a datamodule is passed: that is the intent
@@ -164,6 +164,21 @@ class FineTuneModule(L.LightningModule):
         """The pretrained model with the policy applied (not sharded)."""
         self.model_config(data)
         model = load_model(self.task.auto_class, self.name_or_path, self.gguf_file, **self._load_kwargs(data))
+        return self.finish_model(model, data)
+
+    def empty_model(self, data) -> torch.nn.Module:
+        """The model as `build_model` loads it, before the policy, but on the meta device (no weights), in the
+        dtype it trains in: for strategies that give each rank its own shard of the weights."""
+        config = self.model_config(data)
+        kwargs = self._load_kwargs(data)
+        for key, value in kwargs.items():  # what from_pretrained would set on the config (num_labels...)
+            if key not in ("trust_remote_code", "revision", "dtype"):
+                setattr(config, key, value)
+        with torch.device("meta"):
+            return self.task.auto_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=self.trust_remote_code)
+
+    def finish_model(self, model: torch.nn.Module, data) -> torch.nn.Module:
+        """A freshly built model made ready to train: padding id, train mode, the policy applied."""
         tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
@@ -175,22 +190,22 @@ class FineTuneModule(L.LightningModule):
         per node into the Hugging Face cache, where every rank's from_pretrained then finds them."""
         download_pretrained(self.name_or_path, self.gguf_file, self.revision, self.trust_remote_code)
 
-    def unsharded_model(self, state_dict: dict) -> torch.nn.Module:
-        """A plain (unsharded) copy of the trained model from a full state dict, for export."""
-        model = self.build_model(self.trainer.datamodule)
-        model.load_state_dict(state_dict)
-        return model
-
-    def configure_model(self) -> None:
+    def setup(self, stage: str) -> None:
+        """Checks that need the data and the model's structure only, before configure_model (and outside the
+        strategy's sharded-init context, where even a weightless model would be partitioned)."""
         if self.model is not None:
             return
         data = self.trainer.datamodule
         self.task.check_data_type(data)
         self.task.check_data(data)
         self.policy.validate(self.skeleton(data), self.task)
-        model = self.build_model(data)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        data = self.trainer.datamodule
+        self.model = build_sharded(self.trainer.strategy, self, data)
         self.task.setup(self, data)
-        self.model = shard_model(self.trainer.strategy, model)
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
         self.trainable_params, self.total_params, names = summarize_trainable(self.model)

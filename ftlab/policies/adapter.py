@@ -151,6 +151,43 @@ class Adapter(Policy):
         except ValueError as err:  # peft's own checks (e.g. targets of a type it cannot adapt)
             raise ConfigError(f"policy: peft could not apply {self.method}: {err}") from None
 
+    def meta_init_blocker(self) -> str | None:
+        init = self.options.get("init_lora_weights", True)
+        if self.method != "lora" or self.options.get("use_dora"):
+            return f"peft method {self.method}: only LoRA adapters are initialised before the weights load"
+        if init not in (True, False, "gaussian"):
+            return f"init_lora_weights={init!r} computes the adapter from the loaded weights"
+        return None
+
+    def initial_values(self, model: nn.Module, names: list[str]) -> dict:
+        """LoRA matrices initialised by peft itself, on a host copy of each adapted layer's adapter part. The
+        matrices are made as peft makes them (nn.Linear, whose construction draws from the RNG too), layer by
+        layer in peft's order: from the same RNG state, the values peft gives a model loaded whole."""
+        import copy
+
+        from peft.tuners.lora import LoraLayer
+
+        wanted, values = set(names), {}
+        for prefix, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            twin = copy.deepcopy(layer)  # its base layer stays on the meta device: nothing is allocated for it
+            for adapter in twin.lora_A:
+                a, b = twin.lora_A[adapter], twin.lora_B[adapter]
+                twin.lora_A[adapter] = nn.Linear(a.in_features, a.out_features, bias=False, dtype=a.weight.dtype)
+                twin.lora_B[adapter] = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None,
+                                                 dtype=b.weight.dtype)
+                twin.reset_lora_parameters(adapter, self.options.get("init_lora_weights", True))
+            for name, p in twin.named_parameters():
+                if f"{prefix}.{name}" in wanted:
+                    values[f"{prefix}.{name}"] = p.detach()
+        return values
+
+    def copied_params(self, names: list[str]) -> dict[str, str]:
+        # peft trains a copy of each module to save (the task head) and keeps the original beside it
+        pattern = re.compile(r"\.modules_to_save\.[^.]+\.")
+        return {n: pattern.sub(".original_module.", n) for n in names if pattern.search(n)}
+
     def describe(self) -> dict:
         out = {"policy": self.name, "peft_method": self.method}
         if "r" in {f.name for f in dataclasses.fields(self._config_class)}:

@@ -63,6 +63,19 @@ class Policy(ABC):
         """Hook for schedules (gradual unfreezing); returns names of parameters that changed."""
         return []
 
+    def meta_init_blocker(self) -> str | None:
+        """Why the parameters `apply` creates cannot be initialised before the pretrained weights are loaded
+        (they are computed from them), or None. Sharded loading applies the policy to a weightless model."""
+        return None
+
+    def initial_values(self, model: nn.Module, names: list[str]) -> dict:
+        """Initial values (host tensors, whole) of the parameters `apply` created on a meta-device model."""
+        return {}
+
+    def copied_params(self, names: list[str]) -> dict[str, str]:
+        """Parameters `apply` created as copies of others (name -> the original's name)."""
+        return {}
+
     def describe(self) -> dict:
         """Fields logged to the run summary and trackers."""
         return {"policy": self.name}

@@ -23,13 +23,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
-from ftlab.strategies import ddp, deepspeed, fsdp
+from ftlab.strategies import ddp, fsdp
 from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
 from ftlab.strategies.fsdp import FSDP
 
 __all__ = ["FSDP", "DeepSpeed", "check_combination", "check_resume", "checkpoint_kind", "follow_trainable_change",
-           "full_state_dict", "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
-           "shard_model", "sharding_stats", "split_cpu_threads"]
+           "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
+           "build_sharded", "shard_model", "sharding_stats", "split_cpu_threads"]
 
 
 def split_cpu_threads(trainer) -> None:
@@ -141,6 +141,17 @@ def follow_trainable_change(strategy) -> None:
     ddp.rewrap_after_trainable_change(strategy)
 
 
+def build_sharded(strategy, module, data) -> nn.Module:
+    """The module's model, built, the policy applied and sharded as the strategy shards it. FSDP loads each
+    rank's shards straight from the checkpoint files; the others load the whole pretrained model on each
+    rank first (ZeRO-3 then partitions it in deepspeed.initialize)."""
+    if isinstance(strategy, FSDP):
+        model = fsdp.load_sharded(strategy, module, data)
+        if model is not None:
+            return model
+    return shard_model(strategy, module.build_model(data))
+
+
 def shard_model(strategy, model: nn.Module) -> nn.Module:
     """Let the strategy shard the freshly built model, if it is a sharding strategy."""
     shard = getattr(strategy, "shard_module", None)
@@ -233,13 +244,3 @@ def precision_report(trainer, model: nn.Module, optimizer, grads: str | None) ->
         "reduce": reduce_dtype(trainer.strategy, model) if torch.distributed.is_initialized() else None,
     }
     return {k: v for k, v in report.items() if v is not None}
-
-
-def full_state_dict(trainer, model: nn.Module) -> dict | None:
-    """The whole model's state dict on rank 0 (None elsewhere) when the strategy shards parameters;
-    None everywhere when every rank already holds the full model. Collective under sharding."""
-    if isinstance(trainer.strategy, ModelParallelStrategy):
-        return fsdp.full_state_dict(trainer, model)
-    if isinstance(trainer.strategy, DeepSpeedStrategy):
-        return deepspeed.full_state_dict(trainer, model)
-    return None

@@ -56,10 +56,21 @@ class DeepSpeed(DeepSpeedStrategy):
 
     @contextlib.contextmanager
     def model_sharded_context(self):
-        # No deepspeed.zero.Init: transformers' from_pretrained would load the pretrained weights into
-        # empty partitioned placeholders. The full weights load on each rank, and ZeRO-3 partitions them
-        # in deepspeed.initialize.
-        yield
+        """ZeRO-3: while the model is built, transformers' own DeepSpeed integration is on (an HfDeepSpeedConfig
+        alive): from_pretrained then creates every parameter partitioned (zero.Init) and loads the pretrained
+        tensors module by module into the partitions, so no rank holds the whole model. Without it, Lightning's
+        bare zero.Init would leave from_pretrained's weights in empty placeholders. ZeRO-1/2: whole weights."""
+        if not self.zero_stage_3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._init_config_if_needed()
+        hf_config = HfDeepSpeedConfig(self.config)  # noqa: F841 - transformers holds a weak reference to it
+        try:
+            yield
+        finally:
+            del hf_config  # later from_pretrained calls (an export) load whole models again
 
     def _init_config_if_needed(self) -> None:
         first = not self._config_initialized
@@ -74,14 +85,21 @@ class DeepSpeed(DeepSpeedStrategy):
             self.config.setdefault("communication_data_type", "fp32")
 
 
-def full_state_dict(trainer, model: nn.Module) -> dict | None:
-    """The whole model's state dict on rank 0 (None elsewhere) under ZeRO-3; None under ZeRO-1/2, where every
-    rank holds the whole model. Collective."""
-    if not trainer.strategy.zero_stage_3:
-        return None
+def iter_full_state(trainer, model: nn.Module, blocks=None):
+    """The model's full tensors, one block (default: one module's own parameters and buffers) at a time, in
+    state-dict order: yields (block, {state-dict name: full tensor in host memory}) on rank 0 and (block, None)
+    elsewhere. ZeRO-3: collective, each block's parameters gathered with GatheredParameters (never the whole
+    model at once), so every rank iterates to the end, in lockstep. ZeRO-1/2: each rank holds the whole
+    model; rank 0 copies its own, no collective."""
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        if trainer.is_global_zero:
-            return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-    return None
+    from ftlab.export import state_blocks
+
+    rank0 = trainer.is_global_zero
+    stage3 = bool(trainer.strategy.zero_stage_3)
+    for block in state_blocks(model) if blocks is None else blocks:
+        tensors = block.tensors()
+        params = [t for name, t in tensors.items() if name not in block.buffers]
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage3 and bool(params)):
+            state = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()} if rank0 else None
+        yield block, state

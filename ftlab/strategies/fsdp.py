@@ -103,13 +103,155 @@ class FSDP(ModelParallelStrategy):
         for module in model.modules():
             if isinstance(module, parts.block_class):
                 fully_shard(module, **kwargs)
+        for module in _embedding_units(model):
+            fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
         return model
 
 
-def full_state_dict(trainer, model: nn.Module) -> dict | None:
-    """The whole model's state dict on rank 0 (None elsewhere). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _embedding_units(model: nn.Module) -> list[nn.Module]:
+    """The input embeddings and the LM head as shard units of their own: left in the root unit they stay
+    gathered through forward and backward (2.1B parameters of a 70B Llama). Tied ones share a weight that
+    two units cannot both own: they stay in the root."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    inputs = get_in() if get_in else None
+    outputs = get_out() if get_out else None
+    if inputs is None or outputs is None:
+        return [m for m in (inputs, outputs) if isinstance(m, nn.Module)]
+    if any(a is b for a in inputs.parameters() for b in outputs.parameters()):
+        return []
+    return [inputs, outputs]
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if trainer.is_global_zero else None
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """The dim-0 rows of the full tensor that this rank's shard of `t` holds."""
+    if not hasattr(t, "to_local") or t.dim() == 0:
+        return 0, t.shape[0] if t.dim() else 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+def _materialize_on_host(model: nn.Module, names: list[str]) -> None:
+    """Give the named meta parameters and buffers real (uninitialised) host storage."""
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attr)
+        new = torch.empty_like(old, device="cpu")
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+
+
+def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
+    """The model with the policy applied, sharded, each rank holding only its shards from the start: built
+    on the meta device, sharded, then each rank reads its own rows of every pretrained tensor from the
+    memory-mapped safetensors files. No rank ever holds the whole model.
+
+    What the checkpoint lacks (a new task head, non-persistent buffers such as rotary frequencies) is
+    initialised on the host by transformers' own initialisation, and what the policy creates (LoRA
+    matrices) by the policy's, the same values on every rank. Returns None where this cannot be done
+    (no safetensors, checkpoint names that transformers would convert, a policy whose new weights are
+    computed from the loaded ones): the caller then loads whole weights on each rank, as other strategies do.
+    """
+    from ftlab.loading import PretrainedWeights
+    from ftlab.policies.layers import find_parts
+
+    def whole(reason: str) -> None:
+        rank_zero_info(f"ftlab: fsdp: every rank loads the whole pretrained model before sharding it ({reason})")
+
+    blocker = module.policy.meta_init_blocker()
+    if blocker:
+        return whole(blocker)
+    model = module.empty_model(data)
+    weights = PretrainedWeights.find(module.name_or_path, module.gguf_file, module.revision,
+                                     getattr(model, "base_model_prefix", ""))
+    if weights is None:
+        return whole("its weights are not in safetensors files")
+    parts = find_parts(model)
+    source = {n: weights.key(n) for n, _ in model.named_parameters()}
+    lacking = [n for n, key in source.items() if key is None]
+    if any(not parts.is_head(n) for n in lacking):
+        return whole(f"the checkpoint names its weights otherwise, e.g. it has no {next(n for n in lacking if not parts.is_head(n))}")
+    buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
+    # Initialised from the global RNG (seeded alike on every rank), drawing what from_pretrained and the
+    # policy would draw, in their order: the same values as when every rank loads the whole model.
+    _materialize_on_host(model, lacking + [n for n, key in buffers.items() if key is None])
+    for name, p in model.named_parameters():
+        if source[name] is not None:
+            p._is_hf_initialized = True  # transformers initialises only what is not marked
+    model.initialize_weights()
+    pretrained_ids = {id(p): source[n] for n, p in model.named_parameters() if source[n] is not None}
+    rng = torch.get_rng_state()
+    model = module.finish_model(model, data)  # the policy, on the meta model (peft draws values it then drops)
+    after = torch.get_rng_state()
+    created = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in pretrained_ids]
+    copies = module.policy.copied_params(created)
+    torch.set_rng_state(rng)  # the policy's draws again, kept this time
+    initial = module.policy.initial_values(model, [n for n in created if n not in copies])
+    torch.set_rng_state(after)
+    unknown = sorted(set(created) - set(initial) - set(copies))
+    if unknown:
+        raise RuntimeError(f"ftlab: fsdp: the policy created parameters it gives no initial values for: {unknown[:5]}")
+    from_checkpoint = {n: pretrained_ids[id(p)] for n, p in model.named_parameters() if id(p) in pretrained_ids}
+    from_checkpoint.update({n: key for n, key in buffers.items() if key is not None})
+
+    strategy.shard_module(model)
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    on_host = {n: _local(t).detach().clone() for n, t in tensors.items() if not t.is_meta}
+    model.to_empty(device=strategy.root_device)
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            local = _local(t)
+            start, stop = _rows(t)
+            name = copies.get(name, name)  # a copy starts as its original (sharded alike: the same rows)
+            if name in on_host:
+                value = on_host[name]
+            elif name in from_checkpoint:
+                value = weights.read(from_checkpoint[name], start, stop)
+            elif name in initial:
+                value = initial[name][start:stop] if t.dim() else initial[name]
+            else:
+                raise RuntimeError(f"ftlab: fsdp: {name} was neither loaded nor initialised")
+            local.copy_(value)
+    rank_zero_info(f"ftlab: fsdp: each rank read only its shards of the pretrained weights ({len(from_checkpoint)} "
+                   f"tensors; {len(lacking) + len(created)} new ones initialised)")
+    return model
+
+
+def iter_full_state(trainer, model: nn.Module, blocks=None):
+    """The model's full tensors, one block (default: one module's own parameters and buffers) at a time, in
+    state-dict order: yields (block, {state-dict name: full tensor in host memory}) on rank 0 and (block, None)
+    elsewhere. Collective (each parameter is all-gathered): every rank iterates to the end, in lockstep. A
+    rank holds one gathered parameter at a time on its device; rank 0 holds one block in host memory."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from ftlab.export import state_blocks
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # grad-op leaves parameters gathered after a forward (bf16-mixed: in bf16): export the fp32 shards
+            module.reshard()
+    rank0 = trainer.is_global_zero
+    for block in state_blocks(model) if blocks is None else blocks:
+        state = {}
+        with torch.no_grad():
+            for name, tensor in block.tensors().items():
+                if isinstance(tensor, DTensor):
+                    # shards offloaded to the host go to the device first: NCCL gathers device tensors only
+                    tensor = tensor.to(tensor.device_mesh.device_type).full_tensor()
+                if rank0:
+                    state[name] = tensor.detach().to("cpu", copy=True)
+        yield block, state if rank0 else None
