@@ -1,21 +1,128 @@
-"""Export a trained model in the standard Hugging Face format (safetensors + config + tokenizer).
+"""Export a trained model in the standard Hugging Face format (safetensors shards + config + tokenizer),
+streamed: the model is gathered one block (a module's own tensors) at a time and at most one shard is held
+in memory, so a model that fits only sharded across ranks exports too (no full state dict, no second model).
 
 Full/freeze runs: `export/` is a `from_pretrained` folder. Adapter runs: `export/adapter/` (peft's
-`save_pretrained`, loadable with `PeftModel.from_pretrained`) and `export/merged/` (adapter merged into the
-base weights: a plain transformers model).
+`save_pretrained` of the adapter weights, loadable with `PeftModel.from_pretrained`) and `export/merged/`
+(the adapter merged into the base weights layer by layer, as `merge_and_unload` merges: a plain
+transformers model).
+
+Where the tensors come from is a `Gather`: blocks in, (block, its full tensors on the writing rank's host)
+out. `trainer_gather` picks the strategy's (FSDP2 and ZeRO-3: collective, every rank iterates in lockstep;
+DDP, ZeRO-1/2, one device: rank 0's own copy), `DcpReader` reads an FSDP sharded checkpoint (only the
+model's entries) and `local_gather` a model in memory.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import torch
 from peft import PeftModel
 from torch import nn
 
 from ftlab.checkpoints import replace_path
+from ftlab.errors import ConfigError
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str, option: str = "max_shard_size") -> int:
+    """Bytes, from an int or a size as transformers takes it: "5GB", "500MB", "20KB" (decimal), "1GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        n = int(m.group(1)) * _UNITS[(m.group(2) or "").upper()] if m else 0
+    if n <= 0:
+        raise ConfigError(f"{option}={size!r} is not a size; give bytes (e.g. 500000000) or a size like '5GB' or '500MB'")
+    return n
+
+
+# ---- writing
+
+
+class ShardWriter:
+    """Writes tensors as they come into safetensors shards of at most `max_shard_size` bytes (a larger tensor
+    gets a shard of its own, as in transformers), holding one shard in memory. How many shards there will be
+    is known only at the end, so shards are written under temporary names and `close` gives them
+    transformers' names: `model.safetensors` when one shard holds everything, else
+    `model-0000i-of-0000N.safetensors` and `model.safetensors.index.json`."""
+
+    def __init__(self, folder: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+        """
+        Args:
+            folder: Where the files go (an existing, empty folder).
+            max_shard_size: Bytes per shard at most: an int or a size like "5GB", "500MB".
+        """
+        self.folder = folder
+        self.limit = parse_size(max_shard_size)
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names)
+        self._names: set[str] = set()
+        self.total_size = 0
+        self.total_parameters = 0
+
+    def add(self, name: str, tensor: torch.Tensor, parameter: bool = True) -> None:
+        """Queue one tensor (buffers: `parameter=False`, left out of the index's `total_parameters`)."""
+        if name in self._names:
+            raise ValueError(f"export: tensor {name!r} given twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._shard_bytes + size > self.limit:
+            self._flush()
+        self._names.add(name)
+        self._shard[name] = tensor.contiguous()
+        self._shard_bytes += size
+        self.total_size += size
+        self.total_parameters += tensor.numel() if parameter else 0
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.folder, f".shard-{len(self._written) + 1:05d}.safetensors.tmp")
+        save_file(self._shard, path, metadata={"format": "pt"})
+        self._written.append((path, list(self._shard)))
+        self._shard, self._shard_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, name the shards, write the index; returns the file names."""
+        if self._shard or not self._written:
+            self._flush()
+        count = len(self._written)
+        if count == 1:
+            os.replace(self._written[0][0], os.path.join(self.folder, "model.safetensors"))
+            return ["model.safetensors"]
+        weight_map = {}
+        for i, (path, names) in enumerate(self._written, 1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(path, os.path.join(self.folder, final))
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
+                 "weight_map": weight_map}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
+        return [*dict.fromkeys(weight_map.values()), "model.safetensors.index.json"]
+
+
+def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], folder: str,
+                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    """Write (name, tensor) pairs as they come into `folder` as (sharded) safetensors; see ShardWriter."""
+    writer = ShardWriter(folder, max_shard_size)
+    for name, tensor in items:
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def _atomic_dir(final: str):
@@ -25,10 +132,11 @@ def _atomic_dir(final: str):
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.tmp-")
 
 
-def _save(model: nn.Module, tokenizer, final: str) -> None:
+def _write_folder(final: str, fill: Callable[[str], None], tokenizer) -> None:
+    """`fill(tmp)` writes the folder's files; the tokenizer joins them; the folder appears at once."""
     tmp = _atomic_dir(final)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        fill(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         replace_path(tmp, final)
@@ -36,42 +144,396 @@ def _save(model: nn.Module, tokenizer, final: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_model(model: nn.Module, tokenizer, out_dir: str, merge_adapter: bool = True) -> dict[str, str]:
-    """Save `model` under `out_dir`; returns {kind: folder}."""
+# ---- blocks: what is gathered together (structure only: the same on every rank)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One gathering step: a module's own parameters and persistent buffers, or (`whole`) its subtree's."""
+
+    prefix: str  # the module's state-dict prefix ("" for the root, else ending in ".")
+    module: nn.Module
+    entries: tuple[tuple[str, nn.Module, str, bool], ...]  # (state-dict name, owning module, attribute, is a buffer)
+    whole: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+    @property
+    def buffers(self) -> set[str]:
+        return {e[0] for e in self.entries if e[3]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors, looked up now (FSDP2 swaps sharded and gathered parameters in and out)."""
+        return {name: (owner._buffers if is_buffer else owner._parameters)[attr]
+                for name, owner, attr, is_buffer in self.entries}
+
+
+def _own_entries(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, str, bool]]:
+    """A module's own state-dict entries, in state-dict order (parameters, then persistent buffers)."""
+    for attr, p in module._parameters.items():
+        if p is not None:
+            yield prefix + attr, module, attr, False
+    for attr, b in module._buffers.items():
+        if b is not None and attr not in module._non_persistent_buffers_set:
+            yield prefix + attr, module, attr, True
+
+
+def _subtree_entries(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, bool]]:
+    """As `module.state_dict()` lists them, without running its hooks (FSDP2, DeepSpeed)."""
+    yield from _own_entries(module, prefix)
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _subtree_entries(child, f"{prefix}{name}.")
+
+
+def state_blocks(model: nn.Module, *, prefix: str = "", keep: Callable[[str], bool] | None = None,
+                 whole: Callable[[nn.Module], bool] | None = None) -> list[Block]:
+    """`model`'s state dict cut into blocks, in state-dict order.
+
+    Args:
+        model: The module to walk.
+        prefix: Put before every name (the walked module's own prefix in a larger model).
+        keep: Which state-dict names (prefix included) to take; default all.
+        whole: Modules whose subtree is one block (peft layers, merged at export); default none.
+    """
+    blocks = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        unit = whole is not None and whole(module)
+        entries = _subtree_entries(module, path) if unit else _own_entries(module, path)
+        entries = tuple(e for e in entries if keep is None or keep(e[0]))
+        if entries:
+            blocks.append(Block(path, module, entries, unit))
+        if not unit:
+            for name, child in module._modules.items():
+                if child is not None:
+                    visit(child, f"{path}{name}.")
+
+    visit(model, prefix)
+    return blocks
+
+
+# ---- gathering: blocks -> (block, {name: full tensor in host memory} on the writing rank, None elsewhere)
+
+Gather = Callable[[list[Block]], Iterator[tuple[Block, "dict[str, torch.Tensor] | None"]]]
+
+
+def local_gather(blocks: list[Block], writer: bool = True):
+    """A model this process holds whole (one device, DDP, a model loaded for `ftlab export`): no collective;
+    copies, so that nothing written aliases the live model."""
+    for block in blocks:
+        yield block, ({n: t.detach().to("cpu", copy=True) for n, t in block.tensors().items()} if writer else None)
+
+
+def trainer_gather(trainer, model: nn.Module) -> Gather:
+    """The strategy's way of gathering `model` onto rank 0 block by block (collective where it is sharded)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    from ftlab.strategies import deepspeed, fsdp
+
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        return lambda blocks: fsdp.iter_full_state(trainer, model, blocks)
+    if isinstance(trainer.strategy, DeepSpeedStrategy):  # ZeRO-3 gathers; ZeRO-1/2 ranks hold the whole model
+        return lambda blocks: deepspeed.iter_full_state(trainer, model, blocks)
+    return lambda blocks: local_gather(blocks, trainer.is_global_zero)
+
+
+class DcpReader:
+    """A `Gather` reading an FSDP sharded checkpoint (torch.distributed.checkpoint) without a process group:
+    only the `state_dict.model.*` entries the blocks name, never the optimizer's, about `batch_bytes` at a
+    time (each load reads the checkpoint's metadata: one per block would be slow on big models)."""
+
+    def __init__(self, path: str, batch_bytes: int = 2**30, storage_reader=None):
+        """
+        Args:
+            path: The checkpoint folder (holds `.metadata`).
+            batch_bytes: Tensor bytes per load, about: what this reader holds in memory at once.
+            storage_reader: A torch.distributed.checkpoint StorageReader (default: FileSystemReader(path)).
+        """
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = path
+        self.batch_bytes = batch_bytes
+        self.storage_reader = storage_reader or FileSystemReader(path)
+        self.entries = self.storage_reader.read_metadata().state_dict_metadata
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The checkpoint key of a model state-dict name (Lightning saves the LightningModule's `model.`)."""
+        return f"state_dict.model.{name}"
+
+    def _entry(self, name: str):
+        entry = self.entries.get(self.key(name))
+        if not hasattr(entry, "size"):
+            raise ConfigError(f"--ckpt {self.path!r} has no tensor {self.key(name)!r}; was it written by this run's config?")
+        return entry
+
+    def _nbytes(self, name: str) -> int:
+        entry = self._entry(name)
+        return entry.size.numel() * entry.properties.dtype.itemsize
+
+    def empty(self, name: str) -> torch.Tensor:
+        entry = self._entry(name)
+        return torch.empty(entry.size, dtype=entry.properties.dtype)
+
+    def __call__(self, blocks: list[Block]):
+        batch, size = [], 0
+        for block in blocks:
+            batch.append(block)
+            size += sum(self._nbytes(n) for n in block.names)
+            if size >= self.batch_bytes:
+                yield from self._load(batch)
+                batch, size = [], 0
+        if batch:
+            yield from self._load(batch)
+
+    def _load(self, batch: list[Block]):
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        state = {self.key(n): self.empty(n) for block in batch for n in block.names}
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": no process group, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=self.storage_reader, no_dist=True)
+        for block in batch:
+            yield block, {n: state.pop(self.key(n)) for n in block.names}
+
+
+def is_dcp_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, ".metadata"))
+
+
+# ---- names as save_pretrained writes them
+
+
+def skipped_on_save(model: nn.Module, prefix: str = "") -> set[str]:
+    """State-dict names (with `prefix`) that save_pretrained leaves out: `_keys_to_ignore_on_save`, and all but
+    one name of a tensor several names share (tied embeddings: safetensors stores no aliases and
+    from_pretrained ties them again). Which name stays follows transformers: the names a model declares as
+    tied copies (`_tied_weights_keys`) go."""
+    patterns = [f"{name}.{key}" if name else key for name, m in model.named_modules()
+                for key in (getattr(m, "_tied_weights_keys", None) or ())]
+    names_of = collections.defaultdict(list)
+    for name, owner, attr, is_buffer in _subtree_entries(model):
+        names_of[id((owner._buffers if is_buffer else owner._parameters)[attr])].append(name)
+    skip = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    for names in names_of.values():
+        if len(names) > 1:
+            tied = [n for n in sorted(names) if any(re.search(p, n) for p in patterns)]
+            drop = set(tied if len(tied) < len(names) else tied[:-1])
+            kept = [n for n in names if n not in drop]
+            skip |= drop | set(kept[1:])  # sharing no model declares (transformers refuses it): keep the first
+    return {prefix + n for n in skip}
+
+
+def _reverter(model: nn.Module) -> Callable[[dict], dict]:
+    """transformers 5 loads some architectures in another layout than their checkpoints' (e.g. MoE experts
+    fused) and save_pretrained writes the checkpoint layout back. Applied a block at a time: a conversion's
+    tensors live in one module."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: state-dict names are checkpoint names
+        return lambda state: state
+    return lambda state: revert_weight_conversion(model, state) if state else state
+
+
+def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype) -> None:
+    """config.json, generation_config.json and remote code, as save_pretrained writes them."""
+    config = copy.deepcopy(hf_model.config)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(hf_model).__name__.removeprefix("FSDP")]  # FSDP2 subclasses the root
+    if getattr(hf_model, "_auto_class", None) is not None:
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(hf_model, folder, config=config)
+    config.save_pretrained(folder)
+    if hf_model.can_generate():
+        hf_model.generation_config.save_pretrained(folder)
+
+
+# ---- peft: the adapter folder, and the adapter merged layer by layer
+
+
+def _is_peft_unit(module: nn.Module) -> bool:
+    """What merge_and_unload replaces: a tuner layer (LoRA & co) or a modules_to_save / trainable-tokens wrapper."""
+    return hasattr(module, "unload_and_optionally_merge_module") or hasattr(module, "base_layer")
+
+
+def _replica(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> nn.Module:
+    """A plain copy of `module` holding `tensors` (its gathered state, by name), without the live module's hooks
+    (FSDP2, DeepSpeed) and with its own peft bookkeeping: peft merges on it, never on the live, maybe sharded,
+    layer."""
+    clone = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if key in ("_parameters", "_buffers", "_modules"):
+            continue
+        if "hook" in key and isinstance(value, dict):
+            clone.__dict__[key] = type(value)()
+        elif isinstance(value, (list, dict, set)):
+            clone.__dict__[key] = copy.deepcopy(value)  # e.g. merged_adapters, which merge() appends to
+    clone._parameters = {n: None if p is None else nn.Parameter(tensors[prefix + n].clone(), requires_grad=False)
+                         for n, p in module._parameters.items()}
+    clone._buffers = {n: None if b is None else tensors[prefix + n].clone() if prefix + n in tensors
+                      else b.detach().to("cpu", copy=True) for n, b in module._buffers.items()}
+    clone._modules = {n: None if m is None else _replica(m, tensors, f"{prefix}{n}.") for n, m in module._modules.items()}
+    return clone
+
+
+def _merged_unit(block: Block, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A peft unit's gathered tensors merged and unloaded as merge_and_unload does it (same calls, same order)."""
+    layer = _replica(block.module, {n[len(block.prefix):]: t for n, t in state.items()})
+    if hasattr(layer, "unload_and_optionally_merge_module"):
+        return layer.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+    layer.merge(safe_merge=False, adapter_names=None)
+    return layer.get_base_layer()
+
+
+def _adapter_names(model: PeftModel) -> set[str]:
+    """The state-dict names peft's save_pretrained saves from. Asked of peft itself (on stand-in tensors), so
+    that the selection is each method's own (LoRA biases, modules_to_save, embeddings it saves...). Prompt
+    learning saves the prompt encoder's output: gather the encoder (and the modules_to_save copies)."""
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = model.active_adapter
+    names = [e[0] for e in _subtree_entries(model)]
+    if model.peft_config[adapter].is_prompt_learning:
+        return {n for n in names if n.startswith("prompt_encoder.") or f".{adapter}." in f".{n}."}
+    stand_ins = {n: torch.empty(0) for n in names}
+    picked = {id(t) for t in get_peft_model_state_dict(model, state_dict=stand_ins, adapter_name=adapter).values()}
+    return {n for n, t in stand_ins.items() if id(t) in picked}
+
+
+@contextmanager
+def _prompt_encoder_from(model: PeftModel, state: dict[str, torch.Tensor]):
+    """Prompt learning: peft computes the saved prompt embeddings by running the prompt encoder, which may be
+    sharded; a CPU replica holding the gathered weights runs in its place meanwhile."""
+    adapter = model.active_adapter
+    if not model.peft_config[adapter].is_prompt_learning:
+        yield
+        return
+    live, prefix = model.prompt_encoder[adapter], f"prompt_encoder.{adapter}."
+    model.prompt_encoder[adapter] = _replica(live, {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
+    try:
+        yield
+    finally:
+        model.prompt_encoder[adapter] = live
+
+
+def _export_adapter(model: PeftModel, gather: Gather, folder: str, tokenizer, writer: bool) -> None:
+    """peft's own save_pretrained, given the adapter's gathered tensors (small) as the state dict."""
+    state = {}
+    for _, part in gather(state_blocks(model, keep=_adapter_names(model).__contains__)):
+        state.update(part or {})
+    if writer:
+        def fill(tmp: str) -> None:
+            with _prompt_encoder_from(model, state):
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+
+        _write_folder(folder, fill, tokenizer)
+
+
+# ---- the streamed model folder
+
+
+def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str):
+    """(name as save_pretrained writes it, tensor, is a parameter) per gathered tensor, on the writing rank;
+    the other ranks get nothing but take part in every gather."""
+    revert = _reverter(hf_model)
+    for block, state in gather(blocks):
+        if state is None:
+            continue
+        if block.whole:  # a peft layer, merged
+            merged = _merged_unit(block, state)
+            entries = {block.prefix[len(strip):] + name: ((owner._buffers if b else owner._parameters)[attr].detach(), b)
+                       for name, owner, attr, b in _subtree_entries(merged)}
+        else:
+            buffers = block.buffers
+            entries = {n[len(strip):]: (t, n in buffers) for n, t in state.items()}
+        buffers = {n for n, (_, b) in entries.items() if b}
+        for name, tensor in revert({n: t for n, (t, _) in entries.items()}).items():
+            yield name, tensor, name not in buffers
+
+
+def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder: str, *, strip: str = "",
+               tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
+               writer: bool = True) -> None:
+    """A from_pretrained folder of `hf_model`, its tensors streamed from `gather` (names: state-dict names less
+    `strip`) into shards as they come."""
+    items = _items(hf_model, gather, blocks, strip)
+    if not writer:
+        for _ in items:  # every rank takes part in each gather
+            pass
+        return
+
+    def fill(tmp: str) -> None:
+        shards = ShardWriter(tmp, max_shard_size)
+        for name, tensor, parameter in items:
+            shards.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor, parameter)
+        shards.close()
+        _save_model_files(hf_model, tmp, dtype or hf_model.dtype)
+
+    _write_folder(folder, fill, tokenizer)
+
+
+def _export_merged(model: PeftModel, gather: Gather, folder: str, **kwargs) -> None:
+    """The adapter merged into the base weights, written under the base model's names (merge_and_unload +
+    save_pretrained): each peft layer is gathered whole, merged on the writing rank and written as its base
+    layer; the rest streams as it is."""
+    model.base_model._check_merge_allowed()  # peft's own refusals, as merge_and_unload makes them
+    base = model.get_base_model()
+    prefix = next(f"{name}." for name, m in model.named_modules() if m is base)
+    skip = skipped_on_save(base, prefix)
+    blocks = state_blocks(base, prefix=prefix, keep=lambda n: n not in skip, whole=_is_peft_unit)
+    _export_hf(base, gather, blocks, folder, strip=prefix, **kwargs)
+
+
+def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer=None, merge_adapter: bool = True,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
+                    writer: bool = True) -> dict[str, str] | None:
+    """Export `model` under `out_dir`, its tensors coming block by block from `gather`. Collective when `gather`
+    is: every rank calls it; the `writer` rank writes. Returns {kind: folder} there, None elsewhere.
+
+    Args:
+        model: A transformers model, or a peft PeftModel (adapter runs), maybe sharded.
+        gather: Where the tensors come from: trainer_gather(...), local_gather, a DcpReader.
+        out_dir: The export folder (adapter runs: its adapter/ and merged/ subfolders).
+        tokenizer: Saved alongside the weights.
+        merge_adapter: Adapter runs: also write the adapter merged into the base weights.
+        max_shard_size: Bytes per safetensors shard at most (an int, or "5GB", "500MB"...).
+        dtype: Floating tensors are written in this dtype (default: as they are).
+        writer: Whether this rank writes (rank 0).
+    """
+    parse_size(max_shard_size)  # a bad size fails before any gathering
+    options = {"tokenizer": tokenizer, "max_shard_size": max_shard_size, "dtype": dtype, "writer": writer}
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, PeftModel):
-            folders = {"adapter": os.path.join(out_dir, "adapter")}
-            _save(model, tokenizer, folders["adapter"])
-            if merge_adapter and model.peft_config[model.active_adapter].peft_type.value not in (
-                "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
-            ):
-                merged = copy.deepcopy(model).merge_and_unload()
-                folders["merged"] = os.path.join(out_dir, "merged")
-                _save(merged, tokenizer, folders["merged"])
-            return folders
-        _save(model, tokenizer, out_dir)
-        return {"model": out_dir}
+        if not isinstance(model, PeftModel):
+            skip = skipped_on_save(model)
+            _export_hf(model, gather, state_blocks(model, keep=lambda n: n not in skip), out_dir, **options)
+            return {"model": out_dir} if writer else None
+        folders = {"adapter": os.path.join(out_dir, "adapter")}
+        _export_adapter(model, gather, folders["adapter"], tokenizer, writer)
+        if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
+            folders["merged"] = os.path.join(out_dir, "merged")
+            _export_merged(model, gather, folders["merged"], **options)
+        return folders if writer else None
     finally:
         model.train(was_training)
 
 
+# ---- reading checkpoints (`ftlab export`)
+
+
 def checkpoint_state(path: str) -> dict:
-    """The module's state dict (`model.`-prefixed keys) from any checkpoint ftlab writes: a Lightning
-    file (single device, DDP, FSDP full), an FSDP sharded folder, or a DeepSpeed ZeRO folder."""
-    import torch
-
-    from ftlab.errors import ConfigError
-
+    """The module's state dict (`model.`-prefixed keys) from a Lightning checkpoint file (single device, DDP,
+    FSDP full) or a DeepSpeed ZeRO folder. FSDP sharded folders stream through DcpReader instead."""
     if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    if os.path.exists(os.path.join(path, ".metadata")):  # torch.distributed.checkpoint (FSDP sharded)
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
-            return torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=True)["state_dict"]
+        # memory-mapped: the optimizer state it also holds is never read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     if os.path.exists(os.path.join(path, "latest")) or os.path.isdir(os.path.join(path, "checkpoint")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -83,8 +545,6 @@ def load_into(model: nn.Module, module_state: dict) -> None:
     """Load a checkpoint's weights into a freshly built model. Weights a checkpoint leaves out must be
     frozen ones (they are the pretrained weights the model was just built with): a converted ZeRO-1
     checkpoint of a LoRA run holds only the trainable tensors."""
-    from ftlab.errors import ConfigError
-
     state = {k[len("model."):]: v for k, v in module_state.items() if k.startswith("model.")}
     result = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -11,7 +11,16 @@ from jsonargparse import ArgumentParser
 
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
-from ftlab.export import checkpoint_state, export_model, load_into
+from ftlab.export import (
+    DEFAULT_MAX_SHARD_SIZE,
+    DcpReader,
+    checkpoint_state,
+    export_streamed,
+    is_dcp_checkpoint,
+    load_into,
+    local_gather,
+    parse_size,
+)
 from ftlab.module import FineTuneModule
 
 
@@ -34,16 +43,30 @@ def build_from_run(run_dir: str):
     return init.model, init.data
 
 
-def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True, out: str | None = None) -> dict:
+def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True, out: str | None = None,
+               max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Export a checkpoint of the run in `run_dir`; returns {kind: folder}.
+
+    An FSDP sharded checkpoint holds every weight: the model is built without weights (meta device) for its
+    structure and names, and its tensors stream from the checkpoint a shard's worth at a time, the optimizer's
+    never read. Other checkpoints load into the pretrained model (they may leave frozen weights out).
+    """
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     module, data = build_from_run(run_dir)
     ckpt = ckpt or os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):
         raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
     data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
     module.task.check_data(data)
-    model = module.build_model(data)
-    load_into(model, checkpoint_state(ckpt))
-    return export_model(model, data.tokenizer, out or os.path.join(run_dir, "export"), merge_adapter=merge_adapter)
+    if is_dcp_checkpoint(ckpt):
+        model = module.finish_model(module.empty_model(data), data)
+        gather = DcpReader(ckpt, batch_bytes=shard_bytes)
+    else:
+        model = module.build_model(data)
+        load_into(model, checkpoint_state(ckpt))
+        gather = local_gather
+    return export_streamed(model, gather, out or os.path.join(run_dir, "export"), tokenizer=data.tokenizer,
+                           merge_adapter=merge_adapter, max_shard_size=max_shard_size, dtype=module.weight_dtype())
 
 
 def main(argv: list[str]) -> None:
@@ -54,7 +77,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--merge-adapter", action=argparse.BooleanOptionalAction, default=True,
                         help="adapter runs: also write the adapter merged into the base weights (default: yes)")
     parser.add_argument("--out", help="output folder (default: <run>/export)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help=f"largest safetensors file, e.g. 5GB, 500MB (default: {DEFAULT_MAX_SHARD_SIZE})")
     args = parser.parse_args(argv)
-    folders = export_run(args.run, args.ckpt, args.merge_adapter, args.out)
+    folders = export_run(args.run, args.ckpt, args.merge_adapter, args.out, args.max_shard_size)
     for kind, folder in folders.items():
         print(f"{kind}: {folder}")

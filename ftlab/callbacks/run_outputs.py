@@ -15,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ftlab.data.collate import batch_counts
 from ftlab.errors import ConfigError
-from ftlab.export import export_model
+from ftlab.export import DEFAULT_MAX_SHARD_SIZE, export_streamed, parse_size, trainer_gather
 from ftlab.slurm.preemption import was_preempted
-from ftlab.strategies import full_state_dict, grads_dtype, precision_report, sharding_stats
+from ftlab.strategies import grads_dtype, precision_report, sharding_stats
 
 
 def peak_memory_mb() -> float:
@@ -39,14 +39,19 @@ class RunOutputs(L.Callback):
     the whole run.
     """
 
-    def __init__(self, export: bool = True, merge_adapter: bool = True):
+    def __init__(self, export: bool = True, merge_adapter: bool = True,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
         """
         Args:
             export: Save the final model in Hugging Face format to `<run dir>/export` after fit.
             merge_adapter: For adapter runs, also save the adapter merged into the base weights.
+            max_shard_size: Largest safetensors file of the export, in bytes or as "5GB", "500MB": rank 0
+                holds one such shard in memory while the model streams into it.
         """
         self.export = export
         self.merge_adapter = merge_adapter
+        parse_size(max_shard_size, "outputs.max_shard_size")  # refused at startup, not after the fit
+        self.max_shard_size = max_shard_size
         self.train_tokens = 0  # this rank's, since this process started
         self.train_samples = 0
         self._restored = (0, 0)  # all ranks' (tokens, samples) before the checkpoint this run resumed from
@@ -154,7 +159,7 @@ class RunOutputs(L.Callback):
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
         stats = sharding_stats(trainer, pl_module.model)
-        state = full_state_dict(trainer, pl_module.model) if self.export else None  # collective when sharded
+        folders = self._export(trainer, pl_module) if self.export else None  # collective when sharded
         if trainer.is_global_zero:
             extra = {
                 "steps": trainer.global_step,
@@ -170,14 +175,19 @@ class RunOutputs(L.Callback):
             if self.best:
                 extra[f"best/val/{pl_module.task.main_metric}"], extra["best/step"] = self.best
             extra["val_history"] = self.val_history
-            if self.export:
-                tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-                model = pl_module.model if state is None else pl_module.unsharded_model(state)
-                folders = export_model(model, tokenizer, os.path.join(self.run_dir(trainer), "export"),
-                                       merge_adapter=self.merge_adapter)
+            if folders:
                 extra["export"] = folders
                 rank_zero_info(f"ftlab: exported {', '.join(f'{k}: {v}' for k, v in folders.items())}")
             self._write(trainer, pl_module, extra)
+
+    def _export(self, trainer, pl_module) -> dict[str, str] | None:
+        """Stream the model into `<run dir>/export`, a block at a time (gathered where it is sharded: every
+        rank calls this; rank 0 writes). Returns {kind: folder} on rank 0."""
+        model = pl_module.model
+        return export_streamed(model, trainer_gather(trainer, model), os.path.join(self.run_dir(trainer), "export"),
+                               tokenizer=getattr(trainer.datamodule, "tokenizer", None),
+                               merge_adapter=self.merge_adapter, max_shard_size=self.max_shard_size,
+                               dtype=pl_module.weight_dtype(), writer=trainer.is_global_zero)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         key = f"val/{pl_module.task.main_metric}"

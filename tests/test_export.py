@@ -1,0 +1,191 @@
+"""Streamed export: sharded safetensors written a block at a time, as save_pretrained would write them; the
+adapter merged layer by layer as merge_and_unload merges it; a 2-rank FSDP fit and `ftlab export` of its
+sharded checkpoint (which reads the model's entries only, and writes no full copy anywhere)."""
+
+import copy
+import json
+import tempfile
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from ftlab.callbacks import RunOutputs
+from ftlab.errors import ConfigError
+from ftlab.export import DcpReader, export_streamed, local_gather, state_blocks
+from ftlab.export_cli import build_from_run, export_run
+from ftlab.policies import Adapter
+from ftlab.tasks import SequenceClassification
+from tests.conftest import run_ftlab
+from tests.test_strategies import distributed_fit
+
+IDS = torch.tensor([[2, 7, 9, 30, 3], [2, 15, 20, 3, 0]])
+MASK = (IDS != 0).long()
+
+
+def read_folder(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a from_pretrained folder, sharded or not."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(folder / "model.safetensors")
+    tensors = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
+def saved_keys(model, tmp_path) -> set[str]:
+    """The tensor names transformers' own save_pretrained writes for `model`."""
+    model.save_pretrained(tmp_path / "reference", max_shard_size="20KB")
+    return set(json.loads((tmp_path / "reference" / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+# tied weights: GPT-2's lm_head is its token embedding; BERT's MLM decoder shares weight and bias
+@pytest.mark.parametrize("auto_class,kind", [(AutoModelForCausalLM, "gpt2"), (AutoModelForMaskedLM, "bert")])
+def test_streamed_export_shards_like_save_pretrained_and_reloads(tmp_path, tiny_models, auto_class, kind):
+    model = auto_class.from_pretrained(tiny_models[kind]).eval()
+    assert len({p.data_ptr() for p in model.parameters()}) < len(dict(model.named_parameters(remove_duplicate=False)))
+    out = tmp_path / "export"
+    assert export_streamed(model, local_gather, str(out), max_shard_size="20KB") == {"model": str(out)}
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and shards == sorted(set(index["weight_map"].values()))
+    assert all(name.endswith(f"-of-{len(shards):05d}.safetensors") for name in shards)
+    assert max((out / s).stat().st_size for s in shards) < 20_000 + 4_096  # a tensor's bytes plus a header
+    assert not list(out.glob("*.tmp")) and not list(tmp_path.glob(".export.tmp-*"))
+    assert set(index["weight_map"]) == saved_keys(model, tmp_path)
+    assert index["metadata"]["total_parameters"] == model.num_parameters()
+    assert (out / "config.json").exists() and (out / "generation_config.json").exists() == model.can_generate()
+
+    reloaded = auto_class.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS, attention_mask=MASK).logits,
+                                   model(input_ids=IDS, attention_mask=MASK).logits, rtol=0, atol=0)
+
+
+def test_one_shard_is_model_safetensors_without_index(tmp_path, tiny_models):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+    export_streamed(model, local_gather, str(tmp_path / "export"))  # default: 5GB shards
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert read_folder(tmp_path / "export").keys() == saved_keys(model, tmp_path)
+
+
+@pytest.mark.parametrize("size", ["lots", "0", 0, "5 parsecs"])
+def test_a_bad_shard_size_is_refused_up_front(size):
+    with pytest.raises(ConfigError, match=r"outputs.max_shard_size=.* is not a size; give bytes .* like '5GB'"):
+        RunOutputs(max_shard_size=size)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_adapter_merged_layer_by_layer_equals_merge_and_unload(tmp_path, tiny_models, method):
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=2)
+    model = Adapter(method=method, r=4).apply(base, SequenceClassification())
+    with torch.no_grad():  # as after training: adapters (LoRA's B starts at 0) and the head away from their init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=IDS, attention_mask=MASK).logits
+    folders = export_streamed(model, local_gather, str(tmp_path / "export"), max_shard_size="20KB")
+
+    reference = tmp_path / "reference"
+    copy.deepcopy(model).merge_and_unload().save_pretrained(reference / "merged")
+    model.save_pretrained(reference / "adapter")
+    merged, expected = read_folder(tmp_path / "export" / "merged"), read_folder(reference / "merged")
+    assert merged.keys() == expected.keys()
+    assert not any("lora_" in k or "base_layer" in k or "modules_to_save" in k for k in merged)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "export" / "merged" / "config.json").read_text()) == \
+        json.loads((reference / "merged" / "config.json").read_text())
+    adapter, expected = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (tmp_path / "export", reference))
+    assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in expected)
+    assert set(folders) == {"adapter", "merged"}
+
+    with torch.no_grad():  # merged on copies: the live model is untouched
+        torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, before, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def fsdp_adapter_run(tmp_path_factory, tiny_models, reviews_csv):
+    """A 2-rank FSDP LoRA fit whose export streams into 20KB shards."""
+    return distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "fsdp", "Adapter",
+                           "--outputs.max_shard_size=20KB")
+
+
+def test_fsdp_fit_streams_a_sharded_export_that_reloads(fsdp_adapter_run, tiny_models):
+    export = fsdp_adapter_run["dir"] / "export"
+    assert len(list((export / "merged").glob("model-*-of-*.safetensors"))) >= 3
+    assert (export / "merged" / "model.safetensors.index.json").exists()
+    assert fsdp_adapter_run["summary"]["export"] == {"adapter": str(export / "adapter"), "merged": str(export / "merged")}
+    merged = AutoModelForSequenceClassification.from_pretrained(export / "merged").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=2)
+    adapter = PeftModel.from_pretrained(base, export / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS, attention_mask=MASK).logits,
+                                   adapter(input_ids=IDS, attention_mask=MASK).logits, rtol=1e-5, atol=1e-5)
+
+
+class CountingReader(FileSystemReader):
+    """torch's own checkpoint reader, noting what each load reads from the files."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.read_keys: set[str] = set()
+        self.read_bytes = 0
+
+    def read_data(self, plan, planner):
+        for item in plan.items:
+            self.read_keys.add(item.storage_index.fqn)
+            self.read_bytes += self.storage_data[item.storage_index].length
+        return super().read_data(plan, planner)
+
+
+def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tmp_path):
+    ckpt = fsdp_adapter_run["dir"] / "checkpoints" / "last.ckpt"
+    module, data = build_from_run(str(fsdp_adapter_run["dir"]))
+    data.setup("fit")
+    model = module.finish_model(module.empty_model(data), data)
+    reader = CountingReader(str(ckpt))
+    tensors = {}
+    for _, state in DcpReader(str(ckpt), batch_bytes=20_000, storage_reader=reader)(state_blocks(model)):
+        tensors.update(state)
+
+    saved = reader.read_metadata().state_dict_metadata
+    model_keys = {k for k in saved if k.startswith("state_dict.model.")}
+    assert any(k.startswith("optimizer") for k in saved)  # there was an optimizer state not to read
+    assert reader.read_keys == model_keys
+    stored = {index.fqn: 0 for index in reader.storage_data}
+    for index, item in reader.storage_data.items():
+        stored[index.fqn] += item.length
+    assert reader.read_bytes == sum(n for k, n in stored.items() if k in model_keys) < sum(stored.values())
+    assert tensors.keys() == {k.removeprefix("state_dict.model.") for k in model_keys}
+
+
+def test_export_command_streams_an_fsdp_checkpoint_without_a_temp_copy(fsdp_adapter_run, tmp_path, monkeypatch):
+    run = fsdp_adapter_run["dir"]
+    out = run_ftlab("export", f"--run={run}", f"--out={tmp_path / 'cli'}", "--max-shard-size=30KB")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for kind in ("merged", "adapter"):
+        at_fit_end = read_folder(run / "export" / "merged") if kind == "merged" else \
+            load_file(run / "export" / "adapter" / "adapter_model.safetensors")
+        fresh = read_folder(tmp_path / "cli" / "merged") if kind == "merged" else \
+            load_file(tmp_path / "cli" / "adapter" / "adapter_model.safetensors")
+        assert fresh.keys() == at_fit_end.keys()
+        for name, tensor in at_fit_end.items():
+            torch.testing.assert_close(fresh[name], tensor, rtol=0, atol=1e-6)
+    assert len(list((tmp_path / "cli" / "merged").glob("model-*.safetensors"))) >= 2
+
+    # no temporary file anywhere: a full copy of the checkpoint (dcp_to_torch_save) would need one
+    not_a_dir = tmp_path / "no-temp-files-here"
+    not_a_dir.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_dir))
+    folders = export_run(str(run), out=str(tmp_path / "in-process"))
+    assert folders == {"adapter": str(tmp_path / "in-process" / "adapter"), "merged": str(tmp_path / "in-process" / "merged")}
+    assert read_folder(tmp_path / "in-process" / "merged").keys() == read_folder(run / "export" / "merged").keys()
