@@ -243,14 +243,22 @@ def test_bf16_true_under_sharding_with_clipping(tmp_path_factory, tiny_models, r
     assert len(run["losses"]) == 10 and run["summary"]["steps"] == 10
 
 
-def test_zero2_resumes_on_the_same_ranks_and_continues(tmp_path_factory, tiny_models, reviews_csv):
+@pytest.mark.parametrize("strategy,kind,policy", [("deepspeed_stage_1", "bert", "Full"),
+                                                  ("deepspeed_stage_2", "llama", "Adapter"),
+                                                  ("deepspeed_stage_2_offload", "bert", "Full")])
+def test_zero1_and_zero2_resume_on_the_same_ranks_and_continue(tmp_path_factory, tiny_models, reviews_csv, strategy,
+                                                               kind, policy):
     """ZeRO-1/2 write one model-state file and one optimizer file per rank: a resume counted the model
-    files and refused every ZeRO-1/2 checkpoint ("written by 1 DeepSpeed ranks"), so every requeue died."""
-    first = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "deepspeed_stage_2", "Adapter")
-    run = first["dir"]
-    args = fit_args(run, tiny_models["llama"], reviews_csv, "--trainer.strategy=deepspeed_stage_2",
+    files and refused every ZeRO-1/2 checkpoint ("written by 1 DeepSpeed ranks"), so every requeue died.
+    (ZeRO-3 resume: tests/test_checkpoints.py kills and resumes a ZeRO-3 run.)"""
+    import shutil
+
+    first = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, strategy, policy)  # the matrix's run
+    run = tmp_path_factory.mktemp(f"resume-{strategy}") / "run"
+    shutil.copytree(first["dir"], run)  # the matrix's tests read the first run's own outputs
+    args = fit_args(run, tiny_models[kind], reviews_csv, f"--trainer.strategy={strategy}",
                     "--trainer.devices=2", "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=false",
-                    "--model.policy.dropout=0", policy="Adapter")
+                    *(["--model.policy.dropout=0"] if policy == "Adapter" else []), policy=policy)
     out = run_ftlab(*args, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
