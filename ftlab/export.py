@@ -470,8 +470,14 @@ def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder:
 
     def fill(tmp: str) -> None:
         shards = ShardWriter(tmp, max_shard_size)
-        for name, tensor, parameter in items:
-            shards.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor, parameter)
+        try:
+            for name, tensor, parameter in items:
+                shards.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor,
+                           parameter)
+        except OSError:  # e.g. a full disk: the other ranks wait in the next gather; take part in the rest first
+            for _ in items:
+                pass
+            raise
         shards.close()
         _save_model_files(hf_model, tmp, dtype or hf_model.dtype)
 

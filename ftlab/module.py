@@ -31,7 +31,7 @@ def summarize_trainable(model: torch.nn.Module) -> tuple[int, int, list[str]]:
     trainable = total = 0
     modules: dict[str, set[int]] = {}
     for name, p in model.named_parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter's own numel is its partition's
         total += n
         if p.requires_grad:
             trainable += n

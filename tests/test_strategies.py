@@ -61,6 +61,8 @@ def test_sharded_run_shards_as_promised_and_matches_ddp(tmp_path_factory, tiny_m
     run = distributed_fit(tmp_path_factory, tiny_models[kind], reviews_csv, strategy, policy)
     d, r = ddp["summary"], run["summary"]
     assert d["world_size"] == r["world_size"] == 2
+    # the model's size, not a rank's partition of it (ZeRO-3 builds the model partitioned)
+    assert (r["total_params"], r["trainable_params"]) == (d["total_params"], d["trainable_params"])
 
     params, state = d["param_numel_per_rank"][0], d["optimizer_state_numel_per_rank"][0]
     assert d["param_numel_per_rank"] == [params, params]

@@ -171,6 +171,9 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     blocker = module.policy.meta_init_blocker()
     if blocker:
         return whole(blocker)
+    if strategy.cpu_offload and strategy.root_device.type != "cpu":
+        # offloaded shards must be materialised on the host, buffers on the device: not verified on a GPU yet
+        return whole("cpu_offload")
     model = module.empty_model(data)
     weights = PretrainedWeights.find(module.name_or_path, module.gguf_file, module.revision,
                                      getattr(model, "base_model_prefix", ""))
