@@ -99,6 +99,3 @@ def test_each_node_downloads_hub_weights_once_for_all_its_ranks(tmp_path, tiny_b
     # the weights came down once, from prepare_data (ftlab's download), before any rank's from_pretrained
     [agent] = hub.requests("GET", "model.safetensors")
     assert agent.startswith("ftlab/"), agent
-    # and both ranks did ask the hub (each transformers process has its own session id)
-    sessions = {m.group(1) for *_, agent in hub.log for m in [re.search(r"session_id/(\w+)", agent)] if m}
-    assert len(sessions) == 2, hub.log

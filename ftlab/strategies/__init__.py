@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
-from ftlab.strategies import ddp, fsdp
+from ftlab.strategies import ddp, deepspeed, fsdp
 from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
 from ftlab.strategies.fsdp import FSDP
 
@@ -149,7 +149,10 @@ def build_sharded(strategy, module, data) -> nn.Module:
         model = fsdp.load_sharded(strategy, module, data)
         if model is not None:
             return model
-    return shard_model(strategy, module.build_model(data))
+    model = module.build_model(data)
+    if isinstance(strategy, DeepSpeedStrategy):
+        deepspeed.keep_used_conversions(model)
+    return shard_model(strategy, model)
 
 
 def shard_model(strategy, model: nn.Module) -> nn.Module:

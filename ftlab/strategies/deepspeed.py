@@ -85,6 +85,16 @@ class DeepSpeed(DeepSpeedStrategy):
             self.config.setdefault("communication_data_type", "fp32")
 
 
+def keep_used_conversions(model: nn.Module) -> None:
+    """transformers' ZeRO-3 load path records every key conversion of the architecture on the model, where its
+    normal path records only those that matched the checkpoint; saving reverts what is recorded, so a BERT
+    loaded under ZeRO-3 was exported with legacy `LayerNorm.gamma` names. Keep the ones that were used."""
+    for m in model.modules():
+        conversions = getattr(m, "_weight_conversions", None)
+        if conversions:
+            m._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
+
+
 def iter_full_state(trainer, model: nn.Module, blocks=None):
     """The model's full tensors, one block (default: one module's own parameters and buffers) at a time, in
     state-dict order: yields (block, {state-dict name: full tensor in host memory}) on rank 0 and (block, None)
