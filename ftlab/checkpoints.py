@@ -112,6 +112,8 @@ class TrainingPosition(L.Callback):
         position = self._position(trainer, checkpoint)
         if not position or position.get("world_size", trainer.world_size) == trainer.world_size:
             return
+        if "fit_loop" not in checkpoint.get("loops", {}):
+            return
         batches = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
         count = GroupedBatchSampler.local_count(position["global_batches_done"], trainer.world_size)
         shift = count - batches["current"]["processed"]
@@ -123,8 +125,11 @@ class TrainingPosition(L.Callback):
     def _check_something_to_train(trainer, checkpoint: dict) -> None:
         """Lightning skips a fit whose checkpoint is already at max_steps / max_epochs and exits as if it
         had trained: say so instead."""
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if not loops:  # a weights-only checkpoint: Lightning starts the loops from the beginning
+            return
         step = checkpoint.get("global_step", 0)
-        epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        epochs = loops["epoch_progress"]["current"]["processed"]
         if trainer.max_steps not in (None, -1) and step >= trainer.max_steps:
             limit = f"trainer.max_steps={trainer.max_steps}"
         elif trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs:
