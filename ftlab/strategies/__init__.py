@@ -3,12 +3,13 @@
 Strategy names follow Lightning's registry. Where ftlab gives a name its own meaning, it says so here:
 
 - `fsdp` is PyTorch FSDP2 (`fully_shard`, per-parameter DTensor sharding, as in torchtune/torchtitan)
-  through Lightning's `ModelParallelStrategy`: every transformer block is one shard unit, then the root.
+  through Lightning's `ModelParallelStrategy`: every transformer block is one shard unit, so are the input
+  embeddings and an untied LM head, then the root; each rank loads only its shards (fsdp.load_sharded).
   FSDP2 runs on CPU (gloo) as well as GPU, so a laptop can debug a sharded config. Options:
   `--trainer.strategy ftlab.strategies.FSDP --trainer.strategy.sharding grad-op`.
 - `deepspeed_stage_1`, `_2`, `_2_offload`, `_3`, `_3_offload` are Lightning's DeepSpeed ZeRO settings
-  through `DeepSpeed`, a subclass that also runs on CPU (gloo) and loads pretrained weights whole before
-  ZeRO-3 partitions them. On GPUs it behaves as Lightning's.
+  through `DeepSpeed`, a subclass that also runs on CPU (gloo); under ZeRO-3 the model is built partitioned
+  by transformers' own DeepSpeed integration. On GPUs it behaves as Lightning's.
 - `ddp` and every other name are Lightning's own.
 """
 
