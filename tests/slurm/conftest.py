@@ -50,14 +50,13 @@ def job_field(job: str, name: str) -> str | None:
 
 
 def wait_job(job: str, timeout: float = 300) -> str:
-    """Wait for a final state. A requeued job waits for its begin time; release it at once."""
+    """Wait for a final state. A requeued job starts again by itself at its begin time (cred_expire + 1 s
+    after the requeue): released earlier, Slurm kills it as "non-startable: Job credential revoked"."""
     end = time.time() + timeout
     while time.time() < end:
         state = job_field(job, "JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
-        if state == "PENDING" and job_field(job, "Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         time.sleep(0.5)
     subprocess.run(["scancel", job])
     return "WAIT_TIMEOUT"
