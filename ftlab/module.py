@@ -189,6 +189,7 @@ class FineTuneModule(L.LightningModule):
         """On local rank 0 of each node while the node's other ranks wait (Lightning): hub files download once
         per node into the Hugging Face cache, where every rank's from_pretrained then finds them."""
         download_pretrained(self.name_or_path, self.gguf_file, self.revision, self.trust_remote_code)
+        self.task.prepare_data()
 
     def setup(self, stage: str) -> None:
         """Checks that need the data and the model's structure only, before configure_model (and outside the

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
+from ftlab.loading import load_model
 from ftlab.strategies import ddp, deepspeed, fsdp
 from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
 from ftlab.strategies.fsdp import FSDP
@@ -154,6 +155,16 @@ def build_sharded(strategy, module, data) -> nn.Module:
     if isinstance(strategy, DeepSpeedStrategy):
         deepspeed.keep_used_conversions(model)
     return shard_model(strategy, model)
+
+
+def build_frozen(strategy, auto_class, path: str, gguf_file: str | None, dtype: torch.dtype) -> nn.Module:
+    """A frozen pretrained model beside the trained one (a distillation teacher), placed as the strategy
+    places the student: FSDP shards it (each rank reading its own rows), ZeRO-3 partitions it (it loads
+    inside the strategy's partitioned init, and deepspeed.initialize takes it with the LightningModule),
+    DDP and ZeRO-1/2 replicate it."""
+    if isinstance(strategy, FSDP):
+        return fsdp.load_frozen(strategy, auto_class, path, gguf_file, dtype)
+    return load_model(auto_class, path, gguf_file, dtype=dtype).eval().requires_grad_(False)
 
 
 def shard_model(strategy, model: nn.Module) -> nn.Module:

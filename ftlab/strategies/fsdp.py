@@ -207,6 +207,17 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     from_checkpoint = {n: pretrained_ids[id(p)] for n, p in model.named_parameters() if id(p) in pretrained_ids}
     from_checkpoint.update({n: key for n, key in buffers.items() if key is not None})
 
+    _shard_and_fill(strategy, model, weights, from_checkpoint, initial, copies)
+    rank_zero_info(f"ftlab: fsdp: each rank read only its shards of the pretrained weights ({len(from_checkpoint)} "
+                   f"tensors; {len(lacking) + len(created)} new ones initialised)")
+    return model
+
+
+def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: dict[str, str],
+                    initial: dict[str, torch.Tensor] | None = None, copies: dict[str, str] | None = None) -> None:
+    """Shard the meta model, then give each rank's shards their values: tensors already on the host (new
+    heads, buffers) are sliced, checkpoint tensors read by rows, policy-created ones taken from `initial`."""
+    initial, copies = initial or {}, copies or {}
     strategy.shard_module(model)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
@@ -228,8 +239,33 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
             else:
                 raise RuntimeError(f"ftlab: fsdp: {name} was neither loaded nor initialised")
             local.copy_(value)
-    rank_zero_info(f"ftlab: fsdp: each rank read only its shards of the pretrained weights ({len(from_checkpoint)} "
-                   f"tensors; {len(lacking) + len(created)} new ones initialised)")
+
+
+def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dtype: torch.dtype) -> nn.Module:
+    """A frozen pretrained model (a distillation teacher) sharded as the student is, each rank reading only
+    its rows of the checkpoint: replicated, a 70B teacher would not fit beside a sharded student. Falls
+    back to a whole load on each rank, sharded afterwards, where the weights are not plain safetensors."""
+    from ftlab.loading import PretrainedWeights, load_config, load_model
+
+    with torch.device("meta"):
+        model = auto_class.from_config(load_config(path, gguf_file), dtype=dtype)
+    weights = PretrainedWeights.find(path, gguf_file, None, getattr(model, "base_model_prefix", ""))
+    source = {n: weights.key(n) for n, _ in model.named_parameters()} if weights else {}
+    if weights is None or None in source.values():
+        rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
+        model = load_model(auto_class, path, gguf_file, dtype=dtype).eval().requires_grad_(False)
+        return strategy.shard_module(model)
+    buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
+    _materialize_on_host(model, [n for n, key in buffers.items() if key is None])
+    for p in model.parameters():
+        p._is_hf_initialized = True
+    model.initialize_weights()  # computes what no checkpoint holds (rotary frequencies)
+    model.eval().requires_grad_(False)
+    from_checkpoint = {**source, **{n: key for n, key in buffers.items() if key is not None}}
+    _shard_and_fill(strategy, model, weights, from_checkpoint)
+    local = sum(_local(p).numel() for p in model.parameters())
+    rank_zero_info(f"ftlab: fsdp: {path} sharded, frozen: rank 0 read and holds {local:,} of "
+                   f"{sum(p.numel() for p in model.parameters()):,} parameters")
     return model
 
 

@@ -64,8 +64,11 @@ class Task(ABC):
         """Per-example predictions for `ftlab predict`."""
         return []
 
+    def prepare_data(self) -> None:  # noqa: B027 - optional hook
+        """Once per node before any rank builds the model: fetch what the task loads besides it (a teacher)."""
+
     def setup(self, module, data) -> None:  # noqa: B027 - optional hook
-        """Called once the model is built, before sharding (e.g. distillation attaches its teacher)."""
+        """Called once the model is built and sharded (e.g. distillation attaches its teacher)."""
 
     def transform_batch(self, batch: dict, training: bool) -> dict:
         """Change a batch before it reaches the model (e.g. masked-LM masking); default: as is."""

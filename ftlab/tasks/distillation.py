@@ -3,9 +3,9 @@ softened outputs as well as from the labels.
 
 loss = alpha * task loss + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-The teacher is frozen and stays in eval mode. It is a submodule of the LightningModule, so each strategy
-places it as it places the student's frozen weights: replicated under DDP and FSDP (it has no gradients
-to shard), partitioned under DeepSpeed ZeRO-3.
+The teacher is frozen and stays in eval mode. Each strategy places it as it places the student (see
+`ftlab.strategies.build_frozen`): replicated under DDP and ZeRO-1/2, sharded under FSDP, partitioned
+under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.loading import load_config, load_model, load_tokenizer
+from ftlab.loading import download_pretrained, load_config, load_tokenizer
 from ftlab.tasks.base import Task
 from ftlab.tasks.classification import SequenceClassification
 
@@ -48,8 +48,10 @@ def teacher_folder(teacher: str) -> str:
 
 
 class Distillation(Task):
-    """Train the student (the run's model) on its task, guided by a frozen teacher's output distribution;
-    works for sequence classification and causal LM students."""
+    """Train the student (the run's model) on its task, guided by a frozen teacher's outputs.
+
+    The student learns from the teacher's output distribution; works for sequence classification and
+    causal LM students."""
 
     name = "distillation"
 
@@ -112,8 +114,15 @@ class Distillation(Task):
     def model_kwargs(self, data) -> dict:
         return self.student.model_kwargs(data)
 
+    def prepare_data(self) -> None:
+        """Once per node, before any rank loads: a teacher given as a hub id downloads into the shared cache."""
+        download_pretrained(self._teacher_path(), self.teacher_gguf_file)
+
     def setup(self, module, data) -> None:
-        teacher = load_model(self.auto_class, self._teacher_path(), self.teacher_gguf_file)
+        from ftlab.strategies import build_frozen
+
+        teacher = build_frozen(module.trainer.strategy, self.auto_class, self._teacher_path(), self.teacher_gguf_file,
+                               module.weight_dtype())
         module.teacher = self._teacher = FrozenTeacher(teacher)
 
     def metrics(self):

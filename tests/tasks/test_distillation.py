@@ -2,6 +2,7 @@
 learns from a trained teacher (classification and causal LM), and mismatched teachers are refused."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -83,16 +84,23 @@ def test_a_smaller_student_learns_from_a_trained_teacher(tmp_path, teacher, revi
         assert torch.equal(ckpt[f"teacher.model.{name}"], value), name
 
 
-def test_distillation_under_zero3_two_ranks(tmp_path, teacher, reviews_csv):
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_3", "fsdp"])
+def test_distillation_two_ranks_with_the_teacher_partitioned(tmp_path, teacher, reviews_csv, strategy):
     student = _student(tmp_path, teacher / "export")
     run = tmp_path / "run"
-    # batch 8 per rank: the same 16 rows per step, and as many steps, as the single-device test
+    # batch 8 per rank: the same 16 rows per step, and as many steps, as the single-device test; alpha 0:
+    # the student learns from the teacher alone, so a teacher loaded or gathered wrong would show
     out = run_ftlab(*fit_args(run, student, reviews_csv, "--trainer.max_epochs=3", "--model.task=Distillation",
-                              f"--model.task.teacher={teacher}", "--trainer.strategy=deepspeed_stage_3",
+                              f"--model.task.teacher={teacher}", "--model.task.alpha=0", f"--trainer.strategy={strategy}",
                               "--trainer.devices=2", "--data.batch_size=8"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test/accuracy"] > 0.8 and len(summary["param_numel_per_rank"]) == 2
+    if strategy == "fsdp":  # the teacher is sharded too: each rank read about half of it
+        held, total = map(lambda s: int(s.replace(",", "")), re.search(
+            r"sharded, frozen: rank 0 read and holds ([\d,]+) of ([\d,]+) parameters", out.stderr).groups())
+        assert total == sum(v.numel() for v in load_file(teacher / "export" / "model.safetensors").values())
+        assert held < 0.6 * total
     assert AutoModelForSequenceClassification.from_pretrained(run / "export").config.num_hidden_layers == 1
 
 
