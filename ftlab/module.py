@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from ftlab.compute import check_attention, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import download_pretrained, load_config, load_model
@@ -66,6 +67,9 @@ class FineTuneModule(L.LightningModule):
         skip_nonfinite_steps: int = 0,
         gguf_file: str | None = None,
         config_overrides: dict | None = None,
+        attn_implementation: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -87,6 +91,13 @@ class FineTuneModule(L.LightningModule):
                 into a regular model. A `name_or_path` ending in `.gguf` sets it by itself.
             config_overrides: Model config fields to change at load, e.g. `{num_hidden_layers: 3}`: a
                 3-layer model initialised from the first 3 pretrained layers (a distillation student).
+            attn_implementation: Attention kernel: `sdpa` (transformers' default where the model has it),
+                `eager`, `flash_attention_2` (CUDA, flash-attn installed) or `flex_attention`. Packed rows keep
+                their per-example masking with each.
+            activation_checkpointing: Recompute each block's activations in backward instead of keeping
+                them (much less activation memory, ~1/3 more compute); any strategy and policy.
+            compile: `torch.compile` each transformer block (faster steps after a one-off compile, on GPU
+                most of all; not under DeepSpeed).
         """
         super().__init__()
         path, _ = model_location(name_or_path, gguf_file)
@@ -103,6 +114,10 @@ class FineTuneModule(L.LightningModule):
         self.load_dtype = dtype
         self.gguf_file = gguf_file
         self.config_overrides = dict(config_overrides or {})
+        check_attention(attn_implementation)  # the device is checked in setup, once the trainer knows it
+        self.attn_implementation = attn_implementation
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
         self.skip_nonfinite_steps = skip_nonfinite_steps
@@ -122,6 +137,8 @@ class FineTuneModule(L.LightningModule):
         if self.revision:
             kwargs["revision"] = self.revision
         kwargs["dtype"] = self.weight_dtype()
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
         return kwargs
 
     def weight_dtype(self) -> torch.dtype:
@@ -172,10 +189,12 @@ class FineTuneModule(L.LightningModule):
         config = self.model_config(data)
         kwargs = self._load_kwargs(data)
         for key, value in kwargs.items():  # what from_pretrained would set on the config (num_labels...)
-            if key not in ("trust_remote_code", "revision", "dtype"):
+            if key not in ("trust_remote_code", "revision", "dtype", "attn_implementation"):
                 setattr(config, key, value)
+        extra = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         with torch.device("meta"):
-            return self.task.auto_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=self.trust_remote_code)
+            return self.task.auto_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=self.trust_remote_code,
+                                                    **extra)
 
     def finish_model(self, model: torch.nn.Module, data) -> torch.nn.Module:
         """A freshly built model made ready to train: padding id, train mode, the policy applied."""
@@ -183,7 +202,13 @@ class FineTuneModule(L.LightningModule):
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
         model.train()  # transformers returns models in eval mode (dropout off)
-        return self.policy.apply(model, self.task)
+        model = self.policy.apply(model, self.task)
+        if self.activation_checkpointing:
+            enable_activation_checkpointing(model)
+            rank_zero_info("ftlab: activation checkpointing: each block recomputes its activations in backward")
+        if self.compile_blocks:  # after the policy (its layers compile with the block), before sharding
+            rank_zero_info(f"ftlab: compiling {compile_blocks(model)} blocks with torch.compile (the first steps compile)")
+        return model
 
     def prepare_data(self) -> None:
         """On local rank 0 of each node while the node's other ranks wait (Lightning): hub files download once
@@ -199,6 +224,7 @@ class FineTuneModule(L.LightningModule):
         data = self.trainer.datamodule
         self.task.check_data_type(data)
         self.task.check_data(data)
+        check_attention(self.attn_implementation, self.trainer.strategy.root_device.type)
         self.policy.validate(self.skeleton(data), self.task)
 
     def configure_model(self) -> None:

@@ -31,6 +31,7 @@ def distributed_fit(tmp_path_factory, model_dir: Path, data: Path, strategy: str
             "dir": run,
             "summary": json.loads((run / "summary.json").read_text()),
             "losses": [float(r["train/loss"]) for r in rows if r.get("train/loss")],
+            "stderr": out.stderr,
         }
     return _RUNS[key]
 
@@ -209,6 +210,17 @@ def test_fsdp_options_train_exactly_like_ddp(tmp_path_factory, tiny_models, revi
     total = ddp["summary"]["param_numel_per_rank"][0]
     assert all(near(n, param_share, total) for n in run["summary"]["param_numel_per_rank"])
     assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
+
+
+def test_activation_checkpointing_under_zero3_trains_exactly_like_ddp(tmp_path_factory, tiny_models, reviews_csv):
+    """`model.activation_checkpointing` (non-reentrant) under ZeRO-3 with LoRA: the recompute in backward must
+    gather the partitioned weights again, and the frozen inputs of each block still pass gradients on."""
+    ddp = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "ddp", "Adapter")
+    run = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "deepspeed_stage_3", "Adapter",
+                          "--model.activation_checkpointing=true")
+    assert len(run["losses"]) == 10 and run["summary"]["steps"] == 10
+    assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
+    assert "activation checkpointing: each block recomputes" in run["stderr"]
 
 
 # What bf16-mixed keeps in fp32 under each sharded strategy. FSDP2: fp32 shards (what AdamW updates), bf16

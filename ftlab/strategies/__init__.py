@@ -67,6 +67,9 @@ def check_combination(strategy, module) -> None:
     if isinstance(strategy, DeepSpeedStrategy) and module.skip_nonfinite_steps:
         raise ConfigError(f"model.skip_nonfinite_steps={module.skip_nonfinite_steps}: DeepSpeed cannot skip a step "
                           "(its engine always runs backward and step); use 0 with DeepSpeed, or strategy ddp/fsdp")
+    if isinstance(strategy, DeepSpeedStrategy) and module.compile_blocks:
+        raise ConfigError("model.compile=true under DeepSpeed: ftlab compiles blocks under ddp and fsdp only (DeepSpeed "
+                          "compiles through its own engine); use strategy ddp or fsdp, or compile: false")
     if isinstance(strategy, DeepSpeedStrategy) and policy.changes_trainable_set:
         raise ConfigError("gradual unfreezing (policy.unfreeze_every) cannot run under DeepSpeed ZeRO, which fixes "
                           "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")

@@ -32,7 +32,8 @@ class FSDP(ModelParallelStrategy):
                 `replicate_size`... see below, replicate across them).
             replicate_size: For `hybrid`: number of replicas (e.g. the number of nodes); each replica
                 shards over world_size / replicate_size ranks.
-            activation_checkpointing: Recompute each block's activations in backward (less memory).
+            activation_checkpointing: Recompute each block's activations in backward (less memory); the
+                same as `model.activation_checkpointing`, which works under every strategy.
             cpu_offload: Keep sharded parameters and optimizer state in CPU memory (GPU runs).
             state_dict_type: Checkpoints as one folder of per-rank shards (`sharded`, fast, resumable at
                 the same world size) or one full file gathered on rank 0 (`full`, loadable anywhere).
@@ -84,11 +85,10 @@ class FSDP(ModelParallelStrategy):
         if parts.block_class is None:
             raise ConfigError("fsdp: no list of transformer blocks was found in this model to shard by; "
                               "use strategy ddp or deepspeed_stage_2")
-        if self.activation_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", True):
-                raise ConfigError("fsdp activation_checkpointing: this model does not support gradient checkpointing")
-            base = getattr(model, "get_base_model", lambda: model)()
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.activation_checkpointing:  # the same as model.activation_checkpointing, which works everywhere
+            from ftlab.compute import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         offload = self.cpu_offload and self.root_device.type != "cpu"
         if self.cpu_offload and not offload:
             # the same config must run on a laptop: on CPU ranks the parameters already live in host
