@@ -14,7 +14,10 @@ from ftlab.estimate.memory import (
     MemoryEstimate,
     activation_bytes,
     blocks_with_activations,
+    checkpoint_key,
     count_blocks,
+    host_memory,
+    read_checkpoint,
     state_per_rank,
 )
 from ftlab.estimate.throughput import GPUS, flops_per_token, speed
@@ -44,11 +47,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _strategy_name(value) -> str:
+    return _strategy(value)[0]
+
+
+def _strategy(value) -> tuple[str, dict]:
+    """The strategy's layout name, and where it keeps state in host memory: {offload_optimizer,
+    offload_params, fsdp_offload}. `value`: a name, or the strategy object a config's class path makes."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from ftlab.strategies import FSDP
+
+    offload = {"offload_optimizer": False, "offload_params": False, "fsdp_offload": False}
+    if isinstance(value, FSDP):
+        return "fsdp", {**offload, "fsdp_offload": bool(value.cpu_offload)}
+    if isinstance(value, DeepSpeedStrategy):
+        zero = value.config.get("zero_optimization", {}) if isinstance(value.config, dict) else {}
+        stage = int(zero.get("stage", 2))
+        return f"deepspeed_stage_{max(stage, 1)}", {**offload, "offload_optimizer": bool(zero.get("offload_optimizer")),
+                                                    "offload_params": bool(zero.get("offload_param"))}
     name = value if isinstance(value, str) else type(value).__name__.lower()
     name = {"fsdp": "fsdp", "deepspeed": "deepspeed_stage_2"}.get(name, name)
     if name not in STRATEGIES:
         raise ConfigError(f"--strategy {name!r}: the estimate knows {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    if name.endswith("_offload"):
+        offload.update(offload_optimizer=True, offload_params=name.startswith("deepspeed_stage_3"))
+    return STRATEGIES[name], offload
 
 
 def _devices(value) -> int:
@@ -83,21 +106,33 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
         raise ConfigError(f"--mfu {args.mfu} must be in (0, 1], e.g. 0.35")
     if args.gpu not in GPUS and not (args.peak_tflops and args.memory_gib):
         raise ConfigError(f"--gpu {args.gpu!r} is not in the table ({', '.join(GPUS)}); give --peak-tflops and --memory-gib")
+    for flag, value in (("--devices", args.devices), ("--num-nodes", args.num_nodes)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value} must be a positive number, e.g. {flag} 8")
     cli = parse_fit_config([a for c in args.config for a in ("--config", c)] + fit_overrides)
     cfg = cli.config["fit"]
     trainer = cfg["trainer"]
     devices = args.devices or _devices(trainer.get("devices", 1))
     nodes = args.num_nodes or int(trainer.get("num_nodes") or 1)
     world = devices * nodes
-    strategy = _strategy_name(args.strategy or trainer.get("strategy") or "auto")
+    # the strategy object a config's class path makes (its options: offload), else the name
+    configured = cli.config_init["fit"]["trainer"].get("strategy") or trainer.get("strategy")
+    strategy, offload = _strategy(args.strategy or configured or "auto")
     module, data = cli.model, cli.datamodule
     if getattr(data, "label_names", True) is None:
         data.label_names = ["0", "1"]  # the head's size only: the labels are read with the data
     precision = str(trainer.get("precision") or "32-true")
-    low = precision.startswith(("bf16-true", "16-true"))
-    param_bytes = 2 if low or module.load_dtype in ("bfloat16", "float16") else 4
+    # the dtype the weights load (and train) in, as FineTuneModule.weight_dtype picks it
+    load_dtype = module.load_dtype or {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision, "float32")
+    param_bytes = torch.empty(0, dtype=getattr(torch, load_dtype)).element_size()
     skeleton = module.skeleton(data)  # the model's structure on the meta device: no weights
     config = skeleton.config
+    base_names = {n: p.numel() for n, p in skeleton.named_parameters()}  # what the checkpoint holds
+    base_prefix = getattr(skeleton, "base_model_prefix", "")
+    checkpoint = read_checkpoint(module.name_or_path, module.gguf_file, module.revision)
+    whole_reason = _fsdp_whole_load(module, skeleton, checkpoint, offload["fsdp_offload"]) if strategy == "fsdp" else None
+    lacking = sum(n for name, n in base_names.items()
+                  if checkpoint.found and not checkpoint_key(name, checkpoint.tensors, base_prefix))
     model = module.policy.apply(skeleton, module.task)
     # the optimizer's own groups, as the policy makes them for the run (lr scale x weight decay)
     groups = [sum(p.numel() for p in g["params"]) for g in module.policy.param_groups(model, 1.0, 0.0)]
@@ -112,6 +147,13 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     act_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
     acts = 0 if args.no_activations else activation_bytes(module, config, data.batch_size, seq, target, act_dtype)
     mem = MemoryEstimate(strategy, world, params, grads, optim, acts, total, trainable)
+    outputs = cli.config_init["fit"].get("outputs")
+    host = host_memory(strategy=strategy, world=world, devices=devices, ranks=ranks, total_params=total,
+                       load_size=param_bytes, load_dtype=load_dtype, checkpoint=checkpoint, base_names=base_names,
+                       base_prefix=base_prefix, new_numel=lacking + total - sum(base_names.values()),
+                       whole_reason=whole_reason, **offload, **_export_shape(model, outputs, param_bytes))
+    if not checkpoint.found and not (strategy == "fsdp" and whole_reason):
+        host.load += "; checkpoint not at hand: assumed stored in another dtype"
     peak, capacity = GPUS.get(args.gpu, (None, None))
     peak, capacity = args.peak_tflops or peak, args.memory_gib or capacity
     blocks = count_blocks(config)
@@ -133,11 +175,63 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     spd = speed(flops, peak, args.mfu, world, tokens_per_step, steps)
     return {"gpu": args.gpu, "memory_gib": capacity, "peak_tflops": peak, "mfu": args.mfu, "precision": precision,
             "devices": world, "batch_per_device": data.batch_size, "seq_len": seq, "policy": module.policy.name,
-            **mem.as_dict(), "param_numel_per_rank": [r[0].numel for r in ranks],
+            **mem.as_dict(), "nodes": nodes, "host_per_node": host.as_dict(), "param_numel_per_rank": [r[0].numel for r in ranks],
             "optimizer_state_numel_per_rank": [r[2].numel for r in ranks], "fits": mem.total_bytes <= capacity * GiB * 0.9,
             "flops_per_token": flops, "tokens_per_s": spd.tokens_per_s, "step_time_s": spd.step_time_s,
             "steps": steps, "train_rows": rows, "train_rows_from": rows_source if rows else None,
             "wall_time_s": spd.wall_time_s}
+
+
+def _fsdp_whole_load(module, skeleton, checkpoint, cpu_offload: bool) -> str | None:
+    """Why fsdp.load_sharded would have every rank load the whole model (its checks, in its order, for GPU
+    ranks), or None where each rank reads only its shards."""
+    from ftlab.policies.layers import find_parts
+
+    blocker = module.policy.meta_init_blocker()
+    if blocker:
+        return blocker
+    if cpu_offload:
+        return "cpu_offload"
+    if checkpoint.folder is not None and not checkpoint.tensors:
+        return "its weights are not in safetensors files"
+    if checkpoint.found:
+        parts = find_parts(skeleton)
+        prefix = getattr(skeleton, "base_model_prefix", "")
+        for name, _ in skeleton.named_parameters():
+            if not checkpoint_key(name, checkpoint.tensors, prefix) and not parts.is_head(name):
+                return f"the checkpoint names its weights otherwise, e.g. it has no {name}"
+    return None
+
+
+def _export_shape(model, outputs, load_size: int) -> dict:
+    """What the export after fit gathers and writes (export.export_streamed's blocks, on the weightless model):
+    the bytes of each block's tensors, in the dtype they are written in, in order."""
+    from peft import PeftModel
+
+    from ftlab.export import DEFAULT_MAX_SHARD_SIZE, _is_peft_unit, parse_size, skipped_on_save, state_blocks
+
+    limit = parse_size(getattr(outputs, "max_shard_size", DEFAULT_MAX_SHARD_SIZE), "outputs.max_shard_size")
+    if outputs is not None and not outputs.export:
+        return {"max_shard_size": limit, "export_blocks": []}
+
+    def nbytes(t) -> int:
+        return t.numel() * (load_size if t.is_floating_point() else t.element_size())
+
+    if isinstance(model, PeftModel):
+        adapter = model.peft_config[model.active_adapter]
+        if not (getattr(outputs, "merge_adapter", True) and not adapter.is_prompt_learning):
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            blocks = state_blocks(model, keep=names.__contains__)  # the adapter alone
+        else:
+            base = model.get_base_model()
+            prefix = next(f"{name}." for name, m in model.named_modules() if m is base)
+            skip = skipped_on_save(base, prefix)
+            blocks = state_blocks(base, prefix=prefix, keep=lambda n: n not in skip, whole=_is_peft_unit)
+    else:
+        skip = skipped_on_save(model)
+        blocks = state_blocks(model, keep=lambda n: n not in skip)
+    return {"max_shard_size": limit, "export_blocks": [([nbytes(t) for t in b.tensors().values()], b.whole)
+                                                       for b in blocks]}
 
 
 def report(est: dict) -> str:
@@ -155,6 +249,14 @@ def report(est: dict) -> str:
         f"    activations {gib(est['activations_bytes']):>12}  (batch {est['batch_per_device']} x {est['seq_len']} tokens)",
         f"    total       {gib(est['total_bytes']):>12}  -> {'fits' if est['fits'] else 'DOES NOT FIT'} "
         f"(90% of {est['memory_gib']:g} GiB usable)",
+    ]
+    host = est["host_per_node"]
+    nodes = f" x {est['nodes']} nodes, node 0 shown" if est["nodes"] > 1 else ""
+    lines += [
+        f"  host memory per node ({host['devices_per_node']} ranks{nodes}):",
+        f"    loading     {gib(host['load_bytes']):>12}  {host['load']}",
+        f"    offload     {gib(host['offload_bytes']):>12}  {host['offload'] or 'none: training state stays on the devices'}",
+        f"    export      {gib(host['export_bytes']):>12}  {host['export']}",
         f"  speed: {est['tokens_per_s']:,.0f} tokens/s, {est['step_time_s']:.3f} s/step "
         f"({est['flops_per_token'] / 1e9:.2f} GFLOP/token)",
     ]

@@ -19,7 +19,9 @@ batch, so the total is (base + blocks x per-block) x batch.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -193,3 +195,213 @@ def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: 
     outside = max(measured[0] - per_block, 0)
     trained = blocks_with_activations(module.policy, count_blocks(config))
     return batch_size * (outside + trained * per_block)
+
+
+# ---- host (CPU RAM) memory per node: loading, offloaded state, export
+#
+# Per node: the node's ranks together (node 0: ranks 0 .. devices-1; rank 0 writes the export). The
+# assumptions, from the code paths each strategy takes (GPU ranks: training state lives on the device).
+# Safetensors files are memory-mapped: a tensor stored in the dtype it loads in stays a view of the mapped file
+# (page cache, one copy per node whatever the ranks, clean and reclaimable) until it moves to its device;
+# one stored in another dtype (a bf16 checkpoint loaded in fp32) is copied into private memory.
+# - DDP, ZeRO-1/2, and FSDP where it falls back to a whole load (fsdp.load_sharded): every rank calls
+#   from_pretrained: private copies of the converted tensors and of the new ones (a head), the checkpoint mapped.
+# - FSDP sharded loading: each rank maps its dim-0 rows of each tensor and copies them to its device (one
+#   tensor's rows converted at a time); what the checkpoint lacks and what the policy creates (LoRA matrices)
+#   are initialised whole on the host, on every rank.
+# - ZeRO-3: transformers 5 maps the whole checkpoint on rank 0 (`load_state_dict`) and fills the partitions
+#   module by module (one tensor converted at a time); the other ranks read nothing.
+# - Offload (ZeRO offload_optimizer / FSDP cpu_offload) keeps state in host RAM for the whole run: ZeRO, the
+#   fp32 master weights, fp32 gradients and AdamW state of each rank's partition (16 bytes an element), plus
+#   the parameter partitions with offload_parameters; FSDP2, each rank's parameter, gradient and AdamW shards.
+# - Export (export.py, every strategy): rank 0 gathers one block (a module's own tensors; a peft layer whole,
+#   held x3 while merged) to host and adds it to a shard of at most max_shard_size (a larger tensor alone),
+#   plus the offloaded state still resident.
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class Checkpoint:
+    """The pretrained safetensors weights as their headers describe them (no weights read)."""
+
+    folder: str | None  # None: not at hand (a hub id not downloaded yet, a GGUF file not converted yet)
+    tensors: dict[str, tuple[tuple[int, ...], int, str]]  # checkpoint name -> (shape, bytes per element, dtype)
+
+    @property
+    def found(self) -> bool:
+        return self.folder is not None and bool(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * size for shape, size, _ in self.tensors.values())
+
+
+def read_checkpoint(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> Checkpoint:
+    """The headers of the safetensors files from_pretrained would read (a local folder, or a hub id already in
+    the cache); folder None where they are not at hand, tensors empty where the folder has no safetensors."""
+    if gguf_file:  # the dequantized folder is made on first load: not here
+        return Checkpoint(None, {})
+    folder = name_or_path
+    if not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(name_or_path, revision=revision, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache, offline, not a hub id: unknown
+            return Checkpoint(None, {})
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return Checkpoint(folder, {})
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in files:
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                s = f.get_slice(key)
+                tensors[key] = (tuple(s.get_shape()), DTYPE_BYTES.get(s.get_dtype(), 4), s.get_dtype())
+    return Checkpoint(folder, tensors)
+
+
+def checkpoint_key(name: str, keys, prefix: str) -> str | None:
+    """The checkpoint's name for a model parameter, with or without the backbone prefix (as
+    PretrainedWeights.key maps it)."""
+    prefix = prefix + "." if prefix else ""
+    for key in (name, name[len(prefix):] if prefix and name.startswith(prefix) else None, prefix + name if prefix else None):
+        if key and key in keys:
+            return key
+    return None
+
+
+@dataclass
+class HostMemory:
+    """Peak host (CPU RAM) bytes per node (node 0: rank 0 writes the export), and how each was counted."""
+
+    devices_per_node: int
+    load_dtype: str
+    load_bytes: int  # private + mapped
+    load_private_bytes: int  # copies the ranks make
+    load_mapped_bytes: int  # checkpoint pages mapped (page cache: shared by the node's ranks, reclaimable)
+    load: str
+    offload_bytes: int
+    offload: str | None
+    export_bytes: int
+    export: str
+    max_shard_size: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.load_bytes, self.offload_bytes, self.export_bytes)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "peak_bytes": self.peak_bytes}
+
+
+def size_text(n: int) -> str:
+    """Bytes as export.parse_size reads them back: 5GB, 500MB, 20KiB, or a plain number."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GiB", 2**30), ("MiB", 2**20),
+                        ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n:,} bytes"
+
+
+def _rows_bytes(shape: tuple[int, ...], size: int, world: int, rank: int) -> int:
+    """Bytes of the dim-0 rows `rank` reads of a tensor (FSDP2 chunks: ceil(d0 / world) rows)."""
+    if not shape:
+        return size
+    return _fsdp_local(math.prod(shape), torch.Size(shape), world, rank) * size
+
+
+def export_peak(blocks: list[tuple[list[int], bool]], max_shard_size: int) -> int:
+    """Rank 0's peak host bytes while export.ShardWriter streams `blocks`: the shard being filled (the tensors
+    written go into it as they are, no copy) plus the block just gathered; a merged peft layer is held three
+    times (gathered, its replica, the merge's delta) while it merges. A tensor larger than the limit gets a
+    shard of its own."""
+    peak = shard = 0
+    for sizes, whole in blocks:
+        peak = max(peak, shard + sum(sizes) * (3 if whole else 1))
+        for size in sizes:
+            if shard and shard + size > max_shard_size:
+                shard = 0  # written to disk
+            shard += size
+    return peak
+
+
+def host_memory(*, strategy: str, world: int, devices: int, ranks: list, total_params: int, load_size: int,
+                load_dtype: str, checkpoint: Checkpoint, base_names: dict[str, int], base_prefix: str,
+                new_numel: int, whole_reason: str | None, offload_optimizer: bool, offload_params: bool,
+                fsdp_offload: bool, max_shard_size: int, export_blocks: list[tuple[list[int], bool]]) -> HostMemory:
+    """Host bytes per node of a run laid out as `strategy` lays it out (see the notes above).
+
+    Args:
+        ranks: state_per_rank of every rank (parameters, gradients, optimizer state).
+        load_size: bytes per element of the load dtype; checkpoint: the pretrained files' headers.
+        base_names: the model's parameter names before the policy -> elements (what the checkpoint holds).
+        new_numel: elements initialised whole on each rank under sharded FSDP loading (absent from the
+            checkpoint, or created by the policy).
+        whole_reason: why FSDP falls back to a whole load on each rank, or None.
+        export_blocks: the export's gathering steps in order: (bytes of each tensor written, whether it is a
+            peft layer merged whole); empty without an export.
+    """
+    local = ranks[:devices]
+    stored = SAFETENSORS_DTYPES.get(load_dtype)
+    # what the model reads from the checkpoint: (shape, stored bytes per element, converted on load)
+    shapes = []
+    for name, numel in base_names.items():
+        key = checkpoint_key(name, checkpoint.tensors, base_prefix) if checkpoint.found else None
+        if key:
+            shape, size, dtype = checkpoint.tensors[key]
+            shapes.append((shape, size, dtype != stored))
+        elif not checkpoint.found:  # not at hand: assume converted (hub checkpoints are mostly bf16; ftlab loads fp32)
+            shapes.append(((numel,), load_size, True))
+    mapped_total = checkpoint.nbytes if checkpoint.found else sum(math.prod(s) * size for s, size, _ in shapes)
+    converted = sum(math.prod(s) for s, _, c in shapes if c) * load_size
+    new_bytes = new_numel * load_size
+    how = f"stored in {load_dtype}: not copied" if not converted else f"{load_dtype} copies" + \
+        ("" if converted >= sum(math.prod(s) for s, _, _ in shapes) * load_size else " of the tensors stored otherwise")
+    if strategy == "fsdp" and whole_reason is None:
+        per_rank = [new_bytes + max((_rows_bytes(sh, load_size, world, r) for sh, _, c in shapes if c), default=0)
+                    for r in range(devices)]
+        private, mapped = sum(per_rank), mapped_total * devices // world
+        load = "each rank maps its rows of each tensor and copies them to its device, one at a time"
+    elif strategy == "deepspeed_stage_3":
+        private = max((math.prod(sh) * load_size for sh, _, c in shapes if c), default=0)
+        mapped = mapped_total
+        load = "rank 0 maps the whole checkpoint, the ranks fill their partitions module by module"
+        if offload_params:
+            private += sum(p.numel for p, _, _ in local) * load_size
+            load += "; parameter partitions on the host"
+    else:
+        private, mapped = devices * (converted + new_bytes), mapped_total
+        load = f"every rank loads the whole model ({how})"
+        if strategy == "fsdp":
+            load += f"; fsdp loads whole: {whole_reason}"
+    load_bytes = private + mapped
+    offload_bytes, offload = 0, None
+    if fsdp_offload:
+        offload_bytes = sum(p.bytes + g.bytes + o.bytes for p, g, o in local)
+        offload = "FSDP cpu_offload: each rank's parameter, gradient and AdamW shards"
+    elif offload_optimizer and strategy.startswith("deepspeed"):
+        # fp32 master weights and fp32 gradients of the partition AdamW steps on, beside its two states
+        offload_bytes = sum(o.bytes + 2 * (o.numel // ADAM_STATES) * 4 for _, _, o in local)
+        offload = "ZeRO offload: fp32 master weights, gradients and AdamW state of each rank's partition"
+        if offload_params and strategy == "deepspeed_stage_3":
+            offload_bytes += sum(p.bytes for p, _, _ in local)
+            offload += ", parameter partitions"
+    export_bytes = export_peak(export_blocks, max_shard_size) + offload_bytes
+    merges_adapter = any(whole for _, whole in export_blocks)
+    export = f"rank 0: a shard of at most {size_text(max_shard_size)} + one gathered block" + \
+        (" (x3 merging a LoRA layer)" if merges_adapter else "") + (" + the offloaded state" if offload_bytes else "")
+    if not export_blocks:
+        export = "no export (outputs.export false)" + (": the offloaded state" if offload_bytes else "")
+    return HostMemory(devices, load_dtype, load_bytes, private, mapped, load, offload_bytes, offload, export_bytes,
+                      export, max_shard_size)
