@@ -260,6 +260,8 @@ class FineTuneModule(L.LightningModule):
         if bad:
             return self._nonfinite(loss, batch_idx)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        for name, value in self.task.step_metrics(outputs).items():
+            self.log(f"train/{name}", value, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
@@ -305,6 +307,15 @@ class FineTuneModule(L.LightningModule):
         self.val_loss.reset()
         self._log_metrics("val")
         self.task.validation_end(self)
+
+    def on_fit_start(self) -> None:
+        self.task.before_loop(self)
+
+    def on_validation_start(self) -> None:
+        self.task.before_loop(self)
+
+    def on_test_start(self) -> None:
+        self.task.before_loop(self)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")

@@ -2,7 +2,8 @@
 
 from ftlab.data.lm import LanguageModelingData
 from ftlab.data.module import TextClassificationData, TextDataModule
+from ftlab.data.preference import PreferenceData
 from ftlab.data.seq2seq import Seq2SeqData
 from ftlab.data.tokens import TokenClassificationData
 
-__all__ = ["LanguageModelingData", "Seq2SeqData", "TextClassificationData", "TextDataModule", "TokenClassificationData"]
+__all__ = ["LanguageModelingData", "PreferenceData", "Seq2SeqData", "TextClassificationData", "TextDataModule", "TokenClassificationData"]

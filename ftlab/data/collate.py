@@ -46,4 +46,6 @@ def batch_counts(batch: dict) -> tuple[int, int]:
     """(rows, real tokens) of a padded batch: padding does not count as a token."""
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if "pair_index" in batch:  # preference pairs: one sample is a pair of sequences
+        return batch["pair_index"].shape[0], tokens
     return batch["input_ids"].shape[0], tokens

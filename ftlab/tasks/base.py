@@ -74,6 +74,14 @@ class Task(ABC):
         """Change a batch before it reaches the model (e.g. masked-LM masking); default: as is."""
         return batch
 
+    def before_loop(self, module) -> None:  # noqa: B027 - optional hook
+        """On every rank before each fit, validation and test loop, the model placed on its devices (e.g.
+        preference tuning's reference log-probs, computed once)."""
+
+    def step_metrics(self, outputs: Any) -> dict[str, torch.Tensor]:
+        """Per-step training values logged beside `train/loss` (as `train/<name>`); default none."""
+        return {}
+
     def validation_end(self, module) -> None:  # noqa: B027 - optional hook
         """Extra work after each validation (e.g. logging sample generations)."""
 

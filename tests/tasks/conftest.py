@@ -95,3 +95,18 @@ def task_args(run_dir: Path, model: Path, data_class: str, source: Path, task: s
         f"--model.policy={policy}", "--model.optim.lr=0.01", f"--data={data_class}", f"--data.source={source}",
         "--data.batch_size=16", "--data.val_size=32", "--data.test_size=32", *extra,
     ]
+
+
+def write_pairs(path: Path, n: int, seed: int = 6) -> Path:
+    """Preference pairs: a filler prompt; chosen: two positive words, rejected: two negative ones (learnable)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for words in _sentences(n, seed):
+            f.write(json.dumps({"prompt": " ".join(words), "chosen": " ".join(rng.choices(POSITIVE, k=2)),
+                                "rejected": " ".join(rng.choices(NEGATIVE, k=2))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", 120)

@@ -1,0 +1,152 @@
+"""Where a preference loss gets the reference model's log-probs, with as few copies of the model as possible:
+
+- `AdapterOff`: under the Adapter policy the reference is the trained model with its adapter switched off
+  (peft's `disable_adapter()`): the frozen base weights are the starting model, so no second copy exists.
+- `FrozenCopy`: under Full/Freeze a frozen copy of the starting model, placed as the strategy places the
+  trained one (`ftlab.strategies.build_frozen`: sharded under FSDP, partitioned under ZeRO-3).
+- `Precomputed`: the reference log-probs of every pair of every split, computed once before the first
+  loop and stored beside the tokenised data; no reference model is held while training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ftlab.errors import ConfigError
+from ftlab.tasks.preference_losses import PairLogps, sequence_logps
+
+
+def model_inputs(batch: dict) -> dict:
+    """The fields a causal LM takes from a preference batch (pair_index and the labels stay out)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def as_pairs(sums: torch.Tensor, counts: torch.Tensor) -> PairLogps:
+    """Rows of a preference batch are the chosen responses, then the rejected ones, pair by pair."""
+    n = sums.shape[0] // 2
+    return PairLogps(sums[:n], sums[n:], counts[:n], counts[n:])
+
+
+def label_counts(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum(-1)
+
+
+class Reference:
+    """The reference log-probs of a batch's pairs."""
+
+    def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
+        raise NotImplementedError
+
+    def before_loop(self, module) -> None:
+        """Called on every rank before each fit/validate/test loop (collective where it computes)."""
+
+
+class AdapterOff(Reference):
+    """The trained model itself with its adapter disabled: the frozen base weights, the starting model."""
+
+    @torch.no_grad()
+    def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
+        with model.disable_adapter():
+            logits = model(**model_inputs(batch)).logits
+        return as_pairs(*sequence_logps(logits, batch["labels"]))
+
+
+class FrozenCopy(Reference):
+    """A frozen copy of the starting model (a `FrozenTeacher`, which stays in eval mode and without grads)."""
+
+    def __init__(self, frozen: nn.Module):
+        self.frozen = frozen
+
+    def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
+        return as_pairs(*sequence_logps(self.frozen(**model_inputs(batch)), batch["labels"]))
+
+
+class Precomputed(Reference):
+    """Reference log-probs looked up by each pair's `pair_index` in a table computed once, before training, by
+    `source` (AdapterOff), or by the trained model itself while it is still the starting model (source None)."""
+
+    def __init__(self, source: Reference | None = None):
+        self.source = source
+        self.table: torch.Tensor | None = None  # [pairs of all splits, 2]: chosen, rejected
+
+    def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
+        values = self.table[batch["pair_index"]].to(torch.float32)
+        counts = label_counts(batch)
+        n = values.shape[0]
+        return PairLogps(values[:, 0], values[:, 1], counts[:n], counts[n:])
+
+    @staticmethod
+    def cache_file(module) -> str:
+        """Beside the tokenised data (whose cache key covers data, tokenizer and options), keyed by what the
+        log-probs depend on besides: the starting model and the precision it runs in."""
+        key = {"model": module.name_or_path, "gguf": module.gguf_file, "revision": module.revision,
+               "overrides": module.config_overrides, "dtype": str(module.weight_dtype()),
+               "precision": str(module.trainer.precision)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return os.path.join(module.trainer.datamodule.cache_path, f"reference-logps-{digest}.pt")
+
+    def before_loop(self, module) -> None:
+        if self.table is not None:
+            return
+        trainer = module.trainer
+        path = self.cache_file(module)
+        # every rank must take the same branch: the computing one runs collectives (sharded forwards)
+        if trainer.strategy.reduce_boolean_decision(os.path.exists(path), all=True):
+            self.table = torch.load(path, map_location="cpu", weights_only=True).to(module.device)
+            rank_zero_info(f"ftlab: reference log-probs of {len(self.table):,} pairs from {path}")
+            return
+        if self.source is None and (module.global_step > 0 or trainer.ckpt_path):
+            raise ConfigError(f"model.task.precompute_reference: the reference log-probs ({path}) are gone and the "
+                              "model has trained since; they come from the starting model: rerun fit from the start")
+        table = compute_table(module, self.source)
+        if trainer.is_global_zero:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            torch.save(table, tmp)
+            os.replace(tmp, path)
+        self.table = table.to(module.device)
+        rank_zero_info(f"ftlab: reference log-probs of {len(table):,} pairs computed once, stored in {path}")
+
+
+def compute_table(module, source: Reference | None) -> torch.Tensor:
+    """Reference log-probs of every pair of the prepared splits (collective): each rank scores its share of
+    the rows in evaluation batches, then the ranks gather all of them."""
+    from torch.utils.data import DataLoader
+
+    from ftlab.data.samplers import GroupedBatchSampler
+
+    trainer, data, model = module.trainer, module.trainer.datamodule, module.model
+    device = module.device
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for ds in data.splits.values():
+            sampler = GroupedBatchSampler(ds["length"], data.eval_batch_size, shuffle=False,
+                                          num_replicas=trainer.world_size, rank=trainer.global_rank)
+            for batch in DataLoader(ds.remove_columns("length"), batch_sampler=sampler, collate_fn=data.collator()):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with torch.no_grad(), trainer.precision_plugin.forward_context():
+                    if source is not None:
+                        logps = source.pair_logps(model, batch)
+                    else:
+                        logps = as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
+                rows.append(torch.stack([batch["pair_index"].double(), logps.chosen.double(),
+                                         logps.rejected.double()], 1))
+    finally:
+        model.train(was_training)
+    local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64, device=device)
+    # ranks may hold different row counts: pad to the longest (index -1) so that all_gather sees one shape
+    counts = trainer.strategy.all_gather(torch.tensor([len(local)], device=device)).reshape(-1)
+    padded = torch.full((int(counts.max()), 3), -1.0, dtype=torch.float64, device=device)
+    padded[: len(local)] = local
+    everything = trainer.strategy.all_gather(padded).reshape(-1, 3).cpu()
+    everything = everything[everything[:, 0] >= 0]
+    table = torch.full((data.pair_rows, 2), float("nan"), dtype=torch.float64)
+    table[everything[:, 0].long()] = everything[:, 1:]
+    return table
