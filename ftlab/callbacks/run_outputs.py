@@ -130,6 +130,8 @@ class RunOutputs(L.Callback):
         summary.update(
             {
                 "task": pl_module.task.name,
+                "main_metric": pl_module.task.main_metric,  # what ranks runs (compare reads it)
+                "higher_is_better": pl_module.task.higher_is_better,
                 **pl_module.policy.describe(),
                 "model": pl_module.name_or_path,
                 "trainable_params": pl_module.trainable_params,

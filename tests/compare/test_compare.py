@@ -47,7 +47,9 @@ def test_compare_reports_every_variant_and_reruns_only_what_failed(tmp_path, tin
     root = tmp_path / "runs" / "compare-task"
     report = json.loads((root / "report.json").read_text())
     assert report["variants"]["full"] == {"seeds": 0}
-    assert "| full | - | not finished |" in (root / "report.md").read_text()
+    md = (root / "report.md").read_text()
+    assert "| full | - | no result (see Missing) |" in md
+    assert md.count("- Missing: full seed ") == 2 and "non-finite training loss (nan)" in md  # each seed's reason
 
     second = run_ftlab(*common, "--variants-file", str(variants(tmp_path, "0.01")), timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -74,3 +76,25 @@ def test_compare_reports_every_variant_and_reruns_only_what_failed(tmp_path, tin
     for png in ("metric_vs_trainable_params.png", "metric_vs_wall_time.png", "validation_curves.png",
                 "peak_memory.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"src='{png}'" in html
+
+
+def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_bert, reviews_csv):
+    """The README's quick try (a few steps, no validation within the budget) and one seed: a report, not a
+    traceback; a run that recorded no metric is listed with the reason, one seed shows no spread."""
+    cfg = config(tmp_path, tiny_bert, reviews_csv)
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump({"head": ["--model.policy=Freeze", "--model.optim.lr=0.05"],
+                                    "untested": ["--model.policy=Freeze", "--test_after_fit=false"]}))
+    out = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(path), "--budget-steps", "2",
+                    "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    root = tmp_path / "runs" / "compare-task"
+    report = json.loads((root / "report.json").read_text())
+    head = json.loads((root / "head" / "seed0" / "summary.json").read_text())
+    assert head["steps"] == 2 and not head["val_history"]  # it really did not validate
+    assert report["metric"] == "test/accuracy" and report["variants"]["head"]["metric_mean"] == head["test/accuracy"]
+    assert report["variants"]["head"]["metric_std"] is None and report["variants"]["untested"] == {"seeds": 0}
+    md = (root / "report.md").read_text()
+    assert re.search(r"^\| head \| \w+ \| 0\.\d{4} \(1 seed\) \| 1 \|", md, re.M), md
+    assert "- Missing: untested seed 0: finished after 2 step(s) without test/accuracy" in md
+    assert "Only **head** has a result" in md
