@@ -234,6 +234,8 @@ class AtomicCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("ftlab_checkpoint_written")
         if trainer.is_global_zero:
             replace_path(partial, filepath)
+            # a universal conversion of the checkpoint just replaced (a resume at another world size): stale now
+            shutil.rmtree(filepath + ".universal", ignore_errors=True)
         trainer.strategy.barrier("ftlab_checkpoint_in_place")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath

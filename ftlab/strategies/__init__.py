@@ -104,11 +104,9 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
         if not isinstance(strategy, DeepSpeedStrategy):
             raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: resume it with the same "
                               f"deepspeed_stage_* strategy, {fix}")
-        # one optimizer-state file per rank at every stage (ZeRO-1/2 write one model-state file in all)
-        saved = len([f for f in os.listdir(os.path.join(path, "checkpoint")) if f.endswith("_optim_states.pt")])
-        if saved != world_size:
-            raise ConfigError(f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has {world_size}; "
-                              f"ZeRO checkpoints resume at the same world size only: use {saved} devices, {fix}")
+        saved = deepspeed.saved_world_size(path)
+        if saved != world_size:  # ZeRO's own format is partitioned for its world size: load it as universal
+            deepspeed.check_universal_resume(strategy, ckpt_path, path, saved, world_size, fix)
     if kind == "file" and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:
         raise ConfigError(f"ckpt_path={ckpt_path!r} is a single-file checkpoint, which DeepSpeed does not resume; "
                           f"resume with ddp or fsdp, {fix}")

@@ -5,11 +5,19 @@ model back."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
+import os
+import shutil
+import sys
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+from ftlab.errors import ConfigError
 
 _DEEPSPEED_NAMES = {
     "deepspeed_stage_1": {"stage": 1},
@@ -84,6 +92,167 @@ class DeepSpeed(DeepSpeedStrategy):
             # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
             self.config.setdefault("communication_data_type", "fp32")
 
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # Lightning's automatic optimization already divides the loss by accumulate_grad_batches; DeepSpeed's
+        # engine divided it again, so that k accumulated batches trained on 1/k of the gradient: not the
+        # global batch's mean, unlike one rank per batch (Adam nearly hides it, not eps or gradient clipping)
+        if self.lightning_module.automatic_optimization:
+            kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def resume_universal(self) -> None:
+        """Load the checkpoint resumed through DeepSpeed's universal checkpoint (any world size): ZeRO's
+        own format is partitioned for the world size that wrote it. Called before the engine is built,
+        which reads the switch from its config."""
+        self.config.setdefault("checkpoint", {})["load_universal"] = True
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        if not self.config.get("checkpoint", {}).get("load_universal") or self.load_full_weights:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        universal = convert_to_universal(self, str(checkpoint_path))
+        state = super().load_checkpoint(universal, weights_only)
+        if self.lightning_module.trainer.state.fn == "fit":  # the optimizer state was loaded
+            _own_steps(self.deepspeed_engine.optimizer)
+            if self.zero_stage_3:
+                _group_settings(self.deepspeed_engine.optimizer, universal)
+        rank_zero_info(f"ftlab: resumed {checkpoint_path} ({saved_world_size(str(checkpoint_path))} ranks) on "
+                       f"{self.world_size} through its universal checkpoint {universal}")
+        return state
+
+
+# ---- resuming a ZeRO checkpoint at another world size: DeepSpeed's universal checkpoint
+
+UNIVERSAL = ".universal"  # <ckpt>.universal/: the conversion of <ckpt>, beside it
+_SOURCE = "ftlab_source.json"  # in it: the source files it was converted from (size, mtime), to spot a stale one
+
+
+def saved_world_size(path: str) -> int:
+    """The ranks that wrote a ZeRO checkpoint folder: one optimizer-state file each at every stage (ZeRO-1/2
+    write one model-state file in all)."""
+    return len(glob.glob(os.path.join(path, "checkpoint", "*_optim_states.pt")))
+
+
+def saved_stage3(path: str) -> bool:
+    # ZeRO-3 writes one model-state file per rank, named after its partition; ZeRO-1/2 one, `mp_rank_00_...`
+    return bool(glob.glob(os.path.join(path, "checkpoint", "*zero_pp_rank_*_model_states.pt")))
+
+
+def check_universal_resume(strategy, ckpt_path: str, path: str, saved: int, world_size: int, fix: str) -> None:
+    """A ZeRO checkpoint of `saved` ranks resumed on `world_size`: refuse what the universal checkpoint of
+    this DeepSpeed cannot do, else switch the strategy to load through it. Before anything loads."""
+    where = f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has {world_size}"
+    if not isinstance(strategy, DeepSpeed):
+        raise ConfigError(f"{where}: only ftlab's DeepSpeed strategy (--trainer.strategy deepspeed_stage_* or "
+                          f"ftlab.strategies.DeepSpeed) resumes it at another world size; use {saved} devices, {fix}")
+    zero = strategy.config.get("zero_optimization", {})
+    stage3 = zero.get("stage", 0) == 3
+    if stage3 != saved_stage3(path):
+        raise ConfigError(f"{where} under ZeRO-{'3' if saved_stage3(path) else '1/2'}, this run is ZeRO-{zero.get('stage')}; "
+                          f"at another world size resume it with the stage it was written with, {fix}")
+    nvme = [k for k in ("offload_optimizer", "offload_param") if (zero.get(k) or {}).get("device") == "nvme"]
+    if nvme:
+        raise ConfigError(f"{where}; DeepSpeed does not load a universal checkpoint with {nvme[0]} on NVMe: "
+                          f"resume on {saved} devices, or with offload to cpu or none, {fix}")
+    strategy.resume_universal()
+
+
+def _source_files(path: str) -> dict:
+    folder = os.path.join(path, "checkpoint")
+    return {name: [os.stat(os.path.join(folder, name)).st_size, os.stat(os.path.join(folder, name)).st_mtime_ns]
+            for name in sorted(os.listdir(folder))}
+
+
+def _converted(path: str, out: str) -> bool:
+    """Whether `out` is a whole conversion of the checkpoint now at `path` (not of one it replaced)."""
+    try:
+        with open(os.path.join(out, _SOURCE)) as f:
+            return json.load(f) == _source_files(path)
+    except (OSError, ValueError):
+        return False
+
+
+def convert_to_universal(strategy, path: str) -> str:
+    """The universal checkpoint of the ZeRO checkpoint at `path` (`<path>.universal`), converted by global rank 0
+    while the others wait at a barrier, or reused when a whole conversion of this checkpoint is already there.
+    Collective: every rank calls it."""
+    path = os.path.normpath(path)
+    out = path + UNIVERSAL
+    error = None
+    if strategy.is_global_zero and not _converted(path, out):
+        try:
+            _convert(path, out)
+        except Exception as err:  # the others learn of it below, rather than wait for a peer that is gone
+            error = err
+    # a barrier as long as the conversion: --collective_timeout must cover it (default 30 minutes)
+    failed = strategy.broadcast(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise ConfigError(f"rank 0 could not convert {path} into a universal checkpoint: {failed}")
+    if not _converted(path, out):
+        raise ConfigError(f"rank {strategy.global_rank} cannot read {out}, which rank 0 converted {path} into: "
+                          "put the checkpoints on a file system every node reads (trainer.default_root_dir)")
+    return out
+
+
+def _convert(path: str, out: str) -> None:
+    """DeepSpeed's ds_to_universal, in this process: into `<out>.partial` first, moved into place whole (a crash
+    leaves no half conversion that looks usable; AtomicCheckpoint clears `.partial` leftovers)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a conversion of a checkpoint since replaced at `path`
+    rank_zero_info(f"ftlab: converting the DeepSpeed checkpoint {path} ({saved_world_size(path)} ranks) into a "
+                   f"universal checkpoint {out}, to resume it at another world size")
+    # no worker processes: this rank may hold CUDA and NCCL state that forking must not copy; Lightning's
+    # folder holds the files in `checkpoint/`, DeepSpeed writes `latest_universal` beside it. Lightning does
+    # not record DeepSpeed's universal-checkpoint info (only tensor-parallel patterns, which ZeRO has none of)
+    args = Namespace(input_folder=os.path.join(path, "checkpoint"), output_folder=os.path.join(partial, "checkpoint"),
+                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                     inject_missing_state=True)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines are a log, not the run's output
+            ds_to_universal.main(args)
+    except KeyError as err:
+        if err.args and err.args[0] in ("exp_avg", "exp_avg_sq"):
+            raise ConfigError(f"{path}: DeepSpeed converts only Adam-type optimizer state (exp_avg, exp_avg_sq) to a "
+                              "universal checkpoint, this one has none; resume at the world size that wrote it") from None
+        raise
+    with open(os.path.join(partial, _SOURCE), "w") as f:
+        json.dump(_source_files(path), f)
+    os.replace(partial, out)
+
+
+def _own_steps(optimizer) -> None:
+    """Fix up Adam's `step` after DeepSpeed's universal load. ZeRO-3 puts one and the same tensor into every
+    partition's state, so each optimizer step counted it once per partition (2 per step with decay and
+    no-decay groups: wrong bias correction); and it is read from disk to the CPU, where torch's fused and
+    capturable AdamW need it on the parameter's device."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    seen = set()
+    for param, state in inner.state.items():
+        step = state.get("step")
+        if not torch.is_tensor(step):
+            continue
+        device = param.device if on_device and torch.is_tensor(param) else step.device
+        if id(step) in seen or step.device != device:
+            state["step"] = step.detach().to(device=device, dtype=torch.float32, copy=True)
+        seen.add(id(state["step"]))
+
+
+def _group_settings(optimizer, universal: str) -> None:
+    """ZeRO-3's universal load gives every parameter group the first group's settings (lr, weight_decay...):
+    ftlab's no-decay group (biases, norms) decayed after such a resume. Each group's own, from the checkpoint."""
+    saved = torch.load(os.path.join(universal, "checkpoint", "zero", "optimizer_state.pt"), map_location="cpu",
+                       mmap=True, weights_only=False)["param_groups"]  # mmap: only the settings are read
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, settings in zip(inner.param_groups, saved):
+        group.update({k: v for k, v in settings.items() if k != "params"})
+
 
 def keep_used_conversions(model: nn.Module) -> None:
     """transformers' ZeRO-3 load path records every key conversion of the architecture on the model, where its
@@ -95,12 +264,28 @@ def keep_used_conversions(model: nn.Module) -> None:
             m._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
 
 
+def _full_master(param: nn.Parameter) -> torch.Tensor | None:
+    """The fp32 master copy of a trained parameter whose module copy is of lower precision (bf16/16-mixed:
+    DeepSpeed trains a bf16/fp16 module and keeps fp32 master weights in its optimizer), whole; None where there
+    is none (fp32 parameters, frozen ones, an engine without a ZeRO optimizer). Collective where it returns a
+    tensor: the same on every rank, which all call it for the same parameters in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if param.dtype == torch.float32 or not param.requires_grad:
+        return None
+    if hasattr(param, "ds_id") and getattr(param, "_z3_optimizer", None) is None:  # ZeRO-3 without its optimizer
+        return None
+    return safe_get_full_fp32_param(param)
+
+
 def iter_full_state(trainer, model: nn.Module, blocks=None):
     """The model's full tensors, one block (default: one module's own parameters and buffers) at a time, in
     state-dict order: yields (block, {state-dict name: full tensor in host memory}) on rank 0 and (block, None)
-    elsewhere. ZeRO-3: collective, each block's parameters gathered with GatheredParameters (never the whole
-    model at once), so every rank iterates to the end, in lockstep. ZeRO-1/2: each rank holds the whole
-    model; rank 0 copies its own, no collective."""
+    elsewhere. Trained parameters come from the optimizer's fp32 master weights where the module holds a
+    bf16/fp16 copy (mixed precision): the export must not round them to the module's dtype. ZeRO-3: collective,
+    each block's other parameters gathered with GatheredParameters (never the whole model at once), so every
+    rank iterates to the end, in lockstep. ZeRO-1/2: each rank holds the whole module, rank 0 copies its own;
+    the masters are partitioned at every stage, so each is gathered (collective) there too."""
     import deepspeed
 
     from ftlab.export import state_blocks
@@ -109,7 +294,14 @@ def iter_full_state(trainer, model: nn.Module, blocks=None):
     stage3 = bool(trainer.strategy.zero_stage_3)
     for block in state_blocks(model) if blocks is None else blocks:
         tensors = block.tensors()
-        params = [t for name, t in tensors.items() if name not in block.buffers]
+        masters = {}  # the same names on every rank: what is left to gather must be too
+        with torch.no_grad():
+            for name, t in tensors.items():
+                master = _full_master(t) if name not in block.buffers else None
+                if master is not None:
+                    masters[name] = master.to("cpu", copy=True) if rank0 else None
+        params = [t for name, t in tensors.items() if name not in block.buffers and name not in masters]
         with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage3 and bool(params)):
-            state = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()} if rank0 else None
+            state = {name: masters[name] if name in masters else t.detach().to("cpu", copy=True)
+                     for name, t in tensors.items()} if rank0 else None
         yield block, state
