@@ -32,6 +32,7 @@ from torch import nn
 
 from ftlab.checkpoints import replace_path
 from ftlab.errors import ConfigError
+from ftlab.quantization import dequantize_gathered, is_quantized_layer, merge_dequantized
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -344,6 +345,8 @@ def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype) -> N
     """config.json, generation_config.json and remote code, as save_pretrained writes them."""
     config = copy.deepcopy(hf_model.config)
     config.dtype = str(dtype).removeprefix("torch.")
+    if hasattr(config, "quantization_config"):  # QLoRA: the export is dequantized
+        del config.quantization_config
     config.architectures = [type(hf_model).__name__.removeprefix("FSDP")]  # FSDP2 subclasses the root
     if getattr(hf_model, "_auto_class", None) is not None:
         from transformers.dynamic_module_utils import custom_object_save
@@ -385,6 +388,8 @@ def _replica(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = 
 def _merged_unit(block: Block, state: dict[str, torch.Tensor]) -> nn.Module:
     """A peft unit's gathered tensors merged and unloaded as merge_and_unload does it (same calls, same order)."""
     layer = _replica(block.module, {n[len(block.prefix):]: t for n, t in state.items()})
+    if hasattr(layer, "get_base_layer") and is_quantized_layer(layer.get_base_layer()):
+        return merge_dequantized(layer)  # QLoRA: into the dequantized weight, not quantized again
     if hasattr(layer, "unload_and_optionally_merge_module"):
         return layer.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
     layer.merge(safe_merge=False, adapter_names=None)
@@ -445,6 +450,7 @@ def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str)
     for block, state in gather(blocks):
         if state is None:
             continue
+        state = dequantize_gathered(block.entries, state)  # QLoRA: a quantized base is written in full precision
         if block.whole:  # a peft layer, merged
             merged = _merged_unit(block, state)
             entries = {block.prefix[len(strip):] + name: ((owner._buffers if b else owner._parameters)[attr].detach(), b)

@@ -58,6 +58,10 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
         raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
     data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
     module.task.check_data(data)
+    if is_dcp_checkpoint(ckpt) and module.quantization is not None:
+        raise ConfigError(f"--ckpt {ckpt!r} is an FSDP sharded checkpoint of a quantized (QLoRA) run, which `ftlab export` "
+                          "cannot read yet; use the export the fit wrote (<run>/export), or save checkpoints with "
+                          "--trainer.strategy.state_dict_type full")
     if is_dcp_checkpoint(ckpt):
         model = module.finish_model(module.empty_model(data), data)
         gather = DcpReader(ckpt, batch_bytes=shard_bytes)

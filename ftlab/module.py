@@ -17,6 +17,7 @@ from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import download_pretrained, load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
+from ftlab.quantization import Quantization, quantized_numels
 from ftlab.strategies import build_sharded, follow_trainable_change
 from ftlab.tasks import SequenceClassification, Task
 
@@ -31,8 +32,9 @@ def summarize_trainable(model: torch.nn.Module) -> tuple[int, int, list[str]]:
 
     trainable = total = 0
     modules: dict[str, set[int]] = {}
+    packed = quantized_numels(model)  # QLoRA: a 4-bit weight's tensor holds its values packed, 2 or more an element
     for name, p in model.named_parameters():
-        n = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter's own numel is its partition's
+        n = packed.get(id(p)) or getattr(p, "ds_numel", p.numel())  # a ZeRO-3 parameter's own numel is its partition's
         total += n
         if p.requires_grad:
             trainable += n
@@ -61,6 +63,7 @@ class FineTuneModule(L.LightningModule):
         task: Task | None = None,
         policy: Policy | None = None,
         optim: Optim | None = None,
+        quantization: Quantization | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
         dtype: str | None = None,
@@ -77,7 +80,9 @@ class FineTuneModule(L.LightningModule):
                 or a named offline model (`all-MiniLM-L6-v2`).
             task: What the model learns (default: SequenceClassification).
             policy: What trains: Freeze (transfer learning), Adapter (peft), Full (default).
-            optim: AdamW and learning-rate schedule.
+            optim: Optimizer (adamw, adamw_8bit, adafactor, sgd) and learning-rate schedule.
+            quantization: Load the base quantized by bitsandbytes (4-bit NF4/FP4 or 8-bit) and train an
+                adapter on top (QLoRA): policy Adapter only; not under DeepSpeed, and 4-bit only under FSDP.
             trust_remote_code: Run model code shipped in the model repository. Off by default: it executes
                 arbitrary Python; turn on only for repositories you trust.
             revision: Hub revision (branch, tag or commit) to load.
@@ -104,11 +109,12 @@ class FineTuneModule(L.LightningModule):
         if path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(path)):
             raise ConfigError(f"model.name_or_path={name_or_path!r}: no such folder (working directory "
                               f"{os.getcwd()}); give an existing model folder or a hub id like org/name")
-        self.save_hyperparameters(ignore=["task", "policy", "optim"])
+        self.save_hyperparameters(ignore=["task", "policy", "optim", "quantization"])
         self.name_or_path = name_or_path
         self.task = task or SequenceClassification()
         self.policy = policy or Full()
         self.optim = optim or Optim()
+        self.quantization = quantization
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self.load_dtype = dtype
@@ -137,6 +143,8 @@ class FineTuneModule(L.LightningModule):
         if self.revision:
             kwargs["revision"] = self.revision
         kwargs["dtype"] = self.weight_dtype()
+        if self.quantization is not None:
+            kwargs["quantization_config"] = self.quantization.module_config(self)
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         return kwargs
@@ -202,6 +210,8 @@ class FineTuneModule(L.LightningModule):
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
         model.train()  # transformers returns models in eval mode (dropout off)
+        if self.quantization is not None:  # peft's k-bit preparation, before the adapter goes on
+            model = self.quantization.prepare(model)
         model = self.policy.apply(model, self.task)
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)

@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrateg
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ftlab import quantization
 from ftlab.errors import ConfigError, did_you_mean
 from ftlab.loading import load_model
 from ftlab.strategies import ddp, deepspeed, fsdp
@@ -73,6 +74,19 @@ def check_combination(strategy, module) -> None:
     if isinstance(strategy, DeepSpeedStrategy) and policy.changes_trainable_set:
         raise ConfigError("gradual unfreezing (policy.unfreeze_every) cannot run under DeepSpeed ZeRO, which fixes "
                           "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")
+    optim = module.optim.name
+    if isinstance(strategy, DeepSpeedStrategy) and optim in ("adamw_8bit", "adafactor"):
+        why = ("ZeRO's checkpoint conversion (universal checkpoints, another world size) reads Adam's exp_avg and "
+               "exp_avg_sq, which bitsandbytes' 8-bit state lacks") if optim == "adamw_8bit" else (
+               "ZeRO flattens the parameters into 1-D partitions, where Adafactor cannot factor its second moment")
+        raise ConfigError(f"model.optim.name={optim} under DeepSpeed: {why}; use adamw or sgd with DeepSpeed, or "
+                          "strategy ddp")
+    if isinstance(strategy, ModelParallelStrategy) and optim in ("adamw_8bit", "adafactor"):
+        why = ("bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's sharded DTensors" if optim == "adamw_8bit"
+               else "transformers' Adafactor makes its factored state as plain full-shape tensors, which cannot "
+                    "update FSDP2's sharded DTensors")
+        raise ConfigError(f"model.optim.name={optim} under FSDP: {why}; use adamw or sgd with fsdp, or strategy ddp")
+    quantization.check_combination(module, strategy)
 
 
 def checkpoint_kind(path: str) -> str:
@@ -148,7 +162,11 @@ def build_sharded(strategy, module, data) -> nn.Module:
     """The module's model, built, the policy applied and sharded as the strategy shards it. FSDP loads each
     rank's shards straight from the checkpoint files; the others load the whole pretrained model on each
     rank first (ZeRO-3 then partitions it in deepspeed.initialize)."""
-    if isinstance(strategy, FSDP):
+    quantization.check_combination(module, strategy)  # every subcommand (fit checks it up front too)
+    if isinstance(strategy, FSDP) and module.quantization is not None:
+        # bitsandbytes quantizes as the weights load: no weightless model to fill shard by shard
+        rank_zero_info("ftlab: fsdp: every rank loads the whole pretrained model before sharding it (quantized)")
+    elif isinstance(strategy, FSDP):
         model = fsdp.load_sharded(strategy, module, data)
         if model is not None:
             return model
@@ -186,14 +204,16 @@ def _replicated(model: nn.Module) -> bool:
 
 
 def sharding_stats(trainer, model: nn.Module) -> dict:
-    """Per-rank element counts of parameters and optimizer state, and, where ranks hold replicas of the
-    model, whether the replicas are still equal (collective: every rank calls it)."""
+    """Per-rank element counts of parameters and optimizer state, the optimizer state's bytes (every state tensor,
+    8-bit ones included), and, where ranks hold replicas of the model, whether the replicas are still equal
+    (collective: every rank calls it)."""
     params = sum(_local_numel(p) for p in model.parameters())
-    state = 0
+    state = state_bytes = 0
     for optimizer in trainer.optimizers:
         optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
         for per_param in optimizer.state.values():
             state += sum(_local_numel(v) for v in per_param.values() if torch.is_tensor(v) and v.dim() > 0)
+            state_bytes += sum(_local_numel(v) * v.element_size() for v in per_param.values() if torch.is_tensor(v))
     device = trainer.strategy.root_device  # NCCL: no CPU tensors
     # a fingerprint of this rank's replica: any drift between ranks (a gradient never all-reduced) shows
     fingerprint = torch.zeros((), dtype=torch.float64, device=device)
@@ -205,9 +225,11 @@ def sharding_stats(trainer, model: nn.Module) -> dict:
                     chunk = chunk.double()
                     fingerprint += (i + 1) * (chunk.sum() + chunk.square().sum())
     row = torch.stack([torch.tensor(params, dtype=torch.float64, device=device),
-                       torch.tensor(state, dtype=torch.float64, device=device), fingerprint])
-    rows = trainer.strategy.all_gather(row).view(-1, 3).tolist()  # as is without a process group
-    stats = {"param_numel_per_rank": [int(r[0]) for r in rows], "optimizer_state_numel_per_rank": [int(r[1]) for r in rows]}
+                       torch.tensor(state, dtype=torch.float64, device=device), fingerprint,
+                       torch.tensor(state_bytes, dtype=torch.float64, device=device)])
+    rows = trainer.strategy.all_gather(row).view(-1, 4).tolist()  # as is without a process group
+    stats = {"param_numel_per_rank": [int(r[0]) for r in rows], "optimizer_state_numel_per_rank": [int(r[1]) for r in rows],
+             "optimizer_state_bytes_per_rank": [int(r[3]) for r in rows]}
     if replicated and len(rows) > 1:
         stats["replicas_in_sync"] = len({r[2] for r in rows}) == 1
         if not stats["replicas_in_sync"]:
