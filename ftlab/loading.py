@@ -196,3 +196,8 @@ class PretrainedWeights:
         if not shape:  # a scalar
             return self._open[path].get_tensor(key)
         return sliced[start: shape[0] if stop is None else stop]
+
+    def release(self) -> None:
+        """Close the files read so far. The pages read stay mapped, and count as the process's own memory, as
+        long as a file is open: a rank that keeps its shards would hold them twice. The next read reopens."""
+        self._open.clear()
