@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/ass
 
 install: $(VENV)/.installed
 
+# a second `make quickstart` keeps the trained run (fit refuses a folder where a run trained)
 quickstart: install
-	$(PY) -m ftlab fit --config configs/quickstart.yaml
+	@if [ -f runs/quickstart/summary.json ]; then \
+	  echo "runs/quickstart is trained already (delete it to train again); try it:"; \
+	  echo "  $(PY) -m ftlab generate --run runs/quickstart \"a sharp, moving film\""; \
+	else $(PY) -m ftlab fit --config configs/quickstart.yaml; fi
 
 test: install
 	$(PY) -m pytest tests

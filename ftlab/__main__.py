@@ -51,12 +51,39 @@ def parse_error_line(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: the command line)."""
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args in ([], ["-h"], ["--help"]):
+        from ftlab.help import top_level_help
+
+        print(top_level_help(), end="")
+        return 0
+    if args == ["--version"]:
+        from ftlab.help import version
+
+        print(f"ftlab {version()}")
+        return 0
+    from ftlab import console
+
+    if "--verbose" in args:  # any subcommand; ranks it launches see FTLAB_VERBOSE
+        args = [a for a in args if a != "--verbose"]
+        if argv is None:
+            sys.argv = [sys.argv[0], *args]
+        else:
+            argv = args
+        console.setup(verbose=True)
+    else:
+        console.setup()
     try:
         if args[:1] == ["export"]:
             from ftlab.export_cli import main as export_main
 
+            console.quiet_libraries()
             export_main(args[1:])
+        elif args[:1] == ["generate"]:
+            from ftlab.generate import main as generate_main
+
+            console.quiet_libraries()
+            return generate_main(args[1:])
         elif args[:1] == ["compare"]:
             from ftlab.compare.cli import main as compare_main
 
@@ -72,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from ftlab.cli import run_cli
 
+            console.quiet_libraries()
             run_cli(argv)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         cause = user_error(err) or parse_error_line(err)

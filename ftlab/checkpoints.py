@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 from weakref import proxy
 
@@ -242,3 +243,53 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
+
+
+def last_checkpoint(checkpoint_dir: str) -> str | None:
+    """The run's last checkpoint, chosen as Lightning chooses it for `--ckpt_path last`: the newest
+    `last*.ckpt` (file or sharded folder) in the checkpoint folder. ftlab writes one `last.ckpt` per run;
+    folders of older versions may also hold `last-v1.ckpt`..., written by later runs into the same folder."""
+    try:
+        names = [n for n in os.listdir(checkpoint_dir) if LAST_NAME.match(n)]
+    except OSError:
+        return None
+    paths = [os.path.join(checkpoint_dir, n) for n in names]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def previous_run(run_dir: str) -> list[str]:
+    """What in `run_dir` a fit left there (checkpoints, the export, a fit's summary): empty when no run has
+    trained in it. The files `slurm submit` writes before its job starts, a `validate` run's summary and a
+    config.yaml of a run that stopped before training do not count."""
+    import json
+
+    found = []
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and [n for n in os.listdir(ckpt_dir) if not n.endswith(".partial")]:
+        found.append("checkpoints/")
+    if os.path.isdir(os.path.join(run_dir, "export")):
+        found.append("export/")
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            if "steps" in json.load(f):
+                found.append("summary.json")
+    except (OSError, ValueError):
+        pass
+    return found
+
+
+def check_fresh_run_dir(run_dir: str) -> None:
+    """A fit without --ckpt_path starts a new run: refuse a run directory where another run trained (its
+    summary, checkpoints and export would mix with this one's)."""
+    found = previous_run(run_dir)
+    if not found:
+        return
+    base, n = run_dir.rstrip("/"), 2
+    while os.path.exists(f"{base}-{n}"):
+        n += 1
+    resume = "resume it with --ckpt_path last, or " if "checkpoints/" in found else ""
+    raise ConfigError(f"trainer.default_root_dir={run_dir!r} already holds a run ({', '.join(found)}): {resume}start "
+                      f"a new run in a new folder, e.g. --trainer.default_root_dir {base}-{n} (or delete {base} first)")

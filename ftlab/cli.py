@@ -7,11 +7,14 @@ import os
 import sys
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from ftlab import console
 from ftlab.callbacks import RunOutputs
-from ftlab.checkpoints import AtomicCheckpoint, RngState, TrainingPosition
+from ftlab.callbacks.header import RunHeader
+from ftlab.callbacks.progress import progress_bar
+from ftlab.checkpoints import AtomicCheckpoint, RngState, TrainingPosition, check_fresh_run_dir, last_checkpoint
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
 from ftlab.faults import StopLocalRanksOnError
@@ -37,7 +40,9 @@ class FtlabCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(AtomicCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # one last.ckpt per run: a resumed run overwrites it (Lightning would add last-v1.ckpt, last-v2.ckpt...)
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.enable_version_counter": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         parser.add_lightning_class_args(RunOutputs, "outputs")
         parser.link_arguments("model.name_or_path", "data.init_args.tokenizer")
@@ -48,6 +53,15 @@ class FtlabCLI(LightningCLI):
                                  "with an error naming the rank, instead of hanging when another rank hung or died.")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate the final model on the test split (when there is one).")
+        parser.add_argument("--progress.every_n_seconds", type=float, default=30.0,
+                            help="Without a terminal (Slurm log, nohup, CI): print a progress line (step, loss, lr, "
+                                 "samples/s, ETA) every this many seconds of training; 0: never by time.")
+        parser.add_argument("--progress.every_n_steps", type=int, default=0,
+                            help="Without a terminal: also print a progress line every this many optimizer steps; "
+                                 "0: by time only.")
+        from ftlab.help import document_fit_parser
+
+        document_fit_parser(parser)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -56,8 +70,12 @@ class FtlabCLI(LightningCLI):
         if self.subcommand == "fit" and restart_count() > 0 and cfg.get("ckpt_path") is None:
             # a requeued Slurm job (preempted, or its node failed) continues from its last checkpoint
             cfg["ckpt_path"] = "last"
-            print(f"ftlab: Slurm restart {restart_count()}: resuming from {_checkpoint_dir(run_dir)}/last.ckpt",
-                  file=sys.stderr)
+            last = last_checkpoint(_checkpoint_dir(run_dir))
+            print(f"ftlab: Slurm restart {restart_count()}: "
+                  + (f"resuming from {last}" if last else "no checkpoint saved yet: starting over"), file=sys.stderr)
+        check_ckpt_path(cfg.get("ckpt_path"))
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
+            check_fresh_run_dir(run_dir)  # before the model loads
         resuming = cfg.get("ckpt_path") is not None
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:
@@ -71,14 +89,23 @@ class FtlabCLI(LightningCLI):
         callbacks = [TrainingMetrics(), RngState(), TrainingPosition(), StopLocalRanksOnError()]
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
+        if trainer_cfg.get("devices") is None or str(trainer_cfg["devices"]).lower() in ("null", "none"):
+            trainer_cfg["devices"] = "auto"  # `--trainer.devices null`: Lightning's default
         if in_slurm_job():
-            callbacks.append(Preemption())
+            if trainer_cfg.get("enable_checkpointing") is not False:  # nothing to resume from otherwise
+                callbacks.append(Preemption())
             if not trainer_cfg.get("plugins"):  # our Preemption callback handles the requeue signal instead
                 kwargs.setdefault("plugins", [SLURMEnvironment(auto_requeue=False)])
-        # Rich's progress bar on a terminal; Lightning's plain bar in logs, where rich redraws pile up.
-        if sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False:
-            callbacks.append(RichProgressBar())
+        # a bar on a terminal, plain lines in logs (rich redraws would pile up there, or show nothing until the end)
+        given = trainer_cfg.get("callbacks") or []
+        own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
+        if trainer_cfg.get("enable_progress_bar") is not False and not own_bar:
+            progress = self._get(self.config, "progress") or {}
+            callbacks.append(progress_bar(every_n_seconds=progress.get("every_n_seconds", 30.0),
+                                          every_n_steps=progress.get("every_n_steps", 0)))
+        callbacks.append(RunHeader())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
+        default_precision(trainer_cfg)
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
@@ -87,12 +114,22 @@ class FtlabCLI(LightningCLI):
             # the Trainer checks its own arguments (devices, accelerator, precision...): user errors
             raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
+    def _instantiate_trainer(self, config, callbacks):
+        if config.get("enable_checkpointing") is False:  # honoured: no checkpoint callback (ours included)
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         self.model.task.check_data_type(self.datamodule)  # before the data is read
         check_combination(self.trainer.strategy, self.model)
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
-        check_resume(cfg.get("ckpt_path"), _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path == "last":  # the checkpoint Lightning resumes: the newest last*.ckpt
+            ckpt_path = last_checkpoint(_checkpoint_dir(self.trainer.default_root_dir)) or "last"
+        check_resume(ckpt_path, _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
                      self.trainer.world_size)
         split_cpu_threads(self.trainer)
 
@@ -107,6 +144,29 @@ class FtlabCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         if self.trainer.is_global_zero:
             _print_summary(self.trainer.default_root_dir)
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A --ckpt_path file or folder that does not exist: one line, for every subcommand, before the model loads."""
+    if ckpt_path in (None, "last", "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+        return
+    if not os.path.exists(str(ckpt_path)):
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} does not exist; give a checkpoint file or folder (e.g. "
+                          "runs/NAME/checkpoints/last.ckpt), or 'last'")
+
+
+def default_precision(trainer_cfg: dict) -> None:
+    """On a GPU that computes in bf16 (Ampere and later), train in bf16-mixed unless the config sets a precision:
+    about twice as fast as fp32, with fp32 weights and optimizer state. Said in one line."""
+    import torch
+
+    if trainer_cfg.get("precision") is not None or str(trainer_cfg.get("accelerator") or "auto") not in ("auto", "gpu", "cuda"):
+        return
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        trainer_cfg["precision"] = "bf16-mixed"
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("SLURM_PROCID", 0)) == 0:
+            print(f"ftlab: precision bf16-mixed (the default on {torch.cuda.get_device_name()}, which computes in "
+                  "bf16; fp32 weights and optimizer state): set trainer.precision to choose another", file=sys.stderr)
 
 
 def _config_name(cfg) -> str | None:
@@ -156,7 +216,9 @@ _CLI_KWARGS = dict(
 
 
 def run_cli(args: list[str] | None = None) -> FtlabCLI:
-    return FtlabCLI(**_CLI_KWARGS, args=args)
+    # Lightning's model-summary table (metric rows, FLOPs 0) only with --verbose; ftlab's header says what trains
+    defaults = {**_CLI_KWARGS["trainer_defaults"], "enable_model_summary": console.is_verbose()}
+    return FtlabCLI(**{**_CLI_KWARGS, "trainer_defaults": defaults}, args=args)
 
 
 class _CheckOnly(FtlabCLI):

@@ -427,7 +427,34 @@ def _prompt_encoder_from(model: PeftModel, state: dict[str, torch.Tensor]):
         model.prompt_encoder[adapter] = live
 
 
-def _export_adapter(model: PeftModel, gather: Gather, folder: str, tokenizer, writer: bool) -> None:
+def portable_base_name(name_or_path: str | None) -> str | None:
+    """The base model as `adapter_config.json` should name it: the name the user gave (a hub id, a named offline
+    model), not the folder it resolved to (inside a virtualenv or a cache); a local folder as an absolute path."""
+    if not name_or_path:
+        return None
+    path = os.path.expanduser(name_or_path)
+    return os.path.abspath(path) if os.path.exists(path) else name_or_path
+
+
+def _rename_base_model(folder: str, resolved: str | None, name: str) -> None:
+    """The base model named `name` in a saved adapter's adapter_config.json and model card."""
+    path = os.path.join(folder, "adapter_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = name
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    card = os.path.join(folder, "README.md")
+    if resolved and os.path.exists(card):
+        with open(card) as f:
+            text = f.read()
+        with open(card, "w") as f:
+            f.write(text.replace(f"base_model: {resolved}", f"base_model: {name}")
+                    .replace(f"base_model:adapter:{resolved}", f"base_model:adapter:{name}"))
+
+
+def _export_adapter(model: PeftModel, gather: Gather, folder: str, tokenizer, writer: bool,
+                    base_model: str | None = None) -> None:
     """peft's own save_pretrained, given the adapter's gathered tensors (small) as the state dict."""
     state = {}
     for _, part in gather(state_blocks(model, keep=_adapter_names(model).__contains__)):
@@ -436,6 +463,9 @@ def _export_adapter(model: PeftModel, gather: Gather, folder: str, tokenizer, wr
         def fill(tmp: str) -> None:
             with _prompt_encoder_from(model, state):
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+            name = portable_base_name(base_model)
+            if name:  # after the save: peft reads the base model's config from the name it is given
+                _rename_base_model(tmp, model.peft_config[model.active_adapter].base_model_name_or_path, name)
 
         _write_folder(folder, fill, tokenizer)
 
@@ -504,7 +534,7 @@ def _export_merged(model: PeftModel, gather: Gather, folder: str, **kwargs) -> N
 
 def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer=None, merge_adapter: bool = True,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-                    writer: bool = True) -> dict[str, str] | None:
+                    writer: bool = True, base_model: str | None = None) -> dict[str, str] | None:
     """Export `model` under `out_dir`, its tensors coming block by block from `gather`. Collective when `gather`
     is: every rank calls it; the `writer` rank writes. Returns {kind: folder} there, None elsewhere.
 
@@ -517,6 +547,8 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
         max_shard_size: Bytes per safetensors shard at most (an int, or "5GB", "500MB"...).
         dtype: Floating tensors are written in this dtype (default: as they are).
         writer: Whether this rank writes (rank 0).
+        base_model: Adapter runs: the base model as `model.name_or_path` gave it, recorded in adapter_config.json
+            (peft would record the folder it was loaded from).
     """
     parse_size(max_shard_size)  # a bad size fails before any gathering
     options = {"tokenizer": tokenizer, "max_shard_size": max_shard_size, "dtype": dtype, "writer": writer}
@@ -528,7 +560,7 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
             _export_hf(model, gather, state_blocks(model, keep=lambda n: n not in skip), out_dir, **options)
             return {"model": out_dir} if writer else None
         folders = {"adapter": os.path.join(out_dir, "adapter")}
-        _export_adapter(model, gather, folders["adapter"], tokenizer, writer)
+        _export_adapter(model, gather, folders["adapter"], tokenizer, writer, base_model)
         if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
             folders["merged"] = os.path.join(out_dir, "merged")
             _export_merged(model, gather, folders["merged"], **options)

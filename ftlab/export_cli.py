@@ -9,6 +9,7 @@ import os
 import yaml
 from jsonargparse import ArgumentParser
 
+from ftlab.checkpoints import last_checkpoint
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
 from ftlab.export import (
@@ -35,6 +36,7 @@ def build_from_run(run_dir: str):
     init_args = saved["data"].setdefault("init_args", {})
     init_args.setdefault("tokenizer", saved["model"]["name_or_path"])
     init_args.setdefault("trust_remote_code", saved["model"].get("trust_remote_code", False))
+    init_args.pop("predict_source", None)  # rows a `predict` read: not needed to export, and maybe gone
     parser = ArgumentParser()
     parser.add_class_arguments(FineTuneModule, "model")
     parser.add_subclass_arguments(TextDataModule, "data")
@@ -53,7 +55,7 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
     """
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     module, data = build_from_run(run_dir)
-    ckpt = ckpt or os.path.join(run_dir, "checkpoints", "last.ckpt")
+    ckpt = ckpt or last_checkpoint(os.path.join(run_dir, "checkpoints")) or os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):
         raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
     data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
@@ -70,14 +72,16 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
         load_into(model, checkpoint_state(ckpt))
         gather = local_gather
     return export_streamed(model, gather, out or os.path.join(run_dir, "export"), tokenizer=data.tokenizer,
-                           merge_adapter=merge_adapter, max_shard_size=max_shard_size, dtype=module.weight_dtype())
+                           merge_adapter=merge_adapter, max_shard_size=max_shard_size, dtype=module.weight_dtype(),
+                           base_model=module.name_or_path)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m ftlab export",
                                      description="Export a run's checkpoint in Hugging Face format (safetensors).")
     parser.add_argument("--run", required=True, help="the run directory (holds config.yaml and checkpoints/)")
-    parser.add_argument("--ckpt", help="checkpoint file or sharded folder (default: <run>/checkpoints/last.ckpt)")
+    parser.add_argument("--ckpt", help="checkpoint file or sharded folder (default: the run's last checkpoint, as --ckpt_path last "
+                             "resolves it: <run>/checkpoints/last.ckpt)")
     parser.add_argument("--merge-adapter", action=argparse.BooleanOptionalAction, default=True,
                         help="adapter runs: also write the adapter merged into the base weights (default: yes)")
     parser.add_argument("--out", help="output folder (default: <run>/export)")

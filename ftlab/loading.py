@@ -120,7 +120,53 @@ def download_pretrained(name_or_path: str, gguf_file: str | None = None, revisio
 
 
 def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kwargs):
-    return auto_class.from_pretrained(resolve_pretrained(name_or_path, gguf_file, **kwargs), **kwargs)
+    """`auto_class.from_pretrained`. A task head the checkpoint lacks (a classifier on a plain encoder) is
+    expected: transformers' LOAD REPORT of it ("classifier MISSING") is replaced by one ftlab line naming
+    the new head; any other load issue keeps transformers' report."""
+    import logging
+
+    from ftlab import console
+
+    reports: list[logging.LogRecord] = []
+
+    class _Hold(logging.Filter):
+        def filter(self, record):
+            if "LOAD REPORT" in str(record.msg):
+                reports.append(record)
+                return False
+            return True
+
+    hold = _Hold()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(hold)
+    try:
+        model, info = auto_class.from_pretrained(resolve_pretrained(name_or_path, gguf_file, **kwargs),
+                                                 output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(hold)
+    head = new_head(model, info)
+    if head:
+        console.note("head", head)  # the run header says it, once
+    for record in reports if (not head or console.is_verbose()) else []:
+        logger.handle(record)  # not only a new head: transformers' own report says what
+    return model
+
+
+def new_head(model, info: dict) -> dict | None:
+    """{names, why} when the only weights the checkpoint lacked are a task head outside the pretrained
+    backbone (as for every classifier on a plain encoder), else None."""
+    import re
+
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing or info.get("mismatched_keys") or info.get("error_msgs"):
+        return None
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and any(k.startswith(prefix + ".") for k in missing):
+        return None  # the backbone itself lacks weights: a real problem, keep transformers' report
+    modules = sorted({re.sub(r"\.(weight|bias)$", "", k) for k in missing})
+    names = ", ".join(modules) + (" (head)" if len(modules) > 1 else " head")
+    return {"names": names, "why": "randomly initialised, as expected: the pretrained checkpoint has no head "
+                                   "for this task; it trains now"}
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs):

@@ -55,7 +55,8 @@ class RunConfig(SaveConfigCallback):
     logger's version folder) and logs the config plus the run facts to every logger."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero and not self.already_saved:
+        # the fit's config only: validate/test/predict (a checkpoint, a predict_source) leave the run's as it is
+        if trainer.is_global_zero and not self.already_saved and stage == "fit":
             os.makedirs(trainer.default_root_dir, exist_ok=True)
             self.parser.save(self.config, os.path.join(trainer.default_root_dir, self.config_filename),
                              skip_none=False, overwrite=True, multifile=False)

@@ -80,6 +80,13 @@ class RunOutputs(L.Callback):
             raise ConfigError(f"trainer.default_root_dir={root!r} is not writable ({err.strerror}); "
                               "choose a run directory you can write to") from None
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # summary.json describes one run: a new run (no checkpoint resumed) starts it afresh, dropping what an
+        # earlier `validate` in this folder wrote
+        path = os.path.join(self.run_dir(trainer), "summary.json")
+        if trainer.ckpt_path is None and trainer.is_global_zero and os.path.exists(path):
+            os.remove(path)
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
 
@@ -168,6 +175,8 @@ class RunOutputs(L.Callback):
                 "epochs": trainer.current_epoch,
                 "train_tokens": tokens,
                 "train_samples": samples,
+                # rows of the train split (after data.max_train_rows; packed rows for packed LM data)
+                "train_rows": len(getattr(trainer.datamodule, "splits", {}).get("train") or []) or None,
                 "wall_time_s": round(wall, 2),
                 "train_samples_per_s": round(samples / wall, 2) if wall else None,
                 "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
@@ -189,7 +198,8 @@ class RunOutputs(L.Callback):
         return export_streamed(model, trainer_gather(trainer, model), os.path.join(self.run_dir(trainer), "export"),
                                tokenizer=getattr(trainer.datamodule, "tokenizer", None),
                                merge_adapter=self.merge_adapter, max_shard_size=self.max_shard_size,
-                               dtype=pl_module.weight_dtype(), writer=trainer.is_global_zero)
+                               dtype=pl_module.weight_dtype(), writer=trainer.is_global_zero,
+                               base_model=pl_module.name_or_path)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         key = f"val/{pl_module.task.main_metric}"
@@ -208,19 +218,34 @@ class RunOutputs(L.Callback):
             self._write(trainer, pl_module, {})
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self._predictions: list[dict] = []
+        self._predictions: list[tuple[int, dict]] = []  # (row of the predicted split, prediction)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._predictions.extend(outputs or [])
+        # the rows of the batch: Lightning's predict loop records each batch's indices
+        sampler = getattr(trainer.predict_dataloaders, "batch_sampler", None)
+        seen = getattr(sampler, "seen_batch_indices", None)
+        rows = seen[batch_idx] if seen and batch_idx < len(seen) else [None] * len(outputs or [])
+        self._predictions.extend(zip(rows, outputs or []))
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        # one file per rank; rank 0's is predictions.jsonl (single-device runs: the whole split)
-        name = "predictions.jsonl" if trainer.global_rank == 0 else f"predictions.rank{trainer.global_rank}.jsonl"
-        path = os.path.join(self.run_dir(trainer), name)
+        """One predictions.jsonl, in the order of the rows predicted on, whatever the number of ranks (rank 0
+        gathers the others' predictions and writes it)."""
+        mine = self._predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, mine)
+            mine = [p for part in parts for p in part]
+        if not trainer.is_global_zero:
+            return
+        if all(row is not None for row, _ in mine):
+            mine = sorted(mine, key=lambda item: item[0])
+        path = os.path.join(self.run_dir(trainer), "predictions.jsonl")
         with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in self._predictions)
+            f.writelines(json.dumps(p) + "\n" for _, p in mine)
         os.replace(path + ".tmp", path)
-        rank_zero_info(f"ftlab: wrote {len(self._predictions)} predictions to {path}")
+        data = trainer.datamodule
+        what = "data.predict_source" if getattr(data, "predict_source", None) is not None else "the test split"
+        rank_zero_info(f"ftlab: wrote {len(mine)} predictions on {what} to {path}")
 
     def on_test_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:

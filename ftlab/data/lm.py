@@ -75,6 +75,21 @@ class LanguageModelingData(TextDataModule):
             return {"prompt_column": self.prompt_column, "response_column": self.response_column}
         return {"messages_column": self.messages_column}
 
+    def missing_column_hint(self, option: str, columns: list[str]) -> str | None:
+        if option != "messages_column":
+            return None
+
+        def pick(words):
+            return next((c for w in words for c in columns if w in c.lower()), None)
+
+        prompt = pick(("prompt", "instruction", "question", "input", "query", "user"))
+        response = pick(("response", "answer", "output", "completion", "assistant", "reply"))
+        if prompt and response and prompt != response:
+            return (f"for a prompt/response file set data.prompt_column and data.response_column "
+                    f"(--data.prompt_column {prompt} --data.response_column {response}), or data.text_column for plain text")
+        return ("set data.messages_column to the column of chat messages, data.prompt_column and "
+                "data.response_column for prompt/response pairs, or data.text_column for plain text")
+
     def text_column_for_dedup(self) -> str | None:
         return self.text_column
 

@@ -43,6 +43,31 @@ def _size(value: int | float, n: int, option: str) -> int:
     return int(value)
 
 
+def label_names_as_written(label_names: list | None, what: str = "label") -> list[str] | None:
+    """`data.label_names` as strings. Numbers are kept as written (`[0, 1]`); YAML reads unquoted no/yes, true/false
+    and on/off as booleans, whose words are lost by then: refused with the quoted form to write instead."""
+    if label_names is None:
+        return None
+    if any(isinstance(n, bool) for n in label_names):
+        shown = ", ".join(f"'{n}'" if not isinstance(n, bool) else "'no'" if n is False else "'yes'" for n in label_names)
+        raise ConfigError(f"data.label_names={label_names}: YAML reads unquoted no/yes, false/true and off/on as "
+                          f"booleans; quote the {what} names as they are in the data, e.g. label_names: [{shown}]")
+    names = [str(n) for n in label_names]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.label_names={label_names} has duplicates; list each {what} once")
+    return names
+
+
+def train_subset(n: int, rows: int | float, seed: int) -> list[int]:
+    """The training rows kept by data.max_train_rows: the first `rows` (a count, or a fraction of n) of one
+    random order of the n rows drawn with `seed`, in file order. Nested: a smaller subset is inside a larger one
+    (the order does not depend on how many are kept), and equal for every training seed and policy."""
+    import numpy as np
+
+    keep = min(_size(rows, n, "data.max_train_rows"), n)
+    return sorted(np.random.default_rng(seed).permutation(n)[:keep].tolist())
+
+
 class TextDataModule(L.LightningDataModule):
     """Shared data handling: source, filtering, splits, tokenisation cache, batching."""
 
@@ -58,13 +83,14 @@ class TextDataModule(L.LightningDataModule):
         split_seed: int = 0,
         keep_rows: dict[str, list] | None = None,
         deduplicate: bool = False,
-        max_train_rows: int | None = None,
+        max_train_rows: int | float | None = None,
         group_by_length: bool = True,
         num_workers: int = 0,
         cache_dir: str | None = None,
         trust_remote_code: bool = False,
         source_format: str | None = None,
         gguf_file: str | None = None,
+        predict_source: str | dict[str, str] | None = None,
     ):
         """
         Args:
@@ -84,7 +110,9 @@ class TextDataModule(L.LightningDataModule):
                 `{category: [fresh, rotten]}`.
             deduplicate: Drop rows whose text repeats an earlier row's (before splitting, so no test row
                 is also a training row).
-            max_train_rows: Use at most this many training rows (quick trials).
+            max_train_rows: Use at most this many training rows (a count, or a fraction in (0, 1)): a random
+                subset drawn with split_seed after the held-out splits, nested (the first N rows of one fixed
+                random order of the train split, so 100 rows are within 300), the same for every training seed.
             group_by_length: Batch rows of similar length together (little padding, faster); off = random.
             num_workers: DataLoader worker processes.
             cache_dir: Where tokenised splits are cached (default `$FTLAB_CACHE/data` or
@@ -93,6 +121,9 @@ class TextDataModule(L.LightningDataModule):
             source_format: The file format when the extension does not tell it: csv, json, parquet, text,
                 conll (`token<TAB>tag` lines) or chatterbot (chatterbot-corpus YAML).
             gguf_file: The tokenizer's GGUF file (set from model.gguf_file).
+            predict_source: What `ftlab predict` predicts on: new rows, as a file, glob or hub id like `source`.
+                Classification needs the text column(s) only (a label column, if there, shows as
+                `true_label`); other tasks read the columns training reads. Default: the test split.
         """
         super().__init__()
         if max_length <= 0:
@@ -103,12 +134,15 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
-        if max_train_rows is not None and max_train_rows <= 0:
-            raise ConfigError(f"data.max_train_rows={max_train_rows} must be positive")
+        if max_train_rows is not None and (max_train_rows <= 0 or isinstance(max_train_rows, float)
+                                           and max_train_rows >= 1 and not max_train_rows.is_integer()):
+            raise ConfigError(f"data.max_train_rows={max_train_rows} must be a positive row count or a fraction in (0, 1)")
         for option, value in (("data.val_size", val_size), ("data.test_size", test_size)):
             if value < 0 or isinstance(value, float) and value >= 1 and not value.is_integer():
                 raise ConfigError(f"{option}={value}: give a fraction in (0, 1) or a row count >= 0")
         self.source = Source(source, format=source_format)
+        self.predict_source = Source(predict_source, option="data.predict_source", format=source_format) \
+            if predict_source else None
         self.gguf_file = gguf_file
         self.tokenizer_name = tokenizer
         self.max_length = max_length
@@ -143,6 +177,10 @@ class TextDataModule(L.LightningDataModule):
     def encode(self, batch: dict) -> dict:
         """A batch of raw rows (column -> list) to model inputs (input_ids, labels...)."""
         raise NotImplementedError
+
+    def missing_column_hint(self, option: str, columns: list[str]) -> str | None:
+        """What to set when a required column is missing (the options that read other layouts)."""
+        return None
 
     def split_meta(self, splits: dict) -> dict:
         """Meta to cache from the raw splits (e.g. held-out prompts for sample generations)."""
@@ -191,7 +229,8 @@ class TextDataModule(L.LightningDataModule):
         return {
             "max_length": self.max_length, "val_size": self.val_size, "test_size": self.test_size,
             "split_seed": self.split_seed, "keep_rows": self.keep_rows, "deduplicate": self.deduplicate,
-            "max_train_rows": self.max_train_rows,
+            # a seeded random subset since format 3 took a prefix: the old key would serve the prefix
+            "max_train_rows": None if self.max_train_rows is None else f"seeded-subset:{self.max_train_rows!r}",
         }
 
     @property
@@ -274,8 +313,9 @@ class TextDataModule(L.LightningDataModule):
         for split, ds in raw.items():
             for option, column in {**self.required_columns(), **{f"keep_rows.{c}": c for c in self.keep_rows}}.items():
                 if column not in ds.column_names:
+                    hint = self.missing_column_hint(option, ds.column_names)
                     raise ConfigError(f"data.{option}: column {column!r} is not in the {split} data; "
-                                      f"its columns are {ds.column_names}")
+                                      f"its columns are {ds.column_names}{'; ' + hint if hint else ''}")
         if self.keep_rows:
             wanted = {c: {str(v) for v in vals} for c, vals in self.keep_rows.items()}
             raw = raw.filter(lambda row: all(str(row[c]) in vs for c, vs in wanted.items()), desc="keep_rows")
@@ -311,7 +351,7 @@ class TextDataModule(L.LightningDataModule):
                 parts = train.train_test_split(test_size=n, seed=self.split_seed)
                 train, out[split] = parts["train"], parts["test"]
         if self.max_train_rows:
-            train = train.select(range(min(self.max_train_rows, len(train))))
+            train = train.select(train_subset(len(train), self.max_train_rows, self.split_seed))
         out["train"] = train
         return out
 
@@ -386,7 +426,41 @@ class TextDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        """The rows of data.predict_source, else the test split; predictions come back in the rows' order."""
+        if self.predict_source is None:
+            return self._loader("test", train=False)
+        if "predict" not in self.splits:
+            self.splits["predict"] = self._predict_rows()
+        return self._loader("predict", train=False)
+
+    # ---- new rows to predict on
+    def target_options(self) -> tuple[str, ...]:
+        """The options (of required_columns) naming what a prediction needs not: labels, targets."""
+        return ()
+
+    def encode_predict(self, batch: dict) -> dict:
+        """Rows of data.predict_source to model inputs; by default as training rows (all columns needed)."""
+        return self.encode(batch)
+
+    def _predict_rows(self):
+        import datasets
+
+        raw = self.predict_source.load()
+        ds = datasets.concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
+        for option, column in self.required_columns().items():
+            if column not in ds.column_names and option not in self.target_options():
+                raise ConfigError(f"data.predict_source: column {column!r} (data.{option}) is not in it; its columns are "
+                                  f"{ds.column_names}")
+        if len(ds) == 0:
+            raise ConfigError("data.predict_source has no rows")
+        caching = datasets.is_caching_enabled()
+        datasets.disable_caching()  # a predict file is read once; nothing to cache next to it
+        try:
+            enc = ds.map(self.encode_predict, batched=True, remove_columns=ds.column_names, desc="tokenising predict")
+            return enc.map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
+        finally:
+            if caching:
+                datasets.enable_caching()
 
 
 class TextClassificationData(TextDataModule):
@@ -398,7 +472,7 @@ class TextClassificationData(TextDataModule):
         text_column: str = "text",
         text_pair_column: str | None = None,
         label_column: str = "label",
-        label_names: list[str] | None = None,
+        label_names: list[str | int | float | bool] | None = None,
         **kwargs,
     ):
         """
@@ -408,16 +482,15 @@ class TextClassificationData(TextDataModule):
             text_pair_column: Optional second text (e.g. the hypothesis of an NLI pair).
             label_column: Column with the label (a name, or an integer id).
             label_names: The labels, in id order. Every row's label must be one of them. Default: the
-                dataset's own label names, else the sorted distinct values of the training labels.
+                dataset's own label names, else the sorted distinct values of the training labels. Quote
+                labels such as 'no', 'yes', 'true', 'off': YAML reads them unquoted as booleans.
             **kwargs: The options of TextDataModule (batch_size, max_length, splits, cache...).
         """
         super().__init__(source, **kwargs)
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
-        if label_names is not None and len(set(map(str, label_names))) != len(label_names):
-            raise ConfigError(f"data.label_names={label_names} has duplicates; list each label once")
-        self.given_label_names = [str(n) for n in label_names] if label_names else None
+        self.given_label_names = label_names_as_written(label_names) or None
         self.label_names = self.given_label_names  # resolved from the data in setup() when not given
 
     def required_columns(self) -> dict[str, str]:
@@ -476,3 +549,20 @@ class TextClassificationData(TextDataModule):
         enc = self.tokenizer(batch[self.text_column], pair, truncation=True, max_length=self.max_length)
         enc["labels"] = batch[self.label_column]
         return dict(enc)
+
+    def target_options(self) -> tuple[str, ...]:
+        return ("label_column",)
+
+    def encode_predict(self, batch: dict) -> dict:
+        """New rows: labels are optional (given, predictions show them as true_label)."""
+        pair = batch[self.text_pair_column] if self.text_pair_column else None
+        enc = dict(self.tokenizer([str(t) for t in batch[self.text_column]], pair, truncation=True,
+                                  max_length=self.max_length))
+        if self.label_column in batch:
+            ids = {n: i for i, n in enumerate(self.label_names)}
+            unknown = sorted({str(v) for v in batch[self.label_column]} - set(ids))
+            if unknown:
+                raise ConfigError(f"data.predict_source: labels {unknown[:5]} in column {self.label_column!r} are not "
+                                  f"among the run's labels {self.label_names}; drop the column or fix the labels")
+            enc["labels"] = [ids[str(v)] for v in batch[self.label_column]]
+        return enc

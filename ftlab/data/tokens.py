@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ftlab.data.module import TextDataModule
+from ftlab.data.module import TextDataModule, label_names_as_written
 from ftlab.errors import ConfigError
 
 
@@ -18,7 +18,7 @@ class TokenClassificationData(TextDataModule):
         source: str | dict[str, str],
         tokens_column: str = "tokens",
         tags_column: str = "tags",
-        label_names: list[str] | None = None,
+        label_names: list[str | int | float | bool] | None = None,
         **kwargs,
     ):
         """
@@ -33,9 +33,7 @@ class TokenClassificationData(TextDataModule):
         """
         super().__init__(source, **kwargs)
         self.tokens_column, self.tags_column = tokens_column, tags_column
-        if label_names is not None and len(set(map(str, label_names))) != len(label_names):
-            raise ConfigError(f"data.label_names={label_names} has duplicates; list each tag once")
-        self.given_label_names = [str(n) for n in label_names] if label_names else None
+        self.given_label_names = label_names_as_written(label_names, "tag") or None
         self.label_names = self.given_label_names
 
     def required_columns(self) -> dict[str, str]:

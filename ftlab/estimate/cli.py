@@ -94,7 +94,10 @@ def _train_rows(data) -> tuple[int | None, str]:
                 return json.load(f)["sizes"]["train"], "tokenised cache"
     except Exception:  # noqa: BLE001 - no tokenizer at hand: fall back
         pass
-    return data.max_train_rows, "data.max_train_rows"
+    rows = data.max_train_rows
+    if isinstance(rows, float) and rows < 1:  # a fraction of a train split not counted yet
+        return None, "data.max_train_rows (a fraction)"
+    return (int(rows) if rows else rows), "data.max_train_rows"
 
 
 def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:

@@ -49,8 +49,9 @@ def _target_matches(target: str, module_names: list[str]) -> bool:
 
 
 class Adapter(Policy):
-    """Parameter-efficient fine-tuning with peft: the backbone stays frozen, small adapters (and the task
-    head) train."""
+    """Parameter-efficient fine-tuning with peft: the backbone stays frozen, small adapters train.
+
+    The task head trains too (peft's `modules_to_save`)."""
 
     name = "adapter"
 

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from ftlab.checkpoints import check_fresh_run_dir
 from ftlab.errors import ConfigError
 from ftlab.slurm.job import MIN_LEAD_S, SlurmJob, checkpoint_lead
 from ftlab.slurm.script import DEFAULT_TEMPLATE, render
@@ -18,14 +21,28 @@ FROZEN_CONFIG = "submitted-config.yaml"
 SCRIPT = "job.sbatch"
 
 
-def parser() -> argparse.ArgumentParser:
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's default in its help, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(action: str | None = None) -> argparse.ArgumentParser:
+    """`action` (submit or render) named: the usage line names it and it is not parsed again."""
     p = argparse.ArgumentParser(
-        prog="python -m ftlab slurm", allow_abbrev=False,
+        prog="python -m ftlab slurm" + (f" {action}" if action else ""), allow_abbrev=False,
+        formatter_class=_ShowDefaults,
         description="Run `ftlab fit` as a Slurm job. Arguments not listed here go to `ftlab fit` "
                     "(e.g. --trainer.max_epochs 3).",
         epilog="submit checks the config, the job shape and the partition, freezes the config into the run "
-               "directory, renders the template and calls `sbatch --parsable`. render prints the script only.")
-    p.add_argument("action", choices=["submit", "render"])
+               "directory, renders the template and calls `sbatch --parsable`. render writes the frozen config "
+               "and prints the script, queueing nothing.")
+    if action is None:
+        p.add_argument("action", choices=["submit", "render"])
     p.add_argument("--config", action="append", required=True, help="fit config file (repeatable, as for fit)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (= trainer.num_nodes); default 1")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one task each; 0 for CPU-only")
@@ -72,6 +89,8 @@ def prepare(args: argparse.Namespace, fit_overrides: list[str]) -> tuple[SlurmJo
     fit_args = [a for c in args.config for a in ("--config", c)] + fit_overrides
     trainer, frozen = check_fit_config(fit_args)
     job.check_trainer(trainer)
+    if yaml.safe_load(frozen).get("ckpt_path") is None:  # the job would refuse a used run directory: now
+        check_fresh_run_dir(trainer.get("default_root_dir") or "runs/default")
     note = "the shape was not checked against a cluster (--no-cluster-check)" if args.no_cluster_check \
         else job.check_cluster()
     if note:
@@ -149,21 +168,33 @@ def warn_if_it_does_not_fit(args: argparse.Namespace, job: SlurmJob, fit_args: l
     return est
 
 
+def write_frozen(run_dir: str, frozen: str) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, FROZEN_CONFIG), "w") as f:
+        f.write(frozen)
+
+
 def main(argv: list[str]) -> None:
-    args, fit_overrides = parser().parse_known_args(argv)
+    action = argv[0] if argv[:1] in (["submit"], ["render"]) else None
+    args, fit_overrides = parser(action).parse_known_args(argv[1:] if action else argv)
+    if action:
+        args.action = action
     job, run_dir, frozen, script = prepare(args, fit_overrides)
+    frozen_path = os.path.join(run_dir, FROZEN_CONFIG)
     if args.action == "render":
+        # the script runs the frozen config: written, so that the printed script can be submitted as it is
+        write_frozen(run_dir, frozen)
         print(script, end="")
+        print(f"ftlab: wrote {frozen_path}, the config this script runs (save the script and `sbatch` it; "
+              "nothing was queued)", file=sys.stderr)
         return
     script_path = os.path.join(run_dir, SCRIPT)
     if args.dry_run:
         print(script, end="")
-        print(f"ftlab: dry run: would write {script_path} and {os.path.join(run_dir, FROZEN_CONFIG)}, then run "
+        print(f"ftlab: dry run: would write {script_path} and {frozen_path}, then run "
               f"`sbatch --parsable {shlex.quote(script_path)}`; nothing was queued", file=sys.stderr)
         return
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, FROZEN_CONFIG), "w") as f:
-        f.write(frozen)
+    write_frozen(run_dir, frozen)
     with open(script_path, "w") as f:
         f.write(script)
     result = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True)

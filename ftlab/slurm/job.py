@@ -116,13 +116,17 @@ class SlurmJob:
             raise ConfigError(f"trainer.num_nodes={num_nodes} in the config but --nodes {self.nodes}: make them equal, "
                               "or drop trainer.num_nodes (the job sets it from its allocation)")
         devices = trainer.get("devices", "auto")
+        if devices is None or str(devices).lower() in ("null", "none", ""):
+            devices = "auto"  # `--trainer.devices null`: left to the job, as `auto`
         if isinstance(devices, (list, tuple)) or isinstance(devices, str) and "," in devices:
             raise ConfigError(f"trainer.devices={devices!r} lists devices; under Slurm give their number "
                               f"(--gpus-per-node), or drop trainer.devices")
+        if str(devices) not in ("auto", "-1") and not str(devices).isdigit():
+            raise ConfigError(f"trainer.devices={devices!r} is not a number of devices; give one, or auto")
         if str(devices) not in ("auto", "-1") and int(devices) != self.tasks_per_node:
             raise ConfigError(f"trainer.devices={devices} in the config but the job runs {self.tasks_per_node} task(s) "
                               f"per node: pass --gpus-per-node {devices} (or --ntasks-per-node {devices} on CPU), "
-                              "or drop trainer.devices")
+                              "or set trainer.devices to auto (--trainer.devices auto)")
         accelerator = str(trainer.get("accelerator", "auto"))
         if accelerator in ("gpu", "cuda") and self.gpus_per_node == 0:
             raise ConfigError(f"trainer.accelerator={accelerator} but --gpus-per-node 0; ask for GPUs "

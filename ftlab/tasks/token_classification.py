@@ -13,8 +13,10 @@ from ftlab.tasks.base import Task
 
 
 class TokenClassification(Task):
-    """A tag per word from a token-classification head; entity precision/recall/F1 (seqeval's conlleval
-    semantics: type and exact span must match) and word-level tag accuracy."""
+    """A tag per word from a token-classification head; entity precision/recall/F1 and tag accuracy.
+
+    Entities are scored with seqeval's conlleval semantics (type and exact span must match); tag accuracy
+    is word-level."""
 
     name = "token-classification"
     auto_class = AutoModelForTokenClassification

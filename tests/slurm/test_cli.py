@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 
 import pytest
+import yaml
 
 from ftlab.__main__ import main
-from tests.conftest import run_ftlab
+from tests.conftest import REPO, run_ftlab
 from tests.slurm.conftest import write_config
 
 SHAPE = ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10", "--signal-lead", "30"]
@@ -37,7 +39,9 @@ def test_render_fills_the_shape_and_quotes_every_value(tmp_path, tiny_bert, revi
     assert args[:2] == ["--config", f"{tmp_path}/{run}/submitted-config.yaml"]
     assert args[3] == str(tmp_path)
     assert not (tmp_path / "pwned").exists()
-    assert not (tmp_path / "runs").exists()  # render writes nothing
+    # render writes the frozen config its script runs, and nothing else
+    assert [p.name for p in (tmp_path / run).iterdir()] == ["submitted-config.yaml"]
+    assert "max_epochs: 3" in (tmp_path / run / "submitted-config.yaml").read_text()
 
 
 def test_render_for_a_gpu_cluster(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
@@ -183,3 +187,46 @@ def test_submit_warns_when_the_memory_estimate_does_not_fit(tmp_path, tiny_bert,
     assert main(["slurm", "render", "--config", str(cfg), *gpus, "--data.init_args.batch_size=3000000"]) == 0
     err = capsys.readouterr().err
     assert "ftlab: warning: the memory estimate does not fit" in err and "of 80 GiB (H100" in err
+
+
+def readme_slurm_commands() -> list[str]:
+    """The commands of the README's Slurm example, as written (continuation lines joined)."""
+    text = (REPO / "README.md").read_text().split("## Run on Slurm", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [c.strip() for c in text.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def test_the_readme_slurm_commands_run_with_the_shipped_config(tmp_path, capsys, monkeypatch):
+    """The README's submit and render, literally (with --dry-run and --no-cluster-check: this machine has no
+    GPU partition), on the shipped config: `devices: auto` fits any --gpus-per-node."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    commands = readme_slurm_commands()
+    assert [c.split()[:5] for c in commands] == [["python", "-m", "ftlab", "slurm", "submit"],
+                                                 ["python", "-m", "ftlab", "slurm", "render"]]
+    submit, render = (shlex.split(c, comments=True)[3:] for c in commands)
+    assert main([*submit, "--dry-run", "--no-cluster-check"]) == 0
+    assert "#SBATCH --ntasks-per-node=8" in capsys.readouterr().out
+    assert render[-2] == ">"
+    assert main([*render[:-2], "--no-cluster-check"]) == 0
+    out = capsys.readouterr()
+    (tmp_path / render[-1]).write_text(out.out)
+    frozen = tmp_path / "runs/quickstart-full/submitted-config.yaml"
+    assert f"ftlab: wrote {frozen}" in out.err
+    assert yaml.safe_load(frozen.read_text())["trainer"]["devices"] == "auto"
+    assert settings((tmp_path / render[-1]).read_text())[:2] == ["--config", str(frozen)]  # the script runs it
+    # `--trainer.devices null` means auto; a number that differs names the fix
+    assert main([*render[:-2], "--no-cluster-check", "--trainer.devices", "null"]) == 0
+    capsys.readouterr()
+    assert main([*render[:-2], "--no-cluster-check", "--trainer.devices", "1"]) == 2
+    assert "or set trainer.devices to auto (--trainer.devices auto)" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_run_dir_that_holds_a_run(tmp_path, tiny_bert, reviews_csv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "x.yaml", "runs/used", tiny_bert, reviews_csv)
+    (tmp_path / "runs/used/checkpoints").mkdir(parents=True)
+    (tmp_path / "runs/used/checkpoints/last.ckpt").write_text("x")
+    assert main(["slurm", "submit", "--dry-run", "--config", str(cfg), *SHAPE, "--no-cluster-check"]) == 2
+    assert "already holds a run (checkpoints/): resume it with --ckpt_path last" in capsys.readouterr().err
+    assert main(["slurm", "submit", "--dry-run", "--config", str(cfg), *SHAPE, "--no-cluster-check",
+                 "--ckpt_path", "last"]) == 0
