@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from ftlab.compare.report import collect, write
 from ftlab.compare.runner import plan, run_all
+from ftlab.compare.slurm import add_options as add_slurm_options
+from ftlab.compare.slurm import check as slurm_check
+from ftlab.compare.slurm import job_from as slurm_job
+from ftlab.compare.slurm import submit as slurm_submit
+from ftlab.compare.tune import DEFAULT_GRID, LrSearch, base_lr, parse_grid
 from ftlab.compare.variants import BUILTIN, load_variants
 from ftlab.errors import ConfigError
 
@@ -30,7 +36,48 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="report name: runs/compare-NAME (default: the first config's name)")
     p.add_argument("--runs-dir", default="runs", help="parent of the comparison's folder (default runs)")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished")
+    p.add_argument("--train-rows", help="data-efficiency curve: run every variant at each training-set size, e.g. "
+                                        "100,300,1000,all or 0.1,0.3,all (nested random subsets of the train split, "
+                                        "drawn with data.split_seed; validation and test sets unchanged)")
+    p.add_argument("--tune", choices=["lr"], help="lr: search each variant's learning rate (successive halving over "
+                                                  "--lr-grid, on validation) and run its seeds at the chosen one")
+    p.add_argument("--lr-grid", default=DEFAULT_GRID,
+                   help=f"multipliers of each variant's configured rate (default {DEFAULT_GRID}); "
+                        "'=1e-4,3e-4,1e-3' gives absolute rates")
+    p.add_argument("--tune-steps", type=int,
+                   help="optimizer steps of the first halving rung (each later rung doubles them); default: a quarter "
+                        "of --budget-steps, else 50")
+    add_slurm_options(p)
     return p
+
+
+def parse_sizes(text: str | None) -> list[str] | None:
+    """`--train-rows 100,300,all` -> labels, smallest first ("all" last): counts, fractions in (0, 1), all."""
+    if text is None:
+        return None
+    sizes: list[tuple[float, str]] = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        if item == "all":
+            sizes.append((math.inf, "all"))
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(f"--train-rows {text!r}: {item!r} is not a row count, a fraction in (0, 1) or all") from None
+        if 0 < value < 1:
+            sizes.append((value, f"{value:g}"))
+        elif value >= 1 and value.is_integer():
+            sizes.append((value, str(int(value))))
+        else:
+            raise ConfigError(f"--train-rows {text!r}: {item!r}: give a positive row count, a fraction in (0, 1) or all")
+    labels = [label for _, label in sizes]
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"--train-rows {text!r}: give each size once, e.g. 100,300,1000,all")
+    fractions, counts = [v for v, _ in sizes if v < 1], [v for v, _ in sizes if 1 <= v < math.inf]
+    if fractions and counts:
+        raise ConfigError(f"--train-rows {text!r}: give row counts or fractions, not both (their order is unknown "
+                          "before the data is read)")
+    return [label for _, label in sorted(sizes)]
 
 
 def main(argv: list[str]) -> int:
@@ -41,6 +88,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--budget-steps {args.budget_steps}: give at least 1")
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         raise ConfigError(f"--budget-minutes {args.budget_minutes}: give a positive number")
+    if args.tune_steps is not None and args.tune_steps < 1:
+        raise ConfigError(f"--tune-steps {args.tune_steps}: give at least 1")
+    grid = parse_grid(args.lr_grid)
+    sizes = parse_sizes(args.train_rows)
     variants = load_variants(args.variants, args.variants_file)
     name = args.name or os.path.splitext(os.path.basename(args.config[0]))[0]
     root = os.path.join(args.runs_dir, f"compare-{name}")
@@ -53,13 +104,56 @@ def main(argv: list[str]) -> int:
                   "--trainer.max_epochs=-1"]
     if args.val_checks_per_epoch:
         budget.append(f"--trainer.val_check_interval={1 / args.val_checks_per_epoch}")
-    runs = plan(args.config, variants, list(range(args.seeds)), root, budget, extra)
-    _check(runs, name)
+    seeds = list(range(args.seeds))
+    runs = plan(args.config, variants, seeds, root, budget, extra, sizes)
+    job = slurm_job(args, name) if args.slurm and not args.report_only else None
+    checked = _check(runs, name)
+    if job is not None:
+        slurm_check(job, args, [trainer for trainer, _ in checked.values()])
+    results = None
+    if args.tune:
+        steps = args.tune_steps or (max(1, args.budget_steps // 4) if args.budget_steps else 50)
+        search = LrSearch(args.config, variants, extra, sizes[-1] if sizes else None, root,
+                          {v: base_lr(frozen, v) for v, (_, frozen) in checked.items()}, grid, steps)
+        # the runs that did not finish count as failed: in the report, after the rung they were queued in (Slurm),
+        # or once they ran here
+        attempted: set[str] = set()
+        if args.report_only:
+            given_up = lambda run: True  # noqa: E731
+        elif args.slurm_continue:
+            given_up = lambda run: run._same_plan()  # noqa: E731
+        else:
+            given_up = lambda run: run.run_dir in attempted  # noqa: E731
+        while True:
+            states = search.results(given_up)
+            needed = [r for pending, _ in states.values() for r in pending]
+            if not needed:
+                break
+            if job is not None:
+                rungs = sorted({os.path.basename(r.run_dir).split("-")[0] for r in needed})
+                return slurm_submit(job, args, argv, name, root, needed, f"tune {'+'.join(rungs)}", final=False)
+            print(f"tuning the learning rate: {len(needed)} run(s) of "
+                  f"{', '.join(sorted({os.path.basename(r.run_dir).split('-')[0] for r in needed}))}", flush=True)
+            run_all(needed)
+            attempted.update(r.run_dir for r in needed)
+        results = {v: result for v, (_, result) in states.items()}
+        search.write(results)
+        for v, result in results.items():
+            print(f"{v}: learning rate {result['chosen_lr']:g} (searched {', '.join(f'{x:g}' for x in result['grid'])})",
+                  flush=True)
+        runs = plan(args.config, variants, seeds, root, budget, extra, sizes,
+                    {v: r["chosen_lr"] for v, r in results.items()})
+        _wandb_group(runs, name, checked)
+    if job is not None:
+        return slurm_submit(job, args, argv, name, root, runs, "runs", final=True)
     if not args.report_only:
         failed = run_all(runs)
     else:
         failed = [r for r in runs if not r.finished()]
-    files = write(collect(runs), root, f"ftlab compare: {name}")
+    report = collect(runs)
+    if results is not None:
+        report["tuning"] = results
+    files = write(report, root, f"ftlab compare: {name}")
     print(f"report: {os.path.join(root, files['md'])} (also {files['html']}, {files['json']} and plots there)")
     if failed:
         print(f"{len(failed)} run(s) did not finish; run the same command again to run only those", file=sys.stderr)
@@ -67,22 +161,30 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _check(runs, name: str) -> None:
-    """Every variant's config, checked before the first (long) run starts; W&B runs get one group."""
+def _check(runs, name: str) -> dict[str, tuple[dict, str]]:
+    """Every variant's config, checked before the first (long) run starts; W&B runs get one group.
+    Returns variant -> (trainer settings, the whole config as YAML)."""
     from ftlab.cli import check_fit_config
 
+    checked = {}
     for run in runs:
-        if run.seed != runs[0].seed:
+        if run.variant in checked:
             continue
         try:
-            trainer, _ = check_fit_config(run.args)
+            checked[run.variant] = check_fit_config(run.args)
         except ConfigError as err:
             raise ConfigError(f"variant {run.variant!r}: {err}") from None
+    _wandb_group(runs, name, checked)
+    return checked
+
+
+def _wandb_group(runs, name: str, checked: dict[str, tuple[dict, str]]) -> None:
+    for variant, (trainer, _) in checked.items():
         logger = trainer.get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
         if any("Wandb" in str(getattr(lg, "class_path", "") or (lg or {}).get("class_path", "")) for lg in loggers
                if lg not in (None, False, True)):
             group = f"--trainer.logger.dict_kwargs.group=compare-{name}"
             for r in runs:
-                if r.variant == run.variant and group not in r.args:
+                if r.variant == variant and group not in r.args:
                     r.args.insert(len(r.args) - 2, group)

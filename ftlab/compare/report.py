@@ -47,15 +47,17 @@ def failure(run: Run) -> str:
 
 def collect(runs: list[Run]) -> dict:
     """report.json's content: per variant, the metric over seeds and the cost figures, from whatever finished;
-    runs that did not finish, or finished without the metric, are listed with the reason."""
-    summaries: dict[str, list[dict]] = {}
+    runs that did not finish, or finished without the metric, are listed with the reason. With training-set
+    sizes (--train-rows), the table is the largest size's, and `data_efficiency` holds every size's."""
+    summaries: dict[tuple[str, str | None], list[dict]] = {}
     missing: list[dict] = []
     for run in runs:
         if os.path.exists(run.summary_path):
             with open(run.summary_path) as f:
-                summaries.setdefault(run.variant, []).append({**json.load(f), "seed": run.seed, "dir": run.run_dir})
+                summaries.setdefault((run.variant, run.rows), []).append(
+                    {**json.load(f), "seed": run.seed, "dir": run.run_dir})
         else:
-            missing.append({"variant": run.variant, "seed": run.seed, "why": failure(run)})
+            missing.append({"variant": run.variant, "rows": run.rows, "seed": run.seed, "why": failure(run)})
     finished = [s for ss in summaries.values() for s in ss]
     metric, higher = main_metric(finished)
     # one split for every run (test when all have it): a variant ranked on test against another on val is no
@@ -65,35 +67,18 @@ def collect(runs: list[Run]) -> dict:
         counts = {sp: sum(f"{sp}/{metric}" in s for s in finished) for sp in ("test", "val")}
         split = max(counts, key=counts.get)
     key = f"{split}/{metric}"
-    variants = {}
-    for name in dict.fromkeys(r.variant for r in runs):
-        ss = summaries.get(name, [])
-        without = [s for s in ss if s.get(key) is None]
-        missing += [{"variant": name, "seed": s["seed"], "why": f"finished after {s.get('steps')} step(s) without "
-                     f"{key} (no {split} loop ran: raise the budget, or validate more often)"} for s in without]
-        ss = [s for s in ss if s.get(key) is not None]
-        if not ss:
-            variants[name] = {"seeds": 0}
-            continue
-        mean, std = _mean_std([s[key] for s in ss])
-        first = ss[0]
-        variants[name] = {
-            "seeds": len(ss),
-            "metric_mean": mean,
-            "metric_std": std if len(ss) > 1 else None,  # one seed: no spread to show
-            "metric_per_seed": {s["seed"]: s[key] for s in ss},
-            "policy": first.get("policy"),
-            "trainable_params": first.get("trainable_params"),
-            "total_params": first.get("total_params"),
-            "trainable_share": (first.get("trainable_params") or 0) / max(first.get("total_params") or 1, 1),
-            "peak_memory_mb": _mean_std([s.get("peak_memory_mb") for s in ss])[0],
-            "wall_time_s": _mean_std([s.get("wall_time_s") for s in ss])[0],
-            "train_samples_per_s": _mean_std([s.get("train_samples_per_s") for s in ss])[0],
-            "train_tokens_per_s": _mean_std([s.get("train_tokens_per_s") for s in ss])[0],
-            "steps": first.get("steps"),
-            "val_curve": _mean_curve([s.get("val_history", []) for s in ss], f"val/{metric}"),
-            "runs": [s["dir"] for s in ss],
-        }
+    names = list(dict.fromkeys(r.variant for r in runs))
+    sizes = list(dict.fromkeys(r.rows for r in runs))
+    kept: dict[tuple[str, str | None], list[dict]] = {}
+    for name in names:
+        for rows in sizes:
+            ss = summaries.get((name, rows), [])
+            missing += [{"variant": name, "rows": rows, "seed": s["seed"], "why": f"finished after {s.get('steps')} "
+                         f"step(s) without {key} (no {split} loop ran: raise the budget, or validate more often)"}
+                        for s in ss if s.get(key) is None]
+            kept[name, rows] = [s for s in ss if s.get(key) is not None]
+    headline = sizes[-1]  # the largest training set (sizes come smallest first)
+    variants = {name: _variant(kept[name, headline], key) for name in names}
     done = {n: v for n, v in variants.items() if v.get("metric_mean") is not None}
     curves = {n: v["val_curve"] for n, v in done.items() if v["val_curve"]}
     target = None
@@ -104,8 +89,51 @@ def collect(runs: list[Run]) -> dict:
         for n, curve in curves.items():
             done[n]["steps_to_95pct_of_best"] = next(
                 (p["step"] for p in curve if (p["value"] >= target if higher else p["value"] <= target)), None)
-    return {"metric": key if done else None, "higher_is_better": higher, "variants": variants,
-            "val_target_95pct": target, "missing": missing}
+    report = {"metric": key if done else None, "higher_is_better": higher, "variants": variants,
+              "val_target_95pct": target, "missing": missing}
+    if headline is not None:
+        report["train_rows"] = headline
+        report["data_efficiency"] = {
+            "sizes": sizes,
+            "variants": {name: [_point(rows, kept[name, rows], key) for rows in sizes] for name in names}}
+    return report
+
+
+def _point(rows: str, ss: list[dict], key: str) -> dict:
+    """One size of a data-efficiency curve: the metric over seeds, and the training rows the runs recorded."""
+    mean, std = _mean_std([s[key] for s in ss])
+    counts = sorted({s["train_rows"] for s in ss if s.get("train_rows")})
+    return {"rows": rows, "train_rows": counts[0] if len(counts) == 1 else (counts or None),
+            "seeds": len(ss), "metric_mean": mean, "metric_std": std if len(ss) > 1 else None,
+            "metric_per_seed": {s["seed"]: s[key] for s in ss},
+            "steps": sorted({s.get("steps") for s in ss if s.get("steps") is not None}),
+            "train_samples": sorted({s.get("train_samples") for s in ss if s.get("train_samples") is not None}),
+            "wall_time_s": _mean_std([s.get("wall_time_s") for s in ss])[0]}
+
+
+def _variant(ss: list[dict], key: str) -> dict:
+    if not ss:
+        return {"seeds": 0}
+    mean, std = _mean_std([s[key] for s in ss])
+    first = ss[0]
+    return {
+        "seeds": len(ss),
+        "metric_mean": mean,
+        "metric_std": std if len(ss) > 1 else None,  # one seed: no spread to show
+        "metric_per_seed": {s["seed"]: s[key] for s in ss},
+        "policy": first.get("policy"),
+        "trainable_params": first.get("trainable_params"),
+        "total_params": first.get("total_params"),
+        "trainable_share": (first.get("trainable_params") or 0) / max(first.get("total_params") or 1, 1),
+        "peak_memory_mb": _mean_std([s.get("peak_memory_mb") for s in ss])[0],
+        "wall_time_s": _mean_std([s.get("wall_time_s") for s in ss])[0],
+        "train_samples_per_s": _mean_std([s.get("train_samples_per_s") for s in ss])[0],
+        "train_tokens_per_s": _mean_std([s.get("train_tokens_per_s") for s in ss])[0],
+        "steps": first.get("steps"),
+        "train_rows": first.get("train_rows"),
+        "val_curve": _mean_curve([s.get("val_history", []) for s in ss], f"val/{key.split('/', 1)[1]}"),
+        "runs": [s["dir"] for s in ss],
+    }
 
 
 def _mean_curve(histories: list[list[dict]], key: str) -> list[dict]:
@@ -135,8 +163,11 @@ def reading(report: dict) -> list[str]:
     missing from the comparison."""
     done = {n: v for n, v in report["variants"].items() if v.get("metric_mean") is not None}
     lines = _ranking(report, done) if done else ["No variant has a result yet: nothing to compare."]
+    if report.get("train_rows") is not None:
+        lines[0] = f"At {_rows_label(report['train_rows'])}: {lines[0]}"
     for m in report.get("missing", []):
-        lines.append(f"Missing: {m['variant']} seed {m['seed']}: {m['why']}")
+        rows = f" rows {m['rows']}" if m.get("rows") else ""
+        lines.append(f"Missing: {m['variant']}{rows} seed {m['seed']}: {m['why']}")
     return lines
 
 
@@ -179,6 +210,143 @@ def _ranking(report: dict, done: dict) -> list[str]:
         lines.append(f"Knee: no cheaper variant comes within {margin:.4f} ({noise}) of **{best}**; "
                      "the extra cost buys real quality here.")
     return lines
+
+
+def _rows_label(rows: str, train_rows=None) -> str:
+    """How a size reads: "300 rows", "all rows (2,400)", "0.1 of the rows (240)"."""
+    n = f" ({train_rows:,})" if isinstance(train_rows, int) else ""
+    if rows == "all":
+        return f"all rows{n}"
+    if "." in str(rows):
+        return f"{rows} of the rows{n}"
+    return f"{int(rows):,} rows"
+
+
+def _cell(p: dict) -> str:
+    if p.get("metric_mean") is None:
+        return "-"
+    return _pm(p)
+
+
+def efficiency_reading(report: dict) -> list[str]:
+    """The data-efficiency curves in plain words: up to which size the frozen backbone (else the cheapest
+    variant) is within noise of the best, from which size each other variant stays within it, and where
+    two variants' curves cross."""
+    de, higher = report["data_efficiency"], report["higher_is_better"]
+    sizes = de["sizes"]
+    points = {n: {p["rows"]: p for p in ps if p["metric_mean"] is not None} for n, ps in de["variants"].items()}
+    names = [n for n in points if points[n]]
+    if len(names) < 2:
+        return ["Data efficiency: fewer than two variants have results; no curves to compare."]
+    name_of = {}
+    for ps in de["variants"].values():
+        for p in ps:
+            name_of.setdefault(p["rows"], _rows_label(p["rows"], p["train_rows"]))
+    best: dict[str, str] = {}
+    close: dict[str, set[str]] = {}
+    margin: dict[str, float] = {}
+    for rows in sizes:
+        at = {n: points[n][rows] for n in names if rows in points[n]}
+        if not at:
+            continue
+        b = (max if higher else min)(at, key=lambda n: at[n]["metric_mean"])
+        best[rows] = b
+        margin[rows] = max(2 * (at[b]["metric_std"] or 0.0), 0.005)
+        close[rows] = {n for n in at if abs(at[n]["metric_mean"] - at[b]["metric_mean"]) <= margin[rows]}
+    measured = [r for r in sizes if r in best]
+    variants = report["variants"]
+    frozen = next((n for n in names if str((variants.get(n) or {}).get("policy")).lower() == "freeze"), None)
+    cheap = frozen or min(names, key=lambda n: (variants.get(n) or {}).get("wall_time_s") or math.inf)
+    what = f"the frozen backbone (**{cheap}**)" if frozen else f"the cheapest variant (**{cheap}**)"
+    lines = [f"Data efficiency ({report['metric']} against training rows; within noise: 2 std of the best at that "
+             f"size, at least 0.005):"]
+    prefix = []
+    for rows in measured:
+        if cheap not in close[rows]:
+            break
+        prefix.append(rows)
+    if len(prefix) == len(measured):
+        lines.append(f"{what[0].upper()}{what[1:]} is within noise of the best at every size, up to "
+                     f"{name_of[measured[-1]]}" + (": on this task, adapting the backbone buys nothing measurable."
+                                                   if frozen else "."))
+    elif not prefix:
+        r = measured[0]
+        lines.append(f"{what[0].upper()}{what[1:]} is not within noise of the best even at {name_of[r]} "
+                     f"(**{best[r]}** leads by {_gap(points, best[r], cheap, r)}).")
+    else:
+        r, nxt = prefix[-1], measured[len(prefix)]
+        lines.append(f"Up to {name_of[r]}, {what} is within noise of the best; from {name_of[nxt]} on it is not "
+                     f"(**{best[nxt]}** leads by {_gap(points, best[nxt], cheap, nxt)}).")
+    for n in names:
+        if n == cheap:
+            continue
+        stays = [r for i, r in enumerate(measured) if all(n in close[q] for q in measured[i:])]
+        if len(stays) == len(measured):
+            lines.append(f"**{n}** is within noise of the best at every size.")
+        elif stays:
+            lines.append(f"**{n}** catches up from {name_of[stays[0]]}: within noise of the best from there on.")
+        else:
+            lines.append(f"**{n}** is not within noise of the best at the largest size ({name_of[measured[-1]]}).")
+    crossings = []
+    for i, a in enumerate(names):
+        for c in names[i + 1:]:
+            shared = [r for r in measured if r in points[a] and r in points[c]]
+            for r0, r1 in zip(shared, shared[1:]):
+                d0 = points[a][r0]["metric_mean"] - points[c][r0]["metric_mean"]
+                d1 = points[a][r1]["metric_mean"] - points[c][r1]["metric_mean"]
+                if d0 * d1 < 0:
+                    ahead = a if (d1 > 0) == higher else c
+                    behind = c if ahead == a else a
+                    crossings.append(f"**{ahead}** overtakes **{behind}** between {name_of[r0]} and {name_of[r1]}")
+    lines.append("Crossovers: " + "; ".join(crossings) + "." if crossings else
+                 "Crossovers: none; the curves keep their order at every size measured.")
+    return lines
+
+
+def _gap(points: dict, a: str, b: str, rows: str) -> str:
+    return f"{abs(points[a][rows]['metric_mean'] - points[b][rows]['metric_mean']):.4f}"
+
+
+def efficiency_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    de = report["data_efficiency"]
+    names = list(de["variants"])
+    head = ["training rows", *[f"{n} ({report['metric'] or 'metric'})" for n in names]]
+    rows = []
+    for i, size in enumerate(de["sizes"]):
+        counts = {de["variants"][n][i]["train_rows"] for n in names} - {None}
+        count = next(iter(counts)) if len(counts) == 1 else None
+        rows.append([_rows_label(size, count)] + [_cell(de["variants"][n][i]) for n in names])
+    return head, rows
+
+
+def tuning_reading(report: dict) -> list[str]:
+    parts = []
+    metric = next((t["metric"] for t in report["tuning"].values() if t.get("metric")), "the validation metric")
+    for n, t in report["tuning"].items():
+        parts.append(f"**{n}** {t['chosen_lr']:g} (of {', '.join(f'{x:g}' for x in t['grid'])}; configured "
+                     f"{t['base_lr']:g})")
+    return [f"Learning rates, tuned on {metric} by successive halving: " + "; ".join(parts) + "."]
+
+
+def tuning_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    depth = max((len(t["rungs"]) for t in report["tuning"].values()), default=0)
+    steps = next((t["rungs"] for t in report["tuning"].values() if len(t["rungs"]) == depth), [])
+    head = ["variant", "learning rate", *[f"rung {i} ({r['steps']} steps)" for i, r in enumerate(steps)], "used"]
+    rows = []
+    for n, t in report["tuning"].items():
+        for lr in t["grid"]:
+            cells = []
+            for r in t["rungs"]:
+                key = f"{lr:g}"
+                if key not in r["scores"]:
+                    cells.append("")
+                elif r["scores"][key] is None:
+                    cells.append("failed")
+                else:
+                    cells.append(f"{r['scores'][key]:.4f}")
+            cells += [""] * (depth - len(t["rungs"]))
+            rows.append([n, f"{lr:g}", *cells, "yes" if lr == t["chosen_lr"] else ""])
+    return head, rows
 
 
 def _fmt(v, spec: str = ",.0f") -> str:
@@ -257,6 +425,53 @@ def plot(report: dict, out_dir: str) -> list[str]:
     plt.close(fig)
     files.append("validation_curves.png")
 
+    if report.get("data_efficiency"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for i, (n, ps) in enumerate(report["data_efficiency"]["variants"].items()):
+            ps = [p for p in ps if p["metric_mean"] is not None and isinstance(p["train_rows"], int)]
+            if not ps:
+                continue
+            x = [p["train_rows"] for p in ps]
+            y = [p["metric_mean"] for p in ps]
+            sd = [p["metric_std"] or 0.0 for p in ps]
+            color = colors.get(n, plt.cm.tab10(i % 10))
+            ax.plot(x, y, marker="o", color=color, label=n)
+            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], color=color, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows (log scale)")
+        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+        ax.set_title("data efficiency")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "data_efficiency.png"))
+        plt.close(fig)
+        files.append("data_efficiency.png")
+
+    if report.get("tuning"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for i, (n, t) in enumerate(report["tuning"].items()):
+            color = colors.get(n, plt.cm.tab10(i % 10))
+            for k, r in enumerate(t["rungs"]):
+                pts = [(float(lr), v) for lr, v in r["scores"].items() if v is not None]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), marker="o", ls="-" if k == 0 else ":", color=color,
+                            label=f"{n} ({r['steps']} steps)")
+            chosen = [v for r in t["rungs"] for lr, v in r["scores"].items()
+                      if v is not None and float(lr) == t["chosen_lr"]]
+            if chosen:
+                ax.plot([t["chosen_lr"]], [chosen[-1]], marker="*", ms=16, color=color, ls="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel(next((t["metric"] for t in report["tuning"].values() if t.get("metric")), "validation metric"))
+        ax.set_title("learning rate search (star: the rate used)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "lr_search.png"))
+        plt.close(fig)
+        files.append("lr_search.png")
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     names = list(done)
     bars = ax.bar(names, [done[n]["peak_memory_mb"] or 0 for n in names], color=[colors[n] for n in names])
@@ -275,14 +490,29 @@ def write(report: dict, out_dir: str, title: str) -> dict[str, str]:
     """report.json, report.md, report.html and the plots, in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     report = {**report, "reading": reading(report)}
-    plots = plot(report, out_dir) if any(v.get("seeds") for v in report["variants"].values()) else []
+    if report.get("tuning"):
+        report["reading"] = tuning_reading(report) + report["reading"]
+    sections = []  # (title, reading lines, table head, table rows)
+    if report.get("data_efficiency"):
+        report["data_efficiency_reading"] = efficiency_reading(report)
+        sections.append(("Data efficiency", report["data_efficiency_reading"], *efficiency_table(report)))
+    if report.get("tuning"):
+        sections.append(("Learning rate search", [], *tuning_table(report)))
+    has_results = any(v.get("seeds") for v in report["variants"].values()) or any(
+        p["seeds"] for ps in (report.get("data_efficiency") or {}).get("variants", {}).values() for p in ps)
+    plots = plot(report, out_dir) if has_results else []
     head = [h.format(metric=report["metric"] or "metric") for h in TABLE_HEAD]
     rows = table_rows(report)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    md = [f"# {title}", "", *[f"- {line}" for line in report["reading"]], "",
-          "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows], "",
-          *[f"![{p}]({p})" for p in plots], ""]
+
+    def md_table(h: list[str], rs: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h), *["| " + " | ".join(r) + " |" for r in rs]]
+
+    md = [f"# {title}", "", *[f"- {line}" for line in report["reading"]], "", *md_table(head, rows), ""]
+    for name, lines, h, rs in sections:
+        md += [f"## {name}", "", *[f"- {line}" for line in lines], *([""] if lines else []), *md_table(h, rs), ""]
+    md += [*[f"![{p}]({p})" for p in plots], ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(md))
 
@@ -298,6 +528,11 @@ def write(report: dict, out_dir: str, title: str) -> dict[str, str]:
             f"<h1>{html.escape(title)}</h1><ul>", *[f"<li>{bold(line)}</li>" for line in report["reading"]], "</ul>",
             "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>",
             *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows], "</table>",
+            *[part for name, lines, h, rs in sections for part in (
+                f"<h2>{html.escape(name)}</h2>",
+                *(["<ul>", *[f"<li>{bold(line)}</li>" for line in lines], "</ul>"] if lines else []),
+                "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in h) + "</tr>",
+                *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rs], "</table>")],
             "<div class='plots'>", *[f"<img src='{p}' alt='{p}'>" for p in plots], "</div></body></html>"]
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write("\n".join(page))

@@ -21,6 +21,7 @@ class Run:
     seed: int
     run_dir: str
     args: list[str] = field(default_factory=list)
+    rows: str | None = None  # the training-set size (a --train-rows label), None: the config's
 
     @property
     def summary_path(self) -> str:
@@ -42,45 +43,71 @@ class Run:
         return self._same_plan() and os.path.exists(os.path.join(self.run_dir, "checkpoints", "last.ckpt"))
 
 
+def size_args(rows: str | None) -> list[str]:
+    """The fit override for a --train-rows size: a row count, a fraction, or every row ("all")."""
+    if rows is None:
+        return []
+    return ["--data.max_train_rows=null" if rows == "all" else f"--data.max_train_rows={rows}"]
+
+
 def plan(configs: list[str], variants: dict[str, list[str]], seeds: list[int], root: str,
-         budget: list[str], extra: list[str]) -> list[Run]:
-    """One run per (variant, seed), every one on the same config, data split and budget."""
+         budget: list[str], extra: list[str], sizes: list[str] | None = None,
+         lrs: dict[str, float] | None = None) -> list[Run]:
+    """One run per (variant, size, seed), every one on the same config, data split and budget. Sizes given:
+    <root>/<variant>/rows<N>/seed<s>; else <root>/<variant>/seed<s>. `lrs`: a (tuned) learning rate per variant."""
     runs = []
     for name, overrides in variants.items():
-        for seed in seeds:
-            run_dir = os.path.join(root, name, f"seed{seed}")
-            args = [a for c in configs for a in ("--config", c)] + overrides + budget + extra + [
-                f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
-            runs.append(Run(name, seed, run_dir, args))
+        lr = [f"--model.optim.lr={lrs[name]:g}"] if lrs and name in lrs else []
+        for rows in sizes or [None]:
+            for seed in seeds:
+                run_dir = os.path.join(root, name, *([f"rows{rows}"] if rows else []), f"seed{seed}")
+                args = [a for c in configs for a in ("--config", c)] + overrides + budget + extra + size_args(rows) \
+                    + lr + [f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
+                runs.append(Run(name, seed, run_dir, args, rows))
     return runs
+
+
+ARGS_FILE = "fit-args"  # a queued run's fit arguments, NUL-separated (a Slurm array task reads them)
+
+
+def prepare(run: Run) -> list[str]:
+    """Makes the run directory ready for its fit and returns the fit's arguments: an interrupted run with
+    the same settings resumes from its last checkpoint, a stale one (other settings) is removed."""
+    args = list(run.args)
+    if run.resumable():
+        args.append("--ckpt_path=last")
+    else:
+        shutil.rmtree(run.run_dir, ignore_errors=True)  # a stale run with other settings
+    os.makedirs(run.run_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, PLAN_FILE), "w") as f:
+        json.dump({"variant": run.variant, "rows": run.rows, "seed": run.seed, "args": run.args}, f, indent=2)
+    return args
+
+
+def label(run: Run) -> str:
+    return f"{run.variant}{f' rows {run.rows}' if run.rows else ''} seed {run.seed}"
 
 
 def run_all(runs: list[Run], env: dict[str, str] | None = None) -> list[Run]:
     """Runs what is not finished; returns the runs that failed. Progress goes to stdout."""
     failed = []
     for i, run in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {run.variant} seed {run.seed}"
+        tag = f"[{i}/{len(runs)}] {label(run)}"
         if run.finished():
-            print(f"{label}: finished before, reused ({run.run_dir})", flush=True)
+            print(f"{tag}: finished before, reused ({run.run_dir})", flush=True)
             continue
-        args = list(run.args)
-        if run.resumable():
-            args.append("--ckpt_path=last")
-            print(f"{label}: resuming its last checkpoint", flush=True)
-        else:
-            shutil.rmtree(run.run_dir, ignore_errors=True)  # a stale run with other settings
-        os.makedirs(run.run_dir, exist_ok=True)
-        with open(os.path.join(run.run_dir, PLAN_FILE), "w") as f:
-            json.dump({"variant": run.variant, "seed": run.seed, "args": run.args}, f, indent=2)
+        args = prepare(run)
+        if args != run.args:
+            print(f"{tag}: resuming its last checkpoint", flush=True)
         log = os.path.join(run.run_dir, "fit.log")
-        print(f"{label}: running (log: {log})", flush=True)
+        print(f"{tag}: running (log: {log})", flush=True)
         start = time.perf_counter()
         with open(log, "a") as out:
             code = subprocess.run([sys.executable, "-m", "ftlab", "fit", *args], stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, **(env or {})}).returncode
         took = time.perf_counter() - start
         if code != 0 or not os.path.exists(run.summary_path):
-            print(f"{label}: FAILED after {took:.0f} s (exit {code}); last lines of {log}:", flush=True)
+            print(f"{tag}: FAILED after {took:.0f} s (exit {code}); last lines of {log}:", flush=True)
             with open(log, errors="replace") as f:
                 print("".join(f.readlines()[-5:]), end="", flush=True)
             failed.append(run)
@@ -88,5 +115,5 @@ def run_all(runs: list[Run], env: dict[str, str] | None = None) -> list[Run]:
             with open(run.summary_path) as f:
                 summary = json.load(f)
             scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items()) if k.startswith("test/"))
-            print(f"{label}: done in {took:.0f} s{': ' + scores if scores else ''}", flush=True)
+            print(f"{tag}: done in {took:.0f} s{': ' + scores if scores else ''}", flush=True)
     return failed

@@ -4,6 +4,8 @@ rerun after a failed variant that reuses what finished."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import statistics
 
@@ -98,3 +100,127 @@ def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_
     assert re.search(r"^\| head \| \w+ \| 0\.\d{4} \(1 seed\) \| 1 \|", md, re.M), md
     assert "- Missing: untested seed 0: finished after 2 step(s) without test/accuracy" in md
     assert "Only **head** has a result" in md
+
+
+def test_nested_training_subsets():
+    """data.max_train_rows: one seeded random order of the train split, its first N rows: a smaller subset is
+    inside a larger one, a fraction is a count, and the split seed (not the training seed) draws them."""
+    from ftlab.data.module import train_subset
+
+    small, large, frac = train_subset(500, 50, 0), train_subset(500, 200, 0), train_subset(500, 0.1, 0)
+    assert len(small) == len(frac) == 50 and len(large) == 200 and small == sorted(small)
+    assert set(small) < set(large) and frac == small
+    assert small != list(range(50)) and train_subset(500, 50, 1) != small  # random, and drawn with split_seed
+    assert train_subset(30, 100, 0) == list(range(30))
+
+
+def test_successive_halving_prunes_the_worse_half_each_rung(tmp_path):
+    """4 rates: rung 0 runs all 4 for S steps, the best 2 go on to rung 1 at 2S, the better of those is chosen;
+    a diverged rate (no finite metric) is pruned first."""
+    from ftlab.compare.runner import PLAN_FILE
+    from ftlab.compare.tune import LrSearch
+
+    search = LrSearch(["c.yaml"], {"v": ["--model.policy=Full"]}, [], None, str(tmp_path), {"v": 1e-3},
+                      [0.3, 1, 3, 10], steps=5)
+    val = {(0, 3e-4): 0.6, (0, 1e-3): 0.7, (0, 3e-3): 0.8, (0, 1e-2): float("nan"), (1, 1e-3): 0.9, (1, 3e-3): 0.85}
+
+    def finish(runs):
+        for r in runs:
+            rung, lr = int(os.path.basename(r.run_dir)[4]), float(r.run_dir.rsplit("-lr", 1)[1])
+            os.makedirs(r.run_dir)
+            with open(os.path.join(r.run_dir, PLAN_FILE), "w") as f:
+                json.dump({"args": r.args}, f)
+            with open(r.summary_path, "w") as f:
+                json.dump({"main_metric": "accuracy", "higher_is_better": True, "steps": 5 * 2 ** rung,
+                           "val/accuracy": val[rung, lr]}, f)
+
+    needed, result = search.state("v", lambda r: False)
+    assert result is None and sorted(r.run_dir.rsplit("/", 1)[1] for r in needed) == [
+        "rung0-lr0.0003", "rung0-lr0.001", "rung0-lr0.003", "rung0-lr0.01"]
+    assert all("--trainer.max_steps=5" in r.args and "--test_after_fit=false" in r.args for r in needed)
+    finish(needed)
+    needed, result = search.state("v", lambda r: False)
+    assert sorted(r.run_dir.rsplit("/", 1)[1] for r in needed) == ["rung1-lr0.001", "rung1-lr0.003"]
+    assert all("--trainer.max_steps=10" in r.args for r in needed)
+    finish(needed)
+    needed, result = search.state("v", lambda r: False)
+    assert not needed and result["chosen_lr"] == 1e-3 and result["metric"] == "val/accuracy"
+    assert [r["kept"] for r in result["rungs"]] == [["0.003", "0.001"], ["0.001"]]
+    assert "0.01" in result["rungs"][0]["failed"]
+
+
+def test_data_efficiency_curves_on_nested_subsets(tmp_path, tiny_bert, reviews_csv):
+    """`--train-rows 0.25,all`: each variant at each size (2 x 2 fits), the same nested subsets for every
+    variant, a report with a data-efficiency section, table and plot."""
+    from ftlab.data.module import TextClassificationData
+
+    cfg = config(tmp_path, tiny_bert, reviews_csv)
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump({"head": ["--model.policy=Freeze", "--model.optim.lr=0.05"],
+                                    "lora": ["--model.policy=Adapter", "--model.policy.r=4", "--model.optim.lr=0.01"]}))
+    out = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(path), "--budget-steps", "2",
+                    "--train-rows", "all,0.25", "--runs-dir", str(tmp_path / "runs"), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    root = tmp_path / "runs" / "compare-task"
+    caches = {}
+    for name in ("head", "lora"):
+        for rows, n in (("0.25", 40), ("all", 160)):  # 240 rows - 40 val - 40 test = 160
+            run = root / name / f"rows{rows}" / "seed0"
+            s = json.loads((run / "summary.json").read_text())
+            assert (s["train_rows"], s["steps"], s["train_samples"]) == (n, 2, 32)
+            log = (run / "fit.log").read_text()
+            caches.setdefault(rows, set()).add(re.search(r"(?:cached in|tokenisation cache) ([^;\s]+)", log).group(1))
+    assert all(len(c) == 1 for c in caches.values()) and caches["0.25"] != caches["all"]  # one subset per size
+    small, full = (TextClassificationData(str(reviews_csv), tokenizer=str(tiny_bert), val_size=40, test_size=40,
+                                          max_train_rows=m, cache_dir=str(tmp_path / "c")) for m in (0.25, None))
+    for d in (small, full):
+        d.setup()
+    rows = {tuple(r["input_ids"]) + (r["labels"],) for r in full.splits["train"]}
+    assert len(small.splits["train"]) == 40 and all(
+        tuple(r["input_ids"]) + (r["labels"],) in rows for r in small.splits["train"])  # nested
+    report = json.loads((root / "report.json").read_text())
+    de = report["data_efficiency"]
+    assert de["sizes"] == ["0.25", "all"] and report["train_rows"] == "all"
+    for name in ("head", "lora"):
+        assert [(p["rows"], p["train_rows"], p["seeds"]) for p in de["variants"][name]] == [("0.25", 40, 1), ("all", 160, 1)]
+        summary = json.loads((root / name / "rowsall" / "seed0" / "summary.json").read_text())
+        assert report["variants"][name]["metric_mean"] == summary["test/accuracy"]  # the table: the largest size
+    md = (root / "report.md").read_text()
+    assert "## Data efficiency" in md and "| 0.25 of the rows (40) |" in md and "| all rows (160) |" in md
+    assert "Crossovers:" in md and "The frozen backbone (**head**) is" in md
+    assert (root / "data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuned_learning_rate_is_the_best_on_validation(tmp_path, tiny_bert, reviews_csv):
+    """`--tune lr` with a 3-rate grid: rung 0 (3 short fits, validated, not tested) keeps the best one, whose
+    rate the seed then runs at; the report shows the search."""
+    cfg = config(tmp_path, tiny_bert, reviews_csv)
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump({"head": ["--model.policy=Freeze", "--model.optim.lr=0.01"]}))
+    out = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(path), "--budget-steps", "3",
+                    "--tune", "lr", "--lr-grid", "0.1,1,30", "--tune-steps", "4", "--runs-dir", str(tmp_path / "runs"),
+                    timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    root = tmp_path / "runs" / "compare-task"
+    scores = {}
+    for lr in ("0.001", "0.01", "0.3"):
+        s = json.loads((root / "head" / "tune" / f"rung0-lr{lr}" / "summary.json").read_text())
+        assert s["steps"] == 4 and len(s["val_history"]) == 1 and not any(k.startswith("test/") for k in s)
+        scores[float(lr)] = s["val/accuracy"]
+    best = max(scores.values())
+    chosen = min((lr for lr, v in scores.items() if v == best), key=lambda lr: (abs(math.log(lr / 0.01)), lr))
+    tune = json.loads((root / "head" / "tune" / "tune.json").read_text())
+    assert tune["chosen_lr"] == chosen and tune["metric"] == "val/accuracy"
+    plan = json.loads((root / "head" / "seed0" / "compare-run.json").read_text())
+    assert f"--model.optim.lr={chosen:g}" == [a for a in plan["args"] if a.startswith("--model.optim.lr=")][-1]
+    assert json.loads((root / "head" / "seed0" / "summary.json").read_text())["steps"] == 3
+    report = json.loads((root / "report.json").read_text())
+    assert report["tuning"]["head"]["chosen_lr"] == chosen
+    md = (root / "report.md").read_text()
+    assert "## Learning rate search" in md and f"**head** {chosen:g} (of 0.001, 0.01, 0.3" in md
+    assert re.search(rf"^\| head \| {chosen:g} \| 0\.\d{{4}} \| yes \|$", md, re.M), md
+    assert (root / "lr_search.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(path), "--budget-steps", "3",
+                      "--tune", "lr", "--lr-grid", "0.1,1,30", "--tune-steps", "4", "--runs-dir", str(tmp_path / "runs"),
+                      "--report-only", timeout=300)
+    assert again.returncode == 0 and json.loads((root / "report.json").read_text())["tuning"] == report["tuning"]
