@@ -4,6 +4,7 @@ training metrics, and one W&B run per training job, continued across resumes and
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 from time import perf_counter
@@ -137,6 +138,10 @@ class TrainingMetrics(L.Callback):
         if trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
             return
         metrics = {"train/step_time_s": step_time}
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        norm = engine.get_global_grad_norm() if engine is not None else None
+        if norm is not None:  # ZeRO keeps gradients in its partitions (p.grad is None): the engine's global norm
+            metrics["train/grad_norm"] = float(norm)
         for i, group in enumerate(trainer.optimizers[0].param_groups):
             metrics["train/lr" if i == 0 else f"train/lr_group{i}"] = group["lr"]
         rates = self._throughput.compute()
@@ -151,6 +156,29 @@ class TrainingMetrics(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def log_export_artifact(trainer, folders: dict[str, str], summary: dict) -> list[str]:
+    """The export as a W&B model artifact of each W&B logger's run (rank 0, after the export is written):
+    versioned in the project's registry, with the run that made it and its final metrics as metadata.
+    Returns the artifacts' names."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    names = []
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.abspath(trainer.default_root_dir))).strip("-.")
+        metadata = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+        artifact = wandb.Artifact(f"{base or 'model'}-{run.id}", type="model", metadata=metadata)
+        for kind, folder in folders.items():
+            artifact.add_dir(folder, name=kind, policy="immutable")  # the export is final: no staged copy of it
+        run.log_artifact(artifact)
+        names.append(artifact.name)
+    return names
 
 
 def resolve_wandb_run(run_dir: str, logger_args: dict, resuming: bool) -> dict:

@@ -85,10 +85,12 @@ def test_resume_continues_the_same_wandb_run(tmp_path, tiny_bert, reviews_csv):
     assert len(runs) == 2
     ids = {run_id(wandb_records(r)) for r in runs}
     assert len(ids) == 1, ids
-    # a fresh fit (no checkpoint) in the same run dir is a new W&B run
-    fresh = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1", *wandb_args()), env=WANDB_ENV)
+    # a fresh fit (no checkpoint) goes to a new run dir (the used one is refused), with a W&B run of its own
+    fresh_dir = tmp_path / "fresh"
+    fresh = run_ftlab(*fit_args(fresh_dir, tiny_bert, reviews_csv, "--trainer.max_epochs=1", *wandb_args()),
+                      env=WANDB_ENV)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    newest = max((run / "wandb").glob("offline-run-*"), key=lambda p: p.stat().st_mtime)
+    newest = next((fresh_dir / "wandb").glob("offline-run-*"))
     assert run_id(wandb_records(newest)) not in ids
 
 
@@ -119,3 +121,22 @@ def test_tensorboard_logger(tmp_path, tiny_bert, reviews_csv):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/accuracy", "test/accuracy"} <= tags, tags
     assert len(acc.Scalars("train/loss")) >= 8
+
+
+def test_deepspeed_grad_norm_and_the_export_as_a_wandb_artifact(tmp_path, tiny_bert, reviews_csv):
+    """ZeRO keeps gradients in its partitions (p.grad is None): the norm comes from the engine. The export goes
+    to W&B as a model artifact when asked."""
+    run = tmp_path / "run"
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1", "--trainer.strategy=deepspeed_stage_2",
+                              "--outputs.wandb_artifact=true", *wandb_args()), env=WANDB_ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = wandb_records(next((run / "wandb").glob("offline-run-*")))
+    norms = [s["train/grad_norm"] for s in history(records) if "train/grad_norm" in s]
+    assert len(norms) == json.loads((run / "summary.json").read_text())["steps"] and all(n > 0 for n in norms)
+    artifacts = [r for r in records if r.get("type") == "artifact"]
+    assert len(artifacts) == 1, [r.get("type") for r in records]
+    art = artifacts[0]["artifact"]
+    assert art["type"] == "model" and art["name"] == f"run-{run_id(records)}"
+    files = {c["path"] for c in art["manifest"]["contents"]}
+    assert {"model/config.json", "model/model.safetensors"} <= files
+    assert "staging" not in json.dumps(art)  # the export is uploaded as it is, not copied to a staging folder first

@@ -18,6 +18,7 @@ from ftlab.errors import ConfigError
 from ftlab.export import DEFAULT_MAX_SHARD_SIZE, export_streamed, parse_size, trainer_gather
 from ftlab.slurm.preemption import was_preempted
 from ftlab.strategies import grads_dtype, precision_report, sharding_stats
+from ftlab.tracking import log_export_artifact
 
 
 def peak_memory_mb() -> float:
@@ -40,15 +41,18 @@ class RunOutputs(L.Callback):
     """
 
     def __init__(self, export: bool = True, merge_adapter: bool = True,
-                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, wandb_artifact: bool = False):
         """
         Args:
             export: Save the final model in Hugging Face format to `<run dir>/export` after fit.
             merge_adapter: For adapter runs, also save the adapter merged into the base weights.
             max_shard_size: Largest safetensors file of the export, in bytes or as "5GB", "500MB": rank 0
                 holds one such shard in memory while the model streams into it.
+            wandb_artifact: Also log the export as a W&B model artifact of the run (with a WandbLogger): it
+                uploads the whole export, so it is off unless asked.
         """
         self.export = export
+        self.wandb_artifact = wandb_artifact
         self.merge_adapter = merge_adapter
         parse_size(max_shard_size, "outputs.max_shard_size")  # refused at startup, not after the fit
         self.max_shard_size = max_shard_size
@@ -190,6 +194,9 @@ class RunOutputs(L.Callback):
                 extra["export"] = folders
                 rank_zero_info(f"ftlab: exported {', '.join(f'{k}: {v}' for k, v in folders.items())}")
             self._write(trainer, pl_module, extra)
+            if folders and self.wandb_artifact:
+                for name in log_export_artifact(trainer, folders, {**extra, "task": pl_module.task.name}):
+                    rank_zero_info(f"ftlab: logged the export as W&B artifact {name}")
 
     def _export(self, trainer, pl_module) -> dict[str, str] | None:
         """Stream the model into `<run dir>/export`, a block at a time (gathered where it is sharded: every

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 
-from ftlab.compare.report import collect, write
+from ftlab.compare.report import collect, to_wandb, write
 from ftlab.compare.runner import plan, run_all
 from ftlab.compare.slurm import add_options as add_slurm_options
 from ftlab.compare.slurm import check as slurm_check
@@ -155,6 +155,10 @@ def main(argv: list[str]) -> int:
         report["tuning"] = results
     files = write(report, root, f"ftlab compare: {name}")
     print(f"report: {os.path.join(root, files['md'])} (also {files['html']}, {files['json']} and plots there)")
+    project = _wandb_project(checked)
+    if project:
+        to_wandb(report, root, files, project, f"compare-{name}")
+        print(f"report: also the W&B run compare-{name}-report (project {project}, group compare-{name})")
     if failed:
         print(f"{len(failed)} run(s) did not finish; run the same command again to run only those", file=sys.stderr)
         return 1
@@ -178,12 +182,25 @@ def _check(runs, name: str) -> dict[str, tuple[dict, str]]:
     return checked
 
 
+def _wandb_loggers(trainer: dict) -> list:
+    logger = trainer.get("logger")
+    loggers = logger if isinstance(logger, list) else [logger]
+    return [lg for lg in loggers if lg not in (None, False, True)
+            and "Wandb" in str(getattr(lg, "class_path", "") or (lg or {}).get("class_path", ""))]
+
+
+def _wandb_project(checked: dict[str, tuple[dict, str]]) -> str | None:
+    """The W&B project the variants log to (the report goes there too), or None without W&B."""
+    for trainer, _ in checked.values():
+        for lg in _wandb_loggers(trainer):
+            args = getattr(lg, "init_args", None) or (lg.get("init_args") if isinstance(lg, dict) else None) or {}
+            return (args.get("project") if hasattr(args, "get") else getattr(args, "project", None)) or "lightning_logs"
+    return None
+
+
 def _wandb_group(runs, name: str, checked: dict[str, tuple[dict, str]]) -> None:
     for variant, (trainer, _) in checked.items():
-        logger = trainer.get("logger")
-        loggers = logger if isinstance(logger, list) else [logger]
-        if any("Wandb" in str(getattr(lg, "class_path", "") or (lg or {}).get("class_path", "")) for lg in loggers
-               if lg not in (None, False, True)):
+        if _wandb_loggers(trainer):
             group = f"--trainer.logger.dict_kwargs.group=compare-{name}"
             for r in runs:
                 if r.variant == variant and group not in r.args:

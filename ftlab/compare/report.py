@@ -537,3 +537,22 @@ def write(report: dict, out_dir: str, title: str) -> dict[str, str]:
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write("\n".join(page))
     return {"json": "report.json", "md": "report.md", "html": "report.html", **{p: p for p in plots}}
+
+
+def to_wandb(report: dict, out_dir: str, files: dict[str, str], project: str, group: str) -> str:
+    """The report as a W&B run of the comparison's group (job type `compare`, beside its runs): the table
+    as a W&B table, the plots as images, the reading in the summary. Returns the run's id."""
+    import wandb
+
+    head = [h.format(metric=report["metric"] or "metric") for h in TABLE_HEAD]
+    run = wandb.init(project=project, group=group, job_type="compare", name=f"{group}-report", dir=out_dir,
+                     config={"metric": report["metric"], "variants": list(report["variants"])})
+    try:
+        images = {f"compare/{os.path.splitext(f)[0]}": wandb.Image(os.path.join(out_dir, f))
+                  for f in files.values() if f.endswith(".png")}
+        run.log({"compare/table": wandb.Table(columns=head, data=table_rows(report)), **images})
+        run.summary.update({"reading": "\n".join(reading(report)), "metric": report["metric"]})
+        return run.id
+    finally:
+        run.finish()
+

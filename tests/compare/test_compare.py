@@ -85,10 +85,12 @@ def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_
     traceback; a run that recorded no metric is listed with the reason, one seed shows no spread."""
     cfg = config(tmp_path, tiny_bert, reviews_csv)
     path = tmp_path / "variants.yaml"
-    path.write_text(yaml.safe_dump({"head": ["--model.policy=Freeze", "--model.optim.lr=0.05"],
-                                    "untested": ["--model.policy=Freeze", "--test_after_fit=false"]}))
+    wandb = ["--trainer.logger=WandbLogger", "--trainer.logger.project=ftlab-compare-tests"]
+    path.write_text(yaml.safe_dump({"head": ["--model.policy=Freeze", "--model.optim.lr=0.05", *wandb],
+                                    "untested": ["--model.policy=Freeze", "--test_after_fit=false", *wandb]}))
     out = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(path), "--budget-steps", "2",
-                    "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), timeout=600)
+                    "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), timeout=600,
+                    env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     root = tmp_path / "runs" / "compare-task"
     report = json.loads((root / "report.json").read_text())
@@ -100,6 +102,19 @@ def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_
     assert re.search(r"^\| head \| \w+ \| 0\.\d{4} \(1 seed\) \| 1 \|", md, re.M), md
     assert "- Missing: untested seed 0: finished after 2 step(s) without test/accuracy" in md
     assert "Only **head** has a result" in md
+    # with W&B, the report is a run of the comparison's group too: its table, read back from the offline files
+    from tests.test_tracking import merged, wandb_records
+
+    reports = list((root / "wandb").glob("offline-run-*"))
+    assert len(reports) == 1
+    records = wandb_records(reports[0])
+    logged = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    assert any(item.get("compare/table._type") == "table-file" for item in logged)
+    table = json.loads(next(reports[0].glob("files/media/table/compare/table_*.table.json")).read_text())
+    assert table["columns"][2] == "test/accuracy (mean ± std)" and [row[0] for row in table["data"]] == ["head", "untested"]
+    assert merged(records, "summary")["metric"] == "test/accuracy"
+    run = next(r["run"] for r in records if r.get("type") == "run")
+    assert run["run_group"] == "compare-task" and run["job_type"] == "compare"
 
 
 def test_nested_training_subsets():
