@@ -29,6 +29,17 @@ def check_attention(name: str | None, device_type: str | None = None) -> None:
                               f"{device_type}; use sdpa")
 
 
+def check_packed_rows(name: str | None, data) -> None:
+    """Packed LM rows carry each example's positions and no attention mask; sdpa, eager and flex attention
+    build the block-diagonal mask from them, but transformers' flash-attention path separates the examples
+    only in a batch of one row (in larger ones every example would attend to those packed before it)."""
+    batch = getattr(data, "batch_size", 1)
+    if name == "flash_attention_2" and getattr(data, "packing", False) and batch > 1:
+        raise ConfigError(f"model.attn_implementation=flash_attention_2 with packed rows (data.packing) and "
+                          f"data.batch_size={batch}: flash attention keeps packed examples apart only in batches of "
+                          "one row; use sdpa, or data.batch_size 1 with a longer data.max_length, or data.packing false")
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block's activations in backward instead of keeping them: about the
     memory of one block's activations instead of all of them, for ~1/3 more compute. Non-reentrant

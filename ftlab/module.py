@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ftlab.compute import check_attention, compile_blocks, enable_activation_checkpointing
+from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import download_pretrained, load_config, load_model
@@ -97,8 +97,8 @@ class FineTuneModule(L.LightningModule):
             config_overrides: Model config fields to change at load, e.g. `{num_hidden_layers: 3}`: a
                 3-layer model initialised from the first 3 pretrained layers (a distillation student).
             attn_implementation: Attention kernel: `sdpa` (transformers' default where the model has it),
-                `eager`, `flash_attention_2` (CUDA, flash-attn installed) or `flex_attention`. Packed rows keep
-                their per-example masking with each.
+                `eager`, `flash_attention_2` (CUDA, flash-attn installed; with packed rows, batches of one
+                row only) or `flex_attention`. Packed rows keep their per-example masking with each.
             activation_checkpointing: Recompute each block's activations in backward instead of keeping
                 them (much less activation memory, ~1/3 more compute); any strategy and policy.
             compile: `torch.compile` each transformer block (faster steps after a one-off compile, on GPU
@@ -157,6 +157,13 @@ class FineTuneModule(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         precision = str(trainer.precision) if trainer is not None else "32-true"
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of a frozen model beside this one (a distillation teacher, a preference reference): never
+        updated, it needs no fp32 master copy: the compute dtype of a mixed precision, else `weight_dtype`."""
+        trainer = getattr(self, "_trainer", None)
+        precision = str(trainer.precision) if trainer is not None else ""
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, self.weight_dtype())
 
     def model_config(self, data):
         """The model's config (cheap: no weights); the task settles its config-dependent choices on it."""
@@ -235,6 +242,7 @@ class FineTuneModule(L.LightningModule):
         self.task.check_data_type(data)
         self.task.check_data(data)
         check_attention(self.attn_implementation, self.trainer.strategy.root_device.type)
+        check_packed_rows(self.attn_implementation, data)
         self.policy.validate(self.skeleton(data), self.task)
 
     def configure_model(self) -> None:

@@ -66,3 +66,18 @@ def test_compiled_blocks_compute_what_eager_blocks_do(tiny_models):
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)
 
+
+
+def test_flash_attention_with_packed_batches_of_several_rows_is_refused():
+    """transformers' flash-attention path keeps packed examples apart only in a batch of one row (it reads
+    the packing from position_ids only then): a larger packed batch would train with cross-example attention."""
+    from types import SimpleNamespace
+
+    from ftlab.compute import check_packed_rows
+    from ftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"flash_attention_2 with packed rows .* data.batch_size=4"):
+        check_packed_rows("flash_attention_2", SimpleNamespace(packing=True, batch_size=4))
+    check_packed_rows("flash_attention_2", SimpleNamespace(packing=True, batch_size=1))  # one row: kept apart
+    check_packed_rows("flash_attention_2", SimpleNamespace(packing=False, batch_size=4))  # padded rows, masked
+    check_packed_rows("sdpa", SimpleNamespace(packing=True, batch_size=4))

@@ -144,6 +144,10 @@ def resolve_strategy(strategy):
         if strategy not in known:
             raise ConfigError(f"trainer.strategy={strategy!r} is not a strategy; {did_you_mean(strategy, sorted(known))} "
                               "(or a class path such as ftlab.strategies.FSDP)")
+    if isinstance(strategy, str) and strategy.startswith(("ddp_fork", "ddp_notebook")) and torch.cuda.is_available():
+        # peft imports bitsandbytes, which initialises CUDA at import: a rank forked after that cannot use CUDA
+        raise ConfigError(f"trainer.strategy={strategy}: forked ranks cannot use CUDA once ftlab's libraries have "
+                          "initialised it (bitsandbytes does at import); use strategy ddp (or ddp_spawn)")
     if strategy == "fsdp":
         return FSDP()
     if isinstance(strategy, str) and strategy in _DEEPSPEED_NAMES:

@@ -77,15 +77,18 @@ class FSDP(ModelParallelStrategy):
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
 
-    def shard_module(self, model: nn.Module) -> nn.Module:
-        """Apply fully_shard to each transformer block, then to the root (called from configure_model)."""
+    def shard_module(self, model: nn.Module, frozen: bool = False) -> nn.Module:
+        """Apply fully_shard to each transformer block, then to the root (called from configure_model).
+        `frozen`: a model that only runs forward, without gradients (a distillation teacher): resharded after
+        every forward whatever `sharding` says (grad-op leaves reshards to a backward it never has: the
+        whole model would stay gathered on every device), and not checkpointed (nothing to recompute)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         parts = find_parts(model)
         if parts.block_class is None:
             raise ConfigError("fsdp: no list of transformer blocks was found in this model to shard by; "
                               "use strategy ddp or deepspeed_stage_2")
-        if self.activation_checkpointing:  # the same as model.activation_checkpointing, which works everywhere
+        if self.activation_checkpointing and not frozen:  # the same as model.activation_checkpointing, which works everywhere
             from ftlab.compute import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
@@ -96,7 +99,7 @@ class FSDP(ModelParallelStrategy):
             rank_zero_info("ftlab: fsdp cpu_offload has no effect on CPU ranks; ignored")
         kwargs = {
             "mesh": self._mesh(),
-            "reshard_after_forward": self.sharding != "grad-op",
+            "reshard_after_forward": frozen or self.sharding != "grad-op",
             "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
             "mp_policy": self.mixed_precision_policy(),
         }
@@ -214,11 +217,12 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
 
 
 def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: dict[str, str],
-                    initial: dict[str, torch.Tensor] | None = None, copies: dict[str, str] | None = None) -> None:
+                    initial: dict[str, torch.Tensor] | None = None, copies: dict[str, str] | None = None,
+                    frozen: bool = False) -> None:
     """Shard the meta model, then give each rank's shards their values: tensors already on the host (new
     heads, buffers) are sliced, checkpoint tensors read by rows, policy-created ones taken from `initial`."""
     initial, copies = initial or {}, copies or {}
-    strategy.shard_module(model)
+    strategy.shard_module(model, frozen=frozen)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     on_host = {n: _local(t).detach().clone() for n, t in tensors.items() if not t.is_meta}
@@ -256,7 +260,7 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     if weights is None or None in source.values():
         rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
         model = load_model(auto_class, path, gguf_file, dtype=dtype).eval().requires_grad_(False)
-        return strategy.shard_module(model)
+        return strategy.shard_module(model, frozen=True)
     buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
     _materialize_on_host(model, [n for n, key in buffers.items() if key is None])
     for p in model.parameters():
@@ -264,7 +268,7 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     model.initialize_weights()  # computes what no checkpoint holds (rotary frequencies)
     model.eval().requires_grad_(False)
     from_checkpoint = {**source, **{n: key for n, key in buffers.items() if key is not None}}
-    _shard_and_fill(strategy, model, weights, from_checkpoint)
+    _shard_and_fill(strategy, model, weights, from_checkpoint, frozen=True)
     local = sum(_local(p).numel() for p in model.parameters())
     rank_zero_info(f"ftlab: fsdp: {path} sharded, frozen: rank 0 read and holds {local:,} of "
                    f"{sum(p.numel() for p in model.parameters()):,} parameters")

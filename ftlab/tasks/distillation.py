@@ -122,7 +122,7 @@ class Distillation(Task):
         from ftlab.strategies import build_frozen
 
         teacher = build_frozen(module.trainer.strategy, self.auto_class, self._teacher_path(), self.teacher_gguf_file,
-                               module.weight_dtype())
+                               module.frozen_dtype())
         module.teacher = self._teacher = FrozenTeacher(teacher)
 
     def metrics(self):

@@ -62,3 +62,26 @@ def _zero12_full_state(zero):
         return whole.view(p.shape)
 
     return get
+
+
+class GatheredProbe(L.Callback):
+    """Counts, after every training batch, the FSDP units of the frozen teacher (`pl_module.teacher`) still
+    gathered whole, and writes the largest count to `<folder>/gathered-rank<r>.txt`: a frozen model that
+    only runs forward must be resharded after each forward, or it stays whole on every device."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.most = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in pl_module.teacher.modules() if isinstance(m, FSDPModule)]
+        gathered = sum(bool(m._get_fsdp_state()._fsdp_param_group.is_unsharded) for m in units
+                       if m._get_fsdp_state()._fsdp_param_group is not None)
+        self.most = max(self.most, gathered if units else -1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"gathered-rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(self.most))

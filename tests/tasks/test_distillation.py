@@ -104,6 +104,20 @@ def test_distillation_two_ranks_with_the_teacher_partitioned(tmp_path, teacher, 
     assert AutoModelForSequenceClassification.from_pretrained(run / "export").config.num_hidden_layers == 1
 
 
+def test_a_frozen_teacher_is_resharded_after_each_forward_even_under_grad_op(tmp_path, teacher, reviews_csv):
+    """grad-op leaves resharding to the backward pass, which a teacher never has: it would stay gathered whole
+    on every device for the whole run. ftlab shards frozen models to reshard after every forward."""
+    student = _student(tmp_path, teacher / "export")
+    probe = tmp_path / "probe"
+    out = run_ftlab(*fit_args(tmp_path / "run", student, reviews_csv, "--trainer.max_steps=3", "--model.task=Distillation",
+                              f"--model.task.teacher={teacher}", "--trainer.strategy=ftlab.strategies.FSDP",
+                              "--trainer.strategy.sharding=grad-op", "--test_after_fit=false",
+                              "--trainer.callbacks+=tests.strategies.probe.GatheredProbe",
+                              f"--trainer.callbacks.folder={probe}"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (probe / "gathered-rank0.txt").read_text() == "0"  # units existed (-1 if none) and none stayed whole
+
+
 def test_a_teacher_with_other_labels_is_refused(tmp_path, tiny_bert, teacher, reviews_csv):
     out = run_ftlab(*fit_args(tmp_path / "run", tiny_bert, reviews_csv, "--model.task=Distillation",
                               f"--model.task.teacher={teacher}", "--data.label_names=[pos, neg]"))
