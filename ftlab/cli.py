@@ -71,8 +71,9 @@ class FtlabCLI(LightningCLI):
             # a requeued Slurm job (preempted, or its node failed) continues from its last checkpoint
             cfg["ckpt_path"] = "last"
             last = last_checkpoint(_checkpoint_dir(run_dir))
-            print(f"ftlab: Slurm restart {restart_count()}: "
-                  + (f"resuming from {last}" if last else "no checkpoint saved yet: starting over"), file=sys.stderr)
+            if os.environ.get("SLURM_PROCID", "0") == "0":  # once per job, not once per rank
+                print(f"ftlab: Slurm restart {restart_count()}: "
+                      + (f"resuming from {last}" if last else "no checkpoint saved yet: starting over"), file=sys.stderr)
         check_ckpt_path(cfg.get("ckpt_path"))
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             check_fresh_run_dir(run_dir)  # before the model loads

@@ -14,19 +14,21 @@ NOISE = ["LOAD REPORT", "GPU available", "TPU available", "Tip:", "Trainable par
          "Loading weights", "is deprecated", "srun", "Seed set to", "Loading `train_dataloader`"]
 
 
-def _fit(run, tiny_bert, reviews_csv, *extra):
+def _fit(run, tiny_bert, reviews_csv, *extra, env=None):
     return run_ftlab(
         "fit", f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
         "--trainer.devices=1", "--trainer.logger=false", "--trainer.val_check_interval=0.5",
         f"--model.name_or_path={tiny_bert}", "--model.policy=Adapter", "--model.optim.lr=0.01",
         "--data=TextClassificationData", f"--data.source={reviews_csv}", "--data.batch_size=16",
-        "--data.val_size=40", "--data.test_size=40", "--progress.every_n_steps=3", *extra)
+        "--data.val_size=40", "--data.test_size=40", "--progress.every_n_steps=3", *extra, env=env)
 
 
 @pytest.fixture(scope="module")
 def quiet_and_verbose(tmp_path_factory, tiny_bert, reviews_csv):
     root = tmp_path_factory.mktemp("console")
-    return _fit(root / "quiet", tiny_bert, reviews_csv), _fit(root / "verbose", tiny_bert, reviews_csv, "--verbose")
+    # its own tokenisation cache: the header must say the data was tokenised now (the session's cache may have it)
+    quiet = _fit(root / "quiet", tiny_bert, reviews_csv, env={"FTLAB_CACHE": str(root / "cache")})
+    return quiet, _fit(root / "verbose", tiny_bert, reviews_csv, "--verbose")
 
 
 def test_quiet_console_has_header_progress_validation_lines_and_summary(quiet_and_verbose):

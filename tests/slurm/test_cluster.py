@@ -70,7 +70,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tmp_path,
     saved = re.search(r"requeue signal: saved (\S+) at step (\d+)", text)
     assert saved, text[-3000:]
     assert 0 < int(saved.group(2)) < EPOCHS * 5
-    assert f"Restored all states from the checkpoint at {saved.group(1)}" in text
+    assert f"Restoring states from the checkpoint path at {saved.group(1)}" in text
+    assert text.count("ftlab: Slurm restart 1: resuming from runs/pre/checkpoints/last.ckpt") == 1  # rank 0 only
     s, ref = summary(tmp_path / "runs/pre"), summary(uninterrupted[1])
     assert s["steps"] == ref["steps"]
     assert s["val/loss"] == pytest.approx(ref["val/loss"], rel=1e-4, abs=1e-7)  # resumed exactly
