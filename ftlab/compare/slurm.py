@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ftlab.compare.runner import ARGS_FILE, Run, prepare
 from ftlab.errors import ConfigError
+from ftlab.slurm.cli import add_shape_arguments
 from ftlab.slurm.job import MIN_LEAD_S, SlurmJob
 from ftlab.slurm.script import TEMPLATES, _directive_value, render
 
@@ -31,16 +32,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm", action="store_true", help="submit the runs to Slurm instead of running them here")
     g.add_argument("--max-parallel", type=int, default=8,
                    help="array tasks running at once (--array=0-N%%K); default 8")
-    g.add_argument("--nodes", type=int, default=1, help="nodes per run (default 1)")
-    g.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node per run; 0 for CPU-only (default 1)")
-    g.add_argument("--ntasks-per-node", type=int, help="tasks per node on CPU-only nodes (default 1)")
-    g.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (default 8)")
-    g.add_argument("--time", default="04:00:00", help="time limit per run (default 04:00:00)")
-    g.add_argument("--partition", help="partition (default: the cluster's default)")
-    g.add_argument("--account", help="account to charge")
-    g.add_argument("--qos", help="quality of service")
-    g.add_argument("--mem", help="memory per node, e.g. 64G")
-    g.add_argument("--container", help="container: a .sif file (Apptainer) or an image name (pyxis/enroot)")
+    add_shape_arguments(g)
     g.add_argument("--signal-lead", type=int, help=f"seconds before the time limit at which a run checkpoints and "
                                                    f"requeues itself (default {MIN_LEAD_S})")
     g.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",

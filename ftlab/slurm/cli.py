@@ -31,6 +31,20 @@ class _ShowDefaults(argparse.HelpFormatter):
         return text
 
 
+def add_shape_arguments(p) -> None:
+    """A job's shape, as `ftlab slurm` and `ftlab compare --slurm` (per run of its array) both take it."""
+    p.add_argument("--nodes", type=int, default=1, help="nodes (= trainer.num_nodes); default 1")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one task each; 0 for CPU-only")
+    p.add_argument("--ntasks-per-node", type=int, help="tasks per node on CPU-only nodes (default 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (data loading, threads)")
+    p.add_argument("--time", default="04:00:00", help="time limit, e.g. 12:00:00 or 1-00:00:00")
+    p.add_argument("--partition", help="partition (default: the cluster's default)")
+    p.add_argument("--account", help="account to charge")
+    p.add_argument("--qos", help="quality of service")
+    p.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
+    p.add_argument("--container", help="container: a .sif file (Apptainer) or an image name (pyxis/enroot)")
+
+
 def parser(action: str | None = None) -> argparse.ArgumentParser:
     """`action` (submit or render) named: the usage line names it and it is not parsed again."""
     p = argparse.ArgumentParser(
@@ -44,17 +58,8 @@ def parser(action: str | None = None) -> argparse.ArgumentParser:
     if action is None:
         p.add_argument("action", choices=["submit", "render"])
     p.add_argument("--config", action="append", required=True, help="fit config file (repeatable, as for fit)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (= trainer.num_nodes); default 1")
-    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one task each; 0 for CPU-only")
-    p.add_argument("--ntasks-per-node", type=int, help="tasks per node on CPU-only nodes (default 1)")
-    p.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (data loading, threads)")
-    p.add_argument("--time", default="04:00:00", help="time limit, e.g. 12:00:00 or 1-00:00:00")
-    p.add_argument("--partition", help="partition (default: the cluster's default)")
-    p.add_argument("--account", help="account to charge")
-    p.add_argument("--qos", help="quality of service")
-    p.add_argument("--mem", help="memory per node, e.g. 200G (default: the partition's)")
+    add_shape_arguments(p)
     p.add_argument("--job-name", help="job name (default: the run directory's name)")
-    p.add_argument("--container", help="container: a .sif file (Apptainer) or an image name (pyxis/enroot)")
     p.add_argument("--signal-lead", type=int,
                    help="seconds before the time limit at which the job checkpoints and requeues itself. Default: "
                         "the time to write the checkpoint (fp32 weights + AdamW moments of the trainable ones, "
