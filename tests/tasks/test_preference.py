@@ -195,3 +195,26 @@ def test_lora_with_the_adapter_off_reference_exports_a_merged_model(tmp_path_fac
     assert not any(k.startswith("reference") for k in ckpt)  # the adapter switched off is the reference
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_compare_ranks_preference_variants_by_reward_accuracy(tmp_path, tiny_causal, pairs_file):
+    """`ftlab compare` on two preference losses: each variant's runs, ranked on the task's own metric."""
+    import yaml
+
+    cfg = tmp_path / "pairs.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": 1, "logger": False,
+                                               "enable_progress_bar": False},
+                                   "model": {"task": {"class_path": "Preference"}}}))  # before the variants' options
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(yaml.safe_dump({"dpo": ["--model.task.loss=dpo"], "simpo": ["--model.task.loss=simpo"]}))
+    fit_args = [a for a in task_args(tmp_path, tiny_causal, "PreferenceData", pairs_file, "Preference", *ARGS)[4:]
+                if not a.startswith("--model.task=")]
+    out = run_ftlab("compare", "--config", str(cfg), "--variants-file", str(variants), "--budget-steps", "6",
+                    "--seeds", "1", "--runs-dir", str(tmp_path / "runs"), *fit_args, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "compare-pairs" / "report.json").read_text())
+    assert report["metric"] == "test/reward_accuracy" and report["higher_is_better"] is True
+    for name in ("dpo", "simpo"):
+        summary = json.loads((tmp_path / "runs" / "compare-pairs" / name / "seed0" / "summary.json").read_text())
+        assert summary["steps"] == 6 and summary["main_metric"] == "reward_accuracy"
+        assert report["variants"][name]["metric_mean"] == summary["test/reward_accuracy"]
