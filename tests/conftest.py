@@ -154,3 +154,15 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 def children(pid: int) -> list[int]:
     """Child processes (the ranks Lightning's launcher started from rank 0)."""
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def nudge_trainable(model) -> None:
+    """Move every trainable weight away from its init, as training would (LoRA's B starts at 0, so an
+    untrained adapter merges to nothing and hides a wrong merge)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+

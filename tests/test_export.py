@@ -19,7 +19,7 @@ from ftlab.export import DcpReader, export_streamed, local_gather, state_blocks
 from ftlab.export_cli import build_from_run, export_run
 from ftlab.policies import Adapter
 from ftlab.tasks import SequenceClassification
-from tests.conftest import run_ftlab
+from tests.conftest import nudge_trainable, run_ftlab
 from tests.test_strategies import distributed_fit
 
 IDS = torch.tensor([[2, 7, 9, 30, 3], [2, 15, 20, 3, 0]])
@@ -85,10 +85,7 @@ def test_adapter_merged_layer_by_layer_equals_merge_and_unload(tmp_path, tiny_mo
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=2)
     model = Adapter(method=method, r=4).apply(base, SequenceClassification())
-    with torch.no_grad():  # as after training: adapters (LoRA's B starts at 0) and the head away from their init
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    nudge_trainable(model)
     model.eval()
     with torch.no_grad():
         before = model(input_ids=IDS, attention_mask=MASK).logits

@@ -18,7 +18,7 @@ from ftlab.export import export_streamed, local_gather  # noqa: E402
 from ftlab.policies import Adapter  # noqa: E402
 from ftlab.quantization import Quantization, is_quantized_layer  # noqa: E402
 from ftlab.tasks import SequenceClassification  # noqa: E402
-from tests.conftest import fit_args, run_ftlab  # noqa: E402
+from tests.conftest import fit_args, nudge_trainable, run_ftlab  # noqa: E402
 
 IDS = torch.tensor([[2, 5, 9, 12, 20, 3], [2, 7, 22, 3, 0, 0]])
 MASK = (IDS != 0).long()
@@ -53,10 +53,7 @@ def _quantized_adapter_model(folder, method: str, bits: int = 4):
 def test_quantized_base_merges_into_a_full_precision_export(tmp_path, tiny_models, method, bits):
     torch.manual_seed(0)
     model = _quantized_adapter_model(tiny_models["llama"], method, bits)
-    with torch.no_grad():  # as after training: adapters and head away from their init
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    nudge_trainable(model)
     model.eval()
     with torch.no_grad():
         before = model(input_ids=IDS, attention_mask=MASK).logits
