@@ -107,6 +107,10 @@ class FtlabCLI(LightningCLI):
         callbacks.append(RunHeader())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
         default_precision(trainer_cfg)
+        if trainer_cfg.get("enable_model_summary") is None:
+            # Lightning's model-summary table (metric rows, FLOPs 0) only with --verbose: ftlab's header says what
+            # trains. Here, not as a parser default: a frozen config (slurm submit) holds null for it
+            trainer_cfg["enable_model_summary"] = console.is_verbose()
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
@@ -217,9 +221,7 @@ _CLI_KWARGS = dict(
 
 
 def run_cli(args: list[str] | None = None) -> FtlabCLI:
-    # Lightning's model-summary table (metric rows, FLOPs 0) only with --verbose; ftlab's header says what trains
-    defaults = {**_CLI_KWARGS["trainer_defaults"], "enable_model_summary": console.is_verbose()}
-    return FtlabCLI(**{**_CLI_KWARGS, "trainer_defaults": defaults}, args=args)
+    return FtlabCLI(**_CLI_KWARGS, args=args)
 
 
 class _CheckOnly(FtlabCLI):
