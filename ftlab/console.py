@@ -34,6 +34,8 @@ KNOWN_WARNINGS: list[tuple[str, str]] = [
      "ftlab sizes data loading itself; rows are pre-tokenised, so workers rarely pay off on CPU"),
     (r"Checkpoint directory .* exists and is not empty",
      "ftlab's run directory holds one run's checkpoints by design"),
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+     "Lightning 2.6's strategy.all_gather calls it (ftlab gathers metrics through it); results are the same"),
 ]
 
 # Known log lines of the pinned libraries (logger, message regex, why it is safe to hide).

@@ -75,7 +75,7 @@ def write_config(path: Path, run_dir: str, model: Path, data: Path, **trainer) -
     """A small fit config, as a user would write it."""
     cfg = {
         "trainer": {"default_root_dir": run_dir, "max_epochs": 2, "accelerator": "cpu", "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, **trainer},
+                    "enable_progress_bar": False, **trainer},
         "model": {"name_or_path": str(model), "optim": {"lr": 0.01}},
         "data": {"class_path": "TextClassificationData",
                  "init_args": {"source": str(data), "batch_size": 16, "val_size": 40, "test_size": 40}},

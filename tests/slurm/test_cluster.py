@@ -51,6 +51,8 @@ def test_two_node_ddp_job_runs_both_ranks(uninterrupted):
     work, run_dir, log = uninterrupted
     text = log.read_text()
     assert "device   2 x cpu on 2 nodes" in text  # the run header, printed once both ranks have joined
+    for noise in ("Trainable params", "Total FLOPs", "is deprecated", "Traceback"):  # a quiet console in the log too
+        assert noise not in text, (noise, text[-3000:])
     s = summary(run_dir)
     assert (s["world_size"], s["num_nodes"], s["strategy"]) == (2, 2, "DDPStrategy")
     assert s["steps"] == EPOCHS * 5  # 160 training rows / (16 per rank x 2 ranks)
