@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 
 import torch
@@ -113,12 +114,25 @@ class Precomputed(Reference):
         rank_zero_info(f"ftlab: reference log-probs of {len(table):,} pairs computed once, stored in {path}")
 
 
+def rank_batches(lengths, batch_size: int, world_size: int, rank: int) -> list[tuple[list[int], bool]]:
+    """This rank's evaluation batches of a split as (row indices, scored), padded with unscored repeats of row 0
+    up to the busiest rank's count: under FSDP and ZeRO-3 every forward is a collective, so a rank with fewer
+    batches (a split with fewer rows than ranks leaves some with none) would hang or desync the others."""
+    from ftlab.data.samplers import GroupedBatchSampler
+
+    if 0 < len(lengths) < world_size:  # one row each for the first ranks (the evaluation sampler refuses this)
+        mine, busiest = ([([rank], True)] if rank < len(lengths) else []), 1
+    else:
+        sampler = GroupedBatchSampler(lengths, batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+        mine = [(indices, True) for indices in sampler]
+        busiest = math.ceil(len(sampler.global_batches()) / world_size)  # batches are dealt round-robin
+    return mine + [([0], False)] * (busiest - len(mine))
+
+
 def compute_table(module, source: Reference | None) -> torch.Tensor:
     """Reference log-probs of every pair of the prepared splits (collective): each rank scores its share of
     the rows in evaluation batches, then the ranks gather all of them."""
     from torch.utils.data import DataLoader
-
-    from ftlab.data.samplers import GroupedBatchSampler
 
     trainer, data, model = module.trainer, module.trainer.datamodule, module.model
     device = module.device
@@ -127,17 +141,19 @@ def compute_table(module, source: Reference | None) -> torch.Tensor:
     model.eval()
     try:
         for ds in data.splits.values():
-            sampler = GroupedBatchSampler(ds["length"], data.eval_batch_size, shuffle=False,
-                                          num_replicas=trainer.world_size, rank=trainer.global_rank)
-            for batch in DataLoader(ds.remove_columns("length"), batch_sampler=sampler, collate_fn=data.collator()):
+            batches = rank_batches(ds["length"], data.eval_batch_size, trainer.world_size, trainer.global_rank)
+            loader = DataLoader(ds.remove_columns("length"), batch_sampler=[b for b, _ in batches],
+                                collate_fn=data.collator())
+            for batch, (_, scored) in zip(loader, batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.no_grad(), trainer.precision_plugin.forward_context():
                     if source is not None:
                         logps = source.pair_logps(model, batch)
                     else:
                         logps = as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
-                rows.append(torch.stack([batch["pair_index"].double(), logps.chosen.double(),
-                                         logps.rejected.double()], 1))
+                if scored:
+                    rows.append(torch.stack([batch["pair_index"].double(), logps.chosen.double(),
+                                             logps.rejected.double()], 1))
     finally:
         model.train(was_training)
     local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64, device=device)
