@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ftlab.errors import ConfigError
+
 
 class GroupedBatchSampler(Sampler[list[int]]):
     """Yields lists of indices (one batch each) for this rank.
@@ -73,7 +75,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
         n = len(self.lengths)
         if not self.shuffle:
             order = torch.argsort(self.lengths, descending=True, stable=True) if self.group_by_length else torch.arange(n)
-            return [chunk.tolist() for chunk in torch.tensor_split(order, self._eval_batches()) if len(chunk)]
+            return [chunk.tolist() for chunk in torch.tensor_split(order, self._eval_batches()) if len(chunk)]  # n = 0: none
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(n, generator=g)
         if self.group_by_length:
@@ -90,8 +92,16 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return batches
 
     def _eval_batches(self) -> int:
-        per_rank = math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.num_replicas)
-        return per_rank * self.num_replicas
+        """Evaluation batches for all ranks: a multiple of the ranks, none empty. Where the batch size would
+        ask for more batches than there are rows (a split of 3 rows in batches of 1 on 2 ranks), fewer,
+        slightly larger batches: an empty batch on one rank would leave it out of the others' collectives."""
+        n, w = len(self.lengths), self.num_replicas
+        if 0 < n < w:
+            raise ConfigError(f"data: an evaluation split of {n} row(s) cannot be shared by {w} ranks (each needs at "
+                              f"least one row, or sharded strategies hang); give it at least {w} rows or run it on "
+                              "fewer devices")
+        wanted = math.ceil(math.ceil(n / self.batch_size) / w) * w
+        return wanted if wanted <= n else n // w * w
 
     @staticmethod
     def local_count(global_batches_done: int, num_replicas: int) -> int:

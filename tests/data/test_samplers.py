@@ -1,6 +1,9 @@
 import random
 
+import pytest
+
 from ftlab.data.samplers import GroupedBatchSampler
+from ftlab.errors import ConfigError
 
 
 def lengths(n=1000, seed=0):
@@ -50,6 +53,21 @@ def test_evaluation_keeps_every_row_once_and_equal_batch_counts_across_ranks():
         # the same number of forward passes on every rank (sharded strategies hang otherwise)
         assert len(shards[0]) == len(shards[1]) == len(samplers[0]) == len(samplers[1])
         assert all(0 < len(b) <= 10 for s in shards for b in s)
+
+
+@pytest.mark.parametrize("n,batch_size,ranks", [(3, 1, 2), (5, 1, 4), (2, 1, 2), (7, 2, 3), (4, 8, 4)])
+def test_small_evaluation_splits_give_every_rank_as_many_nonempty_batches(n, batch_size, ranks):
+    """More batches than rows would leave a rank with an empty one, dropped: it would skip a forward the
+    others run as a collective under FSDP/ZeRO-3 (seen: validation hung). Fewer, larger batches instead."""
+    shards = [list(GroupedBatchSampler(lengths(n), batch_size, shuffle=False, num_replicas=ranks, rank=r))
+              for r in range(ranks)]
+    assert sorted(i for s in shards for b in s for i in b) == list(range(n))
+    assert len({len(s) for s in shards}) == 1 and all(len(b) > 0 for s in shards for b in s)
+
+
+def test_an_evaluation_split_smaller_than_the_ranks_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"evaluation split of 1 row\(s\) cannot be shared by 2 ranks"):
+        list(GroupedBatchSampler(lengths(1), 4, shuffle=False, num_replicas=2, rank=0))
 
 
 def test_one_global_order_at_every_world_size_and_resume_across_sizes():
