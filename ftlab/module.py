@@ -19,7 +19,7 @@ from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.quantization import Quantization, quantized_numels
 from ftlab.strategies import build_sharded, follow_trainable_change
-from ftlab.tasks import SequenceClassification, Task
+from ftlab.tasks import SequenceClassification, Task, chunked_loss
 
 # Lightning notes that the module's batch hook is used although a datamodule is passed: that is the intent
 # (the task, not the data, decides e.g. masked-LM masking).
@@ -73,6 +73,7 @@ class FineTuneModule(L.LightningModule):
         attn_implementation: str | None = None,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        loss_chunk_size: int = 0,
     ):
         """
         Args:
@@ -103,6 +104,10 @@ class FineTuneModule(L.LightningModule):
                 them (much less activation memory, ~1/3 more compute); any strategy and policy.
             compile: `torch.compile` each transformer block (faster steps after a one-off compile, on GPU
                 most of all; not under DeepSpeed).
+            loss_chunk_size: Compute a causal LM's token loss (SFT, causal-LM distillation, preference log-probs)
+                from its last hidden state and LM head, this many labelled tokens at a time, each chunk
+                recomputed in backward: the batch x length x vocabulary logits never exist (0: off, the
+                model's own loss). E.g. 1024.
         """
         super().__init__()
         path, _ = model_location(name_or_path, gguf_file)
@@ -124,6 +129,8 @@ class FineTuneModule(L.LightningModule):
         self.attn_implementation = attn_implementation
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
+        chunked_loss.configure(self.task, loss_chunk_size, self.policy)
+        self.loss_chunk_size = loss_chunk_size
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
         self.skip_nonfinite_steps = skip_nonfinite_steps

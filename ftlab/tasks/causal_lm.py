@@ -12,9 +12,11 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ftlab.errors import ConfigError
 from ftlab.metrics import Perplexity
+from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
 
 
@@ -32,6 +34,8 @@ class CausalLM(Task):
     main_metric = "perplexity"
     higher_is_better = False
     data_class = "LanguageModelingData"
+    chunked: chunked_loss.ChunkedLoss | None = None
+    """The loss without full logits (`model.loss_chunk_size`), or None: the model's own loss."""
 
     def __init__(self, max_new_tokens: int = 48) -> None:
         """
@@ -42,10 +46,20 @@ class CausalLM(Task):
             raise ConfigError(f"model.task.max_new_tokens={max_new_tokens} must be positive")
         self.max_new_tokens = max_new_tokens
 
+    def set_loss_chunk_size(self, size: int) -> None:
+        self.chunked = chunked_loss.ChunkedLoss(size)
+
+    def resolve(self, config) -> None:
+        if self.chunked is not None:
+            chunked_loss.check_model(config, self.chunked.size)
+
     def forward(self, model, batch: dict) -> Any:
         # No KV cache: with one, transformers skips its packed-sequence check and packed examples would
         # attend to each other (it builds the block-diagonal mask from position_ids only without a cache).
-        return model(**batch, use_cache=False)
+        if self.chunked is None or "labels" not in batch:
+            return model(**batch, use_cache=False)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return CausalLMOutputWithPast(loss=self.chunked.nll(model, {**inputs, "use_cache": False}, batch["labels"]))
 
     def metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity()})

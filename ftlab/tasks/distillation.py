@@ -19,6 +19,7 @@ from torch import nn
 
 from ftlab.errors import ConfigError
 from ftlab.loading import download_pretrained, load_config, load_tokenizer
+from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
 from ftlab.tasks.classification import SequenceClassification
 
@@ -77,6 +78,18 @@ class Distillation(Task):
         self.alpha, self.temperature = alpha, temperature
         self.teacher_gguf_file = teacher_gguf_file
         self._teacher: FrozenTeacher | None = None
+        self.chunked: chunked_loss.ChunkedLoss | None = None
+
+    def set_loss_chunk_size(self, size: int) -> None:
+        if self.student.name != "causal-lm":
+            raise ConfigError(f"model.loss_chunk_size={size}: a {self.student.name} student has no loss over a "
+                              "vocabulary to chunk; leave it 0 (it applies to CausalLM students)")
+        self.chunked = chunked_loss.ChunkedLoss(size)
+
+    def resolve(self, config) -> None:
+        self.student.resolve(config)
+        if self.chunked is not None:
+            chunked_loss.check_model(config, self.chunked.size)
 
     # the student's task decides the model class, metrics and ranking
     auto_class = property(lambda self: self.student.auto_class)
@@ -138,17 +151,27 @@ class Distillation(Task):
         self.student.validation_end(module)
 
     def forward(self, model: nn.Module, batch: dict) -> Any:
+        if self.chunked is not None:  # both models' logits a chunk at a time, never whole
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            inputs = {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+            ce, kl = self.chunked.distillation(model, self._teacher.model, inputs, batch["labels"], self.temperature)
+            outputs = CausalLMOutputWithPast(loss=ce)
+            outputs["kl"] = kl
+            return outputs
         outputs = self.student.forward(model, batch)
         outputs["teacher_logits"] = self._teacher(**{k: v for k, v in batch.items() if k != "labels"})
         return outputs
 
     def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
         task_loss = self.student.loss(outputs, batch)
+        t = self.temperature
+        if self.chunked is not None:
+            return self.alpha * task_loss + (1 - self.alpha) * t * t * outputs["kl"]
         student, teacher = outputs.logits, outputs["teacher_logits"]
         if self.student.name == "causal-lm":  # tokens that predict a label (the shift of causal LMs)
             keep = batch["labels"][:, 1:] != -100
             student, teacher = student[:, :-1][keep], teacher[:, :-1][keep]
-        t = self.temperature
         kl = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
                       log_target=True, reduction="batchmean")
         return self.alpha * task_loss + (1 - self.alpha) * t * t * kl

@@ -44,6 +44,18 @@ class DomainAdaptation(CausalLM):
         if self.objective == "mlm" and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             raise ConfigError(f"model.task.objective=mlm: a {config.model_type} model has no masked-LM head; "
                               "use objective: clm (or auto)")
+        self._check_chunking()
+        super().resolve(config)
+
+    def set_loss_chunk_size(self, size: int) -> None:
+        super().set_loss_chunk_size(size)
+        self._check_chunking()
+
+    def _check_chunking(self) -> None:
+        if self.chunked is not None and self.objective == "mlm":
+            raise ConfigError(f"model.loss_chunk_size={self.chunked.size}: the chunked loss is for causal LMs; the "
+                              "masked-LM objective (mlm, or auto on an encoder) computes its own; leave it 0 or use "
+                              "objective: clm with a decoder")
 
     @property
     def auto_class(self):

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from transformers import AutoModelForCausalLM
 
 from ftlab.errors import ConfigError, did_you_mean
+from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
 from ftlab.tasks.preference_losses import DEFAULT_BETA, LOSSES, NEEDS_REFERENCE, PairLoss, sequence_logps
 from ftlab.tasks.preference_reference import AdapterOff, FrozenCopy, Precomputed, Reference, as_pairs, model_inputs
@@ -78,6 +79,15 @@ class Preference(Task):
         self.precompute_reference = precompute_reference
         self.disable_dropout = disable_dropout
         self.reference: Reference | None = None
+        self.chunked: chunked_loss.ChunkedLoss | None = None
+
+    def set_loss_chunk_size(self, size: int) -> None:
+        """`model.loss_chunk_size`: the trained model's log-probs without its full logits."""
+        self.chunked = chunked_loss.ChunkedLoss(size)
+
+    def resolve(self, config) -> None:
+        if self.chunked is not None:
+            chunked_loss.check_model(config, self.chunked.size)
 
     # ---- reference model
     def setup(self, module, data) -> None:
@@ -111,9 +121,11 @@ class Preference(Task):
 
     # ---- loss
     def forward(self, model: nn.Module, batch: dict) -> Any:
-        logits = model(**model_inputs(batch)).logits
-        policy = as_pairs(*sequence_logps(logits, batch["labels"]))
+        if self.chunked is None:
+            policy = as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
         ref = self.reference.pair_logps(model, batch) if self.reference is not None else None
+        if self.chunked is not None:  # after the reference: its forward of the same FSDP root would reshard the head
+            policy = as_pairs(*self.chunked.sequence_logps(model, model_inputs(batch), batch["labels"]))
         result: PairLoss = LOSSES[self.loss_name](policy, ref, beta=self.beta, gamma=self.gamma,
                                                   label_smoothing=self.label_smoothing)
         return {"loss": result.losses.mean(), "pair_losses": result.losses,

@@ -1,0 +1,228 @@
+"""Token losses over a vocabulary without the full logits (`model.loss_chunk_size`).
+
+The model runs up to its last hidden state (its own forward, asked for the hidden states and for the logits of
+one position only); the LM head then scores the labelled positions a chunk at a time: head -> fp32 log-softmax
+-> per-token values. Each chunk runs under non-reentrant activation checkpointing, so that autograd keeps
+only the chunk's hidden states, and backward recomputes its logits: at any time one chunk's logits exist,
+never batch x length x vocabulary. Positions without a label (-100) get no logits at all.
+
+Sharded strategies: the head is called as a module, so that FSDP2 (an LM head that is its own shard unit)
+and ZeRO-3 gather and release its weights through their own hooks. A head that FSDP2 keeps in the root unit
+(tied to the input embeddings) is gathered with the root's `unshard()`; with gradients it stays gathered until
+FSDP's post-backward reshards the root, without them it is released after each call. Where chunk calls are
+collectives, every rank runs as many chunks (the most any rank needs; empty ones where it has fewer).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ftlab.errors import ConfigError
+
+
+def configure(task, size: int, policy=None) -> None:
+    """Give `model.loss_chunk_size` to the task (0: off), or refuse, in one line, what it cannot apply to."""
+    if size < 0:
+        raise ConfigError(f"model.loss_chunk_size={size} must be >= 0 (0: off; e.g. 1024 tokens a chunk)")
+    if size == 0:
+        return
+    setter = getattr(task, "set_loss_chunk_size", None)
+    if setter is None:
+        raise ConfigError(f"model.loss_chunk_size={size}: task {task.name} computes no token-level loss over a "
+                          "vocabulary (causal LM, distillation of causal LMs, preference do); leave it 0")
+    peft_type = getattr(policy, "peft_type", None)
+    if peft_type is not None:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        if PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]().is_prompt_learning:
+            raise ConfigError(f"model.loss_chunk_size={size} with policy method {policy.method}: prompt-learning "
+                              "adapters add virtual tokens the chunked loss does not align labels to; use LoRA or "
+                              "loss_chunk_size: 0")
+    setter(size)
+
+
+def check_model(config, size: int) -> None:
+    """Refuse (before any weights load) a causal LM whose forward cannot hand back its last hidden state with
+    the logits of one position only (transformers' `logits_to_keep`)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return  # remote code: checked on the first batch
+    if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
+        raise ConfigError(f"model.loss_chunk_size={size}: {cls.__name__} cannot skip computing its full logits "
+                          "(no logits_to_keep argument); use loss_chunk_size: 0 with this model")
+
+
+def _fsdp_root(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The FSDP2 root unit that owns the head's weights, where the head is not a shard unit of its own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return model if isinstance(model, FSDPModule) and not isinstance(head, FSDPModule) else None
+
+
+class Head:
+    """A causal LM's head as a function of its last hidden state: the output embeddings called as a module,
+    then the logit transform some models apply (Gemma's soft-capping, Cohere's scale, Granite's divisor), in
+    fp32. With gradients, an FSDP root-owned head is gathered once here, for forward and backward."""
+
+    def __init__(self, model: nn.Module):
+        self.module = model.get_output_embeddings()
+        if not isinstance(self.module, nn.Module):
+            raise ConfigError(f"model.loss_chunk_size: {type(model).__name__} has no separate LM head (output "
+                              "embeddings) to score chunks with; use loss_chunk_size: 0")
+        config = model.config.get_text_config()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)  # Cohere
+        self.divisor = getattr(config, "logits_scaling", None)  # Granite
+        self.root = _fsdp_root(model, self.module)
+        self.held = self.root is not None and torch.is_grad_enabled()
+        if self.held:
+            self.root.unshard()  # resharded by FSDP's post-backward (or by `release`)
+
+    def release(self) -> None:
+        """Reshard a held root where no backward will (evaluation, a loss without gradients)."""
+        if self.held and not torch.is_grad_enabled():
+            self.root.reshard()
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        return logits.float()
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.root is None or self.held:
+            return self._logits(hidden)
+        self.root.unshard()
+        try:
+            return self._logits(hidden)
+        finally:
+            self.root.reshard()
+
+
+def last_hidden(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own forward, keeping its last hidden state (after the final norm) and the logits of the
+    last position only: (hidden [B, T, H], logits [B, 1, V])."""
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    if hidden.shape[:2] != inputs["input_ids"].shape:
+        raise ConfigError(f"model.loss_chunk_size: the model's hidden states ({tuple(hidden.shape[:2])}) do not align "
+                          f"with its input ({tuple(inputs['input_ids'].shape)}); use loss_chunk_size: 0")
+    return hidden, out.logits
+
+
+def check_head(head: Head, hidden: torch.Tensor, own_logits: torch.Tensor) -> None:
+    """Once per model: the head reproduces the model's own logits (a model that transforms its logits in a way
+    `Head` does not know would train on a different loss)."""
+    with torch.no_grad():
+        ours = head(hidden[:, -1:])
+    if not torch.allclose(ours, own_logits.float(), rtol=1e-3, atol=1e-3):
+        diff = (ours - own_logits.float()).abs().max().item()
+        raise ConfigError(f"model.loss_chunk_size: this model's logits are not its LM head's output (max difference "
+                          f"{diff:.3g}: a logit transform ftlab does not reproduce); use loss_chunk_size: 0")
+
+
+def labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The positions that predict a label, after the causal shift (as transformers' causal-LM loss): their
+    hidden states [N, H], their target tokens [N] and their rows [N]."""
+    keep = labels[:, 1:] != -100
+    return hidden[:, :-1][keep], labels[:, 1:][keep], keep.nonzero()[:, 0]
+
+
+def _chunk_count(n: int, size: int, device: torch.device) -> int:
+    count = max(1, -(-n // size))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # a sharded head gathers its weights in every call: each rank must make as many calls
+        t = torch.tensor([count], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        count = int(t.item())
+    return count
+
+
+def per_token(fn: Callable[..., tuple[torch.Tensor, ...]], size: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`fn` on `size` rows of `tensors` at a time, each chunk checkpointed (backward recomputes its logits);
+    the per-token outputs concatenated."""
+    n = tensors[0].shape[0]
+    outs = []
+    for i in range(_chunk_count(n, size, tensors[0].device)):
+        part = [t[i * size:(i + 1) * size] for t in tensors]
+        outs.append(checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
+    return [torch.cat(o) for o in zip(*outs)]
+
+
+class ChunkedLoss:
+    """The chunked loss of one task: `model.loss_chunk_size` tokens a chunk."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._checked: set[int] = set()
+
+    def head(self, model: nn.Module, inputs: dict) -> tuple[Head, torch.Tensor]:
+        """(the model's head, its last hidden state); the head is checked against the model's own logits once."""
+        hidden, own = last_hidden(model, inputs)
+        head = Head(model)
+        if id(model) not in self._checked:
+            check_head(head, hidden, own)
+            self._checked.add(id(model))
+        return head, hidden
+
+    def nll(self, model: nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over every labelled token of the batch (transformers' causal-LM loss)."""
+        head, hidden = self.head(model, inputs)
+        h, targets, _ = labelled(hidden, labels)
+
+        def chunk(h, t):
+            return (F.cross_entropy(head(h), t, reduction="none"),)
+
+        (losses,) = per_token(chunk, self.size, h, targets)
+        head.release()
+        return losses.sum() / losses.numel()
+
+    def sequence_logps(self, model: nn.Module, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed log-probs of its labelled tokens and their count (`preference_losses.sequence_logps`)."""
+        head, hidden = self.head(model, inputs)
+        h, targets, rows = labelled(hidden, labels)
+
+        def chunk(h, t):
+            logits = head(h)
+            return (logits.gather(1, t.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1),)
+
+        (logps,) = per_token(chunk, self.size, h, targets)
+        head.release()
+        sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+        return sums, (labels[:, 1:] != -100).sum(-1)
+
+    def distillation(self, model: nn.Module, teacher: nn.Module, inputs: dict, labels: torch.Tensor,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy on the labels, mean KL(teacher || student) at `temperature`) over the labelled
+        tokens, the teacher's logits computed chunk by chunk beside the student's."""
+        with torch.no_grad():
+            teacher_head, teacher_hidden = self.head(teacher, inputs)
+        head, hidden = self.head(model, inputs)
+        h, targets, _ = labelled(hidden, labels)
+        ht, _, _ = labelled(teacher_hidden, labels)
+
+        def chunk(h, ht, t):
+            student = head(h)
+            with torch.no_grad():
+                target = F.log_softmax(teacher_head(ht) / temperature, -1)
+            kl = F.kl_div(F.log_softmax(student / temperature, -1), target, log_target=True, reduction="none")
+            return F.cross_entropy(student, t, reduction="none"), kl.sum(-1)
+
+        ce, kl = per_token(chunk, self.size, h, ht, targets)
+        head.release()
+        n = ce.numel()
+        return ce.sum() / n, kl.sum() / n
