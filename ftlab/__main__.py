@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             from ftlab.compare.cli import main as compare_main
 
             return compare_main(args[1:])
+        elif args[:1] == ["prepare"]:
+            from ftlab.prepare_cli import main as prepare_main
+
+            console.quiet_libraries()
+            return prepare_main(args[1:])
         elif args[:1] == ["estimate"]:
             from ftlab.estimate.cli import main as estimate_main
 

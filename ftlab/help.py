@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("export", "export any checkpoint of a run to the Hugging Face format, no Trainer needed (--run DIR)"),
     ("compare", "freeze vs adapter vs full (or any variants) on one task, the same budget, several seeds"),
     ("estimate", "per-device memory and speed of a fit config, before you ask for GPUs"),
+    ("prepare", "tokenise a fit config's data into the cache fit reads, on every core, without model weights"),
     ("slurm submit", "check a fit config and queue it as a Slurm job of N nodes x G GPUs"),
     ("slurm render", "print the Slurm batch script that `slurm submit` would queue"),
 ]

@@ -187,6 +187,9 @@ class RunOutputs(L.Callback):
                 "dtypes": self.dtypes,
                 **stats,
             }
+            mix = (getattr(trainer.datamodule, "meta", None) or {}).get("sources")
+            if mix:  # several data.sources: each one's rows per split and share of the training rows
+                extra["data_sources"] = mix
             if self.best:
                 extra[f"best/val/{pl_module.task.main_metric}"], extra["best/step"] = self.best
             extra["val_history"] = self.val_history

@@ -9,8 +9,12 @@ attends across examples (the batch then has no attention_mask, by design).
 
 from __future__ import annotations
 
+import bisect
 import os
 
+from lightning.pytorch.utilities import rank_zero_info
+
+from ftlab.data import formats
 from ftlab.data.module import TextDataModule
 from ftlab.errors import ConfigError
 
@@ -20,7 +24,7 @@ class LanguageModelingData(TextDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         messages_column: str | None = "messages",
         prompt_column: str | None = None,
         response_column: str | None = None,
@@ -33,7 +37,9 @@ class LanguageModelingData(TextDataModule):
     ):
         """
         Args:
-            source: See TextDataModule; the named `chatterbot-english` is the chatterbot-corpus Q/A set.
+            source: See TextDataModule; the named `chatterbot-english` is the chatterbot-corpus Q/A set. Rows
+                in a known format (data.format: openai, sharegpt, alpaca, prompt_completion; found from the
+                columns when not given) become chat messages; `format: text` reads plain text.
             messages_column: Column of chat conversations: lists of `{role, content}` (roles user, assistant,
                 system). Used unless a prompt/response or text column is given.
             prompt_column: Column of prompts (with response_column: one user turn, one assistant turn).
@@ -55,6 +61,15 @@ class LanguageModelingData(TextDataModule):
             raise ConfigError("data.text_column and data.prompt_column exclude each other; set one")
         if sample_prompts < 0:
             raise ConfigError(f"data.sample_prompts={sample_prompts} must be >= 0")
+        kinds = {formats.FORMATS[f].kind for f in self.source.formats if f}
+        if kinds and (prompt_column or text_column):
+            raise ConfigError(f"data.{'prompt' if prompt_column else 'text'}_column reads one source's own columns; with "
+                              "a row format (data.format) map columns in its data.sources entry (columns: {...}) instead")
+        if len(kinds) > 1:
+            raise ConfigError(f"data.sources: formats {[f for f in self.source.formats if f]} mix chat rows and plain "
+                              "text; one run trains on one kind (text: continued pretraining)")
+        if kinds == {"text"}:
+            text_column = "text"
         self.mode = "text" if text_column else "pair" if prompt_column else "messages"
         self.messages_column = messages_column or "messages"
         self.prompt_column, self.response_column, self.text_column = prompt_column, response_column, text_column
@@ -78,17 +93,41 @@ class LanguageModelingData(TextDataModule):
     def missing_column_hint(self, option: str, columns: list[str]) -> str | None:
         if option != "messages_column":
             return None
+        guess = formats.suggest(columns)
+        mapping = (f"columns: {{prompt: {guess['prompt']}, completion: {guess['answer']}}}" if guess
+                   else "columns: {FORMAT_COLUMN: YOURS}")
+        options = (f"for a prompt/response file set data.prompt_column and data.response_column (--data.prompt_column "
+                   f"{guess['prompt']} --data.response_column {guess['answer']})" if guess else
+                   "set data.messages_column to the column of chat messages, data.prompt_column and "
+                   "data.response_column for prompt/response pairs")
+        return (f"{options}, or data.text_column for plain text; or give the rows' format, in data.format or a "
+                f"data.sources entry, with {mapping} to map yours: {formats.described('chat')}")
 
-        def pick(words):
-            return next((c for w in words for c in columns if w in c.lower()), None)
+    def row_formats(self) -> tuple[str, ...]:
+        return tuple(formats.FORMATS)
 
-        prompt = pick(("prompt", "instruction", "question", "input", "query", "user"))
-        response = pick(("response", "answer", "output", "completion", "assistant", "reply"))
-        if prompt and response and prompt != response:
-            return (f"for a prompt/response file set data.prompt_column and data.response_column "
-                    f"(--data.prompt_column {prompt} --data.response_column {response}), or data.text_column for plain text")
-        return ("set data.messages_column to the column of chat messages, data.prompt_column and "
-                "data.response_column for prompt/response pairs, or data.text_column for plain text")
+    def normalise_rows(self, ds, format: str | None, split: str, where: str):
+        """Rows in a known format -> `messages` (chat) or `text`; rows with the messages (or text) column as
+        they are, checked; otherwise the format their columns fit (one), else one line naming the columns
+        found and the formats."""
+        if self.mode == "pair":
+            return ds, None
+        kind, column = ("text", self.text_column) if self.mode == "text" else ("chat", self.messages_column)
+        if format is None:
+            if column in ds.column_names:
+                format = "text" if kind == "text" else "openai"
+            else:
+                fits = formats.fitting(ds.column_names, kind)
+                if len(fits) != 1:
+                    option = "text_column" if kind == "text" else "messages_column"
+                    raise ConfigError(
+                        f"{where}: the {split} data's columns {ds.column_names} fit the formats {fits}; set the format "
+                        "(data.format, or format: in its data.sources entry)" if fits else
+                        f"{where}: column {column!r} is not in the {split} data; its columns are {ds.column_names}; "
+                        f"{self.missing_column_hint(option, ds.column_names) or formats.described(kind)}")
+                format = fits[0]
+                rank_zero_info(f"ftlab: {where} rows read as {formats.FORMATS[format].describe()}")
+        return formats.convert(ds, format, where, column=column), format
 
     def text_column_for_dedup(self) -> str | None:
         return self.text_column
@@ -120,38 +159,51 @@ class LanguageModelingData(TextDataModule):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                                   chat_template=self.chat_template)
 
-    def _chat_example(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one conversation: labels are -100 outside the trained spans."""
+    def _chat_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """One conversation's text and the character spans that train (the assistant's turns, by default)."""
         full = self.render(messages)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant" and not self.train_on_prompt:
                 continue
             before = self.render(messages[:i], generation_prompt=message["role"] == "assistant") if i else ""
-            upto = self.render(messages[: i + 1])
+            upto = self.render(messages[: i + 1]) if i < len(messages) - 1 else full
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise ConfigError("data.chat_template: rendering the first k messages does not give a prefix of "
                                   "the whole conversation, so the assistant's tokens cannot be located; use a "
                                   "template that renders each message in turn")
             spans.append((len(before), len(upto)))
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                             max_length=self.max_length)
-        labels = [tok if any(a <= start < b for a, b in spans) else -100
-                  for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
-        return enc["input_ids"], labels
+        return full, spans
 
-    def _text_examples(self, text: str) -> list[tuple[list[int], list[int]]]:
-        ids = self.tokenizer(text)["input_ids"]
-        return [(ids[k:k + self.max_length], ids[k:k + self.max_length]) for k in range(0, len(ids), self.max_length)]
+    def _chat_examples(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels of conversations (one tokenizer call for all): labels are -100 outside the
+        trained spans."""
+        texts, all_spans = zip(*(self._chat_spans(m) for m in conversations)) if conversations else ((), ())
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                             max_length=self.max_length)
+        examples = []
+        for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
+            starts = [start for start, _ in offsets]  # ascending: a span's tokens are one slice
+            labels = [-100] * len(ids)
+            for a, b in spans:
+                first, end = bisect.bisect_left(starts, a), bisect.bisect_left(starts, b)
+                labels[first:end] = ids[first:end]
+            examples.append((ids, labels))
+        return examples
+
+    def _text_examples(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        examples = []
+        for ids in self.tokenizer(texts)["input_ids"]:
+            examples += [(ids[k:k + self.max_length], ids[k:k + self.max_length])
+                         for k in range(0, len(ids), self.max_length)]
+        return examples
 
     def encode(self, batch: dict) -> dict:
-        examples: list[tuple[list[int], list[int]]] = []
         rows = len(next(iter(batch.values())))
-        for i in range(rows):
-            if self.mode == "text":
-                examples.extend(self._text_examples(str(batch[self.text_column][i])))
-            else:
-                examples.append(self._chat_example(self._messages(batch, i)))
+        if self.mode == "text":
+            examples = self._text_examples([str(t) for t in batch[self.text_column]])
+        else:
+            examples = self._chat_examples([self._messages(batch, i) for i in range(rows)])
         # an example with nothing to learn (e.g. its answer was truncated away) would give a 0/0 loss
         examples = [(ids, labels) for ids, labels in examples if any(x != -100 for x in labels[1:])]
         if self.packing:
@@ -160,8 +212,9 @@ class LanguageModelingData(TextDataModule):
                 "labels": [e[1] for e in examples]}
 
     def _pack(self, examples) -> dict:
-        """First-fit decreasing bin packing of the examples into max_length rows (within each batch of rows
-        `datasets.map` hands over, 1,000 by default): longest first, each into the first row with room.
+        """First-fit decreasing bin packing of the examples into max_length rows (within each batch of 1,000
+        rows (prepare.MAP_BATCH; the parallel shards are cut at its multiples, so packing is the same for any
+        data.num_proc): longest first, each into the first row with room.
         Greedy in-order packing wasted 13-22% of each row on the real data (benchmarks/padding.py)."""
         rows: list[list[int]] = []
         room: list[int] = []

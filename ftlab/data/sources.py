@@ -93,6 +93,7 @@ class Source:
 
     def __init__(self, spec: str | dict[str, str], option: str = "data.source", format: str | None = None):
         self.spec = spec
+        self.option = option
         self.hub_id: str | None = None
         self.files: dict[str, list[str]] = {}
         if format is not None and format not in FORMATS:
@@ -131,33 +132,70 @@ class Source:
                 h.update(f"{split}:{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
-    def load(self):
-        """Load as a `datasets.DatasetDict`."""
+    def load(self, name: str | None = None, split: dict[str, str] | None = None, streaming: bool = False,
+             max_rows: int | None = None):
+        """Load as a `datasets.DatasetDict`: every split, or those of `split` (run split -> the source's split,
+        which may be a slice such as `train[:10%]`); `name` is a hub dataset's config. `streaming` iterates the
+        source (hub or files alike) and writes its first `max_rows` rows to an Arrow file in batches, never
+        holding the set in memory (the file is reused while the source and these options are the same)."""
         import datasets
 
-        if self.hub_id:
-            try:
-                return datasets.load_dataset(self.hub_id)
-            except Exception as err:  # noqa: BLE001 - hub errors come in many types
-                raise ConfigError(f"data.source={self.hub_id!r} is neither a local file nor a loadable hub dataset "
-                                  f"({type(err).__name__}: {str(err)[:200]})") from None
-        builder, kwargs = builder_for(next(iter(self.files.values()))[0])
+        stream_id = hashlib.sha256(f"{self.fingerprint()}|{name}|{split}|{max_rows}".encode()).hexdigest()[:16]
+
+        builder, kwargs = (self.hub_id, {}) if self.hub_id else builder_for(next(iter(self.files.values()))[0])
         if self.format:
             builder, kwargs = self.format, {}
         try:
             if builder in _READERS:
-                loaded = datasets.DatasetDict({split: datasets.Dataset.from_list(
-                    [row for f in files for row in _READERS[builder](f)]) for split, files in self.files.items()})
+                if streaming:
+                    raise ConfigError(f"{self.option}: {builder} files are read whole; streaming reads hub datasets "
+                                      "and csv/json/parquet/text files")
+                wanted = split or {s: s for s in self.files}
+                unknown = [src for src in wanted.values() if src not in self.files]
+                if unknown:
+                    raise ConfigError(f"{self.option}: split {unknown[0]!r} is not among its splits {list(self.files)}")
+                loaded = datasets.DatasetDict({run: datasets.Dataset.from_list(
+                    [row for f in self.files[src] for row in _READERS[builder](f)]) for run, src in wanted.items()})
             else:
-                loaded = datasets.load_dataset(builder, data_files=self.files, **kwargs)
+                args = {"path": builder, "name": name, "streaming": streaming, **kwargs}
+                if not self.hub_id:
+                    args["data_files"] = self.files
+                if split:
+                    loaded = {run: datasets.load_dataset(**args, split=src) for run, src in split.items()}
+                else:
+                    loaded = dict(datasets.load_dataset(**args))
+                if streaming:
+                    loaded = {run: _materialise(rows, max_rows, f"ftlab-stream-{stream_id}-{run}")
+                              for run, rows in loaded.items()}
+                loaded = datasets.DatasetDict(loaded)
         except ConfigError:
             raise
-        except Exception as err:  # noqa: BLE001 - parse errors come in many types
+        except Exception as err:  # noqa: BLE001 - hub and parse errors come in many types
+            if self.hub_id:
+                raise ConfigError(f"{self.option}={self.hub_id!r}{f' (name {name!r})' if name else ''}"
+                                  f"{' (split ' + ', '.join(split.values()) + ')' if split else ''} is neither a local "
+                                  f"file nor a loadable hub dataset ({type(err).__name__}: {str(err)[:200]})") from None
             raise ConfigError(_read_error(self.files, builder, err)) from None
-        for split, rows in loaded.items():
+        if max_rows is not None and not streaming:
+            loaded = datasets.DatasetDict({k: v.select(range(min(max_rows, len(v)))) for k, v in loaded.items()})
+        for split_name, rows in loaded.items():
             if len(rows) == 0:
-                raise ConfigError(f"data.source: the {split} split ({', '.join(self.files.get(split, []))}) has no rows")
+                raise ConfigError(f"data.source: the {split_name} split "
+                                  f"({', '.join(self.files.get(split_name, [])) or self.hub_id}) has no rows")
         return loaded
+
+
+def _materialise(stream, max_rows: int | None, fingerprint: str):
+    """The first `max_rows` rows of a streamed split as an on-disk (memory-mapped) `datasets.Dataset`:
+    `from_generator` writes them in batches, so memory holds one batch, not the set."""
+    import datasets
+
+    rows = stream.take(max_rows) if max_rows is not None else stream
+
+    def generate():
+        yield from rows
+
+    return datasets.Dataset.from_generator(generate, features=stream.features, fingerprint=fingerprint)
 
 
 def _read_error(files: dict, builder: str, err: BaseException) -> str:

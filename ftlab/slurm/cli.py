@@ -14,6 +14,7 @@ import yaml
 
 from ftlab.checkpoints import check_fresh_run_dir
 from ftlab.errors import ConfigError
+from ftlab.slurm import prepare as data_prep
 from ftlab.slurm.job import MIN_LEAD_S, SlurmJob, checkpoint_lead
 from ftlab.slurm.script import DEFAULT_TEMPLATE, render
 
@@ -74,6 +75,7 @@ def parser(action: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-estimate", action="store_true",
                    help="skip the memory estimate before submitting (the parameters are still counted for the "
                         "default --signal-lead)")
+    data_prep.add_prepare_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="check and print the script; queue nothing")
     p.add_argument("--no-cluster-check", action="store_true",
                    help="do not check the shape against this machine's cluster (sinfo): render for another one")
@@ -194,15 +196,30 @@ def main(argv: list[str]) -> None:
               "nothing was queued)", file=sys.stderr)
         return
     script_path = os.path.join(run_dir, SCRIPT)
+    from ftlab.cli import parse_fit_config
+
+    fit_args = [a for c in args.config for a in ("--config", c)] + fit_overrides
+    dm = parse_fit_config(fit_args).datamodule
+    mode, why = data_prep.choose(args.prepare, dm)
     if args.dry_run:
         print(script, end="")
-        print(f"ftlab: dry run: would write {script_path} and {frozen_path}, then run "
+        print(f"ftlab: dry run: data: {mode} ({why}); would write {script_path} and {frozen_path}, then run "
               f"`sbatch --parsable {shlex.quote(script_path)}`; nothing was queued", file=sys.stderr)
         return
     write_frozen(run_dir, frozen)
     with open(script_path, "w") as f:
         f.write(script)
-    result = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True, text=True)
+    print(f"ftlab: data: {mode} ({why})", file=sys.stderr)
+    after = []
+    if mode == "local":
+        data_prep.prepare_here(dm)
+    elif mode == "job":
+        python = "python" if job.container else sys.executable
+        prep_id = data_prep.submit_job(data_prep.job_command(args, job, run_dir, os.getcwd(), frozen_path, python))
+        print(f"submitted Slurm job {prep_id} (data preparation; the training job starts after it succeeds)")
+        print(f"  log:     {run_dir}/prepare-{prep_id}.out")
+        after = [f"--dependency=afterok:{prep_id}"]
+    result = subprocess.run(["sbatch", "--parsable", *after, script_path], capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"sbatch refused the job: {result.stderr.strip()} (script: {script_path})")
     job_id = result.stdout.strip().split(";")[0]

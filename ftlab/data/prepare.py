@@ -1,0 +1,307 @@
+"""Preparing the tokenised cache: on every core, atomically, and once per job.
+
+Three jobs, for `TextDataModule.prepare_data` and `ftlab prepare`:
+
+- **Who prepares** (`ensure_prepared`): a file lock next to the cache (`<key>.lock`) lets one process prepare;
+  the others poll for the finished cache (no torch.distributed collective, so no collective timeout) and
+  print who holds the lock. A preparation that fails leaves `<key>.failed` with its error, which the
+  waiting processes raise instead of waiting forever.
+- **On every core** (`encode_splits`): each split is cut into contiguous shards whose bounds are multiples of
+  the encode batch (`MAP_BATCH` rows); worker processes encode them into Arrow files. Every encode call
+  therefore sees exactly the rows it would see in one process (packing packs within one call), so the
+  cache is byte for byte the single-process one. datasets' own `map(num_proc=...)` cuts shards at
+  arbitrary rows, which changes what is packed together. Memory stays flat: rows stream from
+  memory-mapped Arrow files to Arrow files, 1,000 at a time.
+- **Atomically**: everything is written into a temporary folder next to the cache, fsynced, then renamed
+  into place; a half-written cache (a killed preparation) is never read, and the next preparer removes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING
+
+from ftlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ftlab.data.module import TextDataModule
+
+MAP_BATCH = 1000  # rows per encode call (datasets' default batch, which packing was tuned for)
+SHARD_BATCHES = 50  # at most this many batches per shard: more shards than processes balance uneven rows
+POLL_S = 1.0
+STALE_FAILURE_S = 60.0
+REPORT_EVERY_S = 60.0
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a Slurm task's allocation, not the node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def shard_bounds(rows: int, procs: int, batch: int = MAP_BATCH) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges covering `rows`, each starting at a multiple of `batch`: at least one
+    per process where there are enough batches, at most SHARD_BATCHES batches each."""
+    batches = math.ceil(rows / batch)
+    per = max(1, min(SHARD_BATCHES, math.ceil(batches / max(procs, 1))))
+    return [(b * batch, min(rows, (b + per) * batch)) for b in range(0, batches, per)]
+
+
+# ---- encoding on every core
+
+_WORKER: dict = {}  # the worker's data module, counters and splits (inherited by fork, or unpickled)
+
+
+def _init_worker(payload) -> None:
+    # one tokenizer thread per process: the processes are the parallelism (and a fork must not
+    # inherit a busy Rust thread pool)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import datasets
+
+    datasets.disable_caching()
+    datasets.disable_progress_bars()
+    _WORKER.update(payload)
+
+
+def _counters(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _encode_shard(job: tuple[str, int, int, str]) -> tuple[int, dict]:
+    """One shard of one split into an Arrow file. Returns its rows and what it added to meta's counters
+    (e.g. preference pairs dropped), which the parent sums over shards."""
+    split, start, end, out = job
+    dm, meta = _WORKER["dm"], _WORKER["meta"]
+    before = _counters(meta)
+    ds = _WORKER["splits"][split]
+    part = ds.select(range(start, end))
+    enc = part.map(dm.encode_with_length, batched=True, batch_size=MAP_BATCH, remove_columns=ds.column_names,
+                   cache_file_name=out, load_from_cache_file=False, new_fingerprint=f"{split}-{start}-{end}",
+                   writer_batch_size=MAP_BATCH)
+    after = _counters(meta)
+    return len(enc), {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+def _pool_context():
+    """fork (cheap: the workers inherit the loaded data and tokenizer) unless CUDA is initialised in this
+    process (a GPU job's rank), where a fork may deadlock: spawn then."""
+    import multiprocessing
+
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    return multiprocessing.get_context("spawn" if cuda else "fork")
+
+
+def encode_splits(dm: TextDataModule, splits: dict, meta: dict, folder: str, num_proc: int) -> dict[str, list[str]]:
+    """Encodes every split into Arrow shards `folder/<split>/shard-NNNNN.arrow` (empty ones left out).
+    Returns split -> shard files in row order; adds the shards' counters into `meta`."""
+    jobs = []
+    for split, ds in splits.items():
+        os.makedirs(os.path.join(folder, split), exist_ok=True)
+        for start, end in shard_bounds(len(ds), num_proc):
+            jobs.append((split, start, end, os.path.join(folder, split, f"shard-{start:012d}.arrow")))
+    procs = min(num_proc, len(jobs))
+    # the module without its Trainer (a spawned worker unpickles what it gets); its counters (e.g.
+    # PreferenceData's dropped pairs) are `meta` itself, pickled along in one payload
+    worker = copy.copy(dm)
+    worker.trainer = None
+    payload = {"dm": worker, "meta": meta, "splits": splits}
+    if procs > 1:
+        with _pool_context().Pool(procs, initializer=_init_worker, initargs=(payload,)) as pool:
+            results = list(pool.imap(_encode_shard, jobs))  # in job order: shards stay in row order
+    else:
+        _WORKER.update(payload)
+        try:
+            results = [_encode_shard(job) for job in jobs]
+        finally:
+            _WORKER.clear()
+    files: dict[str, list[str]] = {split: [] for split in splits}
+    for (split, _, _, out), (rows, added) in zip(jobs, results):
+        if procs > 1:
+            for key, value in added.items():
+                meta[key] = meta.get(key, 0) + value
+        if rows:
+            files[split].append(out)
+        else:
+            os.remove(out)
+    return files
+
+
+def load_shards(folder: str, split_files: dict[str, list[str]]):
+    """The cache's splits, memory-mapped from their shards (a split whose rows all dropped: an empty dataset)."""
+    import datasets
+
+    out = {}
+    for split, files in split_files.items():
+        parts = [datasets.Dataset.from_file(os.path.join(folder, f)) for f in files]
+        out[split] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else \
+            datasets.Dataset.from_dict({"input_ids": [], "length": []})
+    return out
+
+
+# ---- atomic writes
+
+def _fsync_tree(folder: str) -> None:
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_cache(dm: TextDataModule, path: str, num_proc: int) -> dict:
+    """Load, check, split and encode into a temporary folder next to `path`, then rename it into place.
+    Returns the meta written (sizes, shards, counters)."""
+    root, key = os.path.split(path)
+    os.makedirs(root, exist_ok=True)
+    for stale in os.listdir(root):  # a killed preparation's leftovers (we hold the lock: nobody writes them)
+        if stale.startswith(f".tmp-{key}-"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-")
+    try:
+        splits, meta = dm.load_and_split()
+        files = encode_splits(dm, splits, meta, tmp, num_proc)
+        meta["num_proc"] = num_proc  # not in the cache key: any number gives these bytes
+        meta["shards"] = {split: [os.path.relpath(f, tmp) for f in fs] for split, fs in files.items()}
+        meta["sizes"] = {split: len(ds) for split, ds in load_shards(tmp, meta["shards"]).items()}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        _fsync_tree(tmp)
+        if os.path.exists(path):  # written meanwhile by a process outside this lock's reach: keep that one
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, path)
+            fd = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def is_complete(path: str) -> bool:
+    """A cache folder exists only once complete (renamed into place with its meta.json)."""
+    return os.path.isfile(os.path.join(path, "meta.json"))
+
+
+# ---- one preparer per job
+
+def _holder(path: str) -> str:
+    try:
+        with open(path + ".lock.owner") as f:
+            who = json.load(f)
+        since = time.strftime("%H:%M:%S", time.localtime(who["since"]))
+        return f"pid {who['pid']} on {who['host']} ({who['what']}, since {since})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def _raise_if_failed(path: str, since: float) -> None:
+    """Raise the error a preparer left, unless it is older than this wait (an earlier run's, which the next
+    preparer removes when it starts)."""
+    try:
+        if os.path.getmtime(path + ".failed") < since - STALE_FAILURE_S:
+            return
+        with open(path + ".failed") as f:
+            error = f.read().strip()
+    except OSError:
+        return
+    raise ConfigError(f"data: preparing the cache {path} failed in another process: {error}")
+
+
+def ensure_prepared(dm: TextDataModule, may_prepare: bool, who: str, num_proc: int, log=print) -> bool:
+    """Returns once `dm.cache_path` is complete. A process that `may_prepare` takes the lock and prepares
+    (True returned) unless the cache is complete meanwhile; the others, and those that find the lock held,
+    poll, printing who holds it, at first and then every REPORT_EVERY_S."""
+    from filelock import FileLock, Timeout
+
+    path = dm.cache_path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = FileLock(path + ".lock")
+    reported, since = 0.0, time.time()
+    while not is_complete(path):
+        if may_prepare:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                pass
+            else:
+                try:
+                    if is_complete(path):
+                        return False
+                    return _prepare_locked(dm, path, who, num_proc)
+                finally:
+                    lock.release()
+        elif os.path.exists(path + ".failed"):
+            _raise_if_failed(path, since)
+        if time.monotonic() - reported >= REPORT_EVERY_S:
+            log(f"ftlab: data: waiting for the cache {path}, being prepared by {_holder(path)}")
+            reported = time.monotonic()
+        time.sleep(POLL_S)
+    return False
+
+
+def _prepare_locked(dm: TextDataModule, path: str, who: str, num_proc: int) -> bool:
+    for leftover in (path + ".failed",):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    with open(path + ".lock.owner", "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "what": who, "since": time.time()}, f)
+    try:
+        write_cache(dm, path, num_proc)
+    except BaseException as err:
+        if not isinstance(err, KeyboardInterrupt):
+            with open(path + ".failed", "w") as f:
+                f.write(f"{type(err).__name__}: {err}"[:2000])
+        raise
+    finally:
+        try:
+            os.remove(path + ".lock.owner")
+        except OSError:
+            pass
+    return True
+
+
+# ---- what `ftlab prepare` prints
+
+def summary(dm: TextDataModule) -> dict:
+    """Rows, tokens, and the share of computed tokens that are real, per split, of a prepared cache."""
+    from ftlab.data.samplers import GroupedBatchSampler
+
+    out = {"cache": dm.cache_path, "splits": {}}
+    packed = getattr(dm, "packing", False) and "position_ids" in dm.splits["train"].column_names
+    for split, ds in dm.splits.items():
+        lengths = ds.data.column("length").to_numpy()  # an array, not a list of the whole column
+        tokens = int(lengths.sum())
+        if packed:
+            efficiency, how = tokens / max(1, len(lengths) * dm.max_length), "packing"
+        else:  # the batches training (or evaluation) draws, each padded to its longest row
+            size = dm.batch_size if split == "train" else dm.eval_batch_size
+            sampler = GroupedBatchSampler(lengths, size, shuffle=split == "train", group_by_length=dm.group_by_length,
+                                          seed=0)
+            real = computed = 0
+            for batch in sampler:
+                part = lengths[batch]
+                real, computed = real + int(part.sum()), computed + len(batch) * int(part.max())
+            efficiency, how = real / max(1, computed), "padding"
+        out["splits"][split] = {"rows": len(ds), "tokens": tokens, "efficiency": efficiency, "of": how}
+    return out
