@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -39,7 +40,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         group_factor: int = 50,
     ):
-        self.lengths = torch.as_tensor(lengths)
+        # a copy: lengths may be a read-only view of a memory-mapped Arrow column (torch warns on those)
+        self.lengths = torch.as_tensor(np.array(lengths, dtype=np.int64))
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.group_by_length = group_by_length
