@@ -11,12 +11,15 @@ import sys
 
 from ftlab.errors import ConfigError
 from ftlab.estimate.memory import (
+    Activations,
     MemoryEstimate,
-    activation_bytes,
+    activation_memory,
     blocks_with_activations,
     checkpoint_key,
+    checkpoints_activations,
     count_blocks,
     host_memory,
+    quantized_weight_bytes,
     read_checkpoint,
     state_per_rank,
 )
@@ -34,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
         description="Per-device memory (parameters, gradients, optimizer state, activations) and speed of a fit "
                     "config. Arguments not listed here go to `ftlab fit` (e.g. --data.batch_size 8).")
     p.add_argument("--config", action="append", default=[], help="fit config file (repeatable, as for fit)")
+    p.add_argument("--architecture", metavar="PATH",
+                   help="the model's config.json (or a folder holding one) to size, instead of the one "
+                        "model.name_or_path points to (e.g. a hub model's config, saved where the hub is not at hand)")
     p.add_argument("--devices", type=int, help="devices per node (default: the config's trainer.devices)")
     p.add_argument("--num-nodes", type=int, help="nodes (default: the config's trainer.num_nodes)")
     p.add_argument("--strategy", help="ddp, fsdp, deepspeed_stage_1/2/3 (default: the config's)")
@@ -128,8 +134,12 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     # the dtype the weights load (and train) in, as FineTuneModule.weight_dtype picks it
     load_dtype = module.load_dtype or {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision, "float32")
     param_bytes = torch.empty(0, dtype=getattr(torch, load_dtype)).element_size()
-    skeleton = module.skeleton(data)  # the model's structure on the meta device: no weights
+    # the model's structure on the meta device: no weights
+    skeleton = _skeleton(module, data, args.architecture) if args.architecture else module.skeleton(data)
     config = skeleton.config
+    weight_bytes = _quantized_weights(module, skeleton)
+    # peft's k-bit preparation keeps every weight it does not quantize (and the adapter) in fp32
+    state_bytes = 4 if weight_bytes else param_bytes
     base_names = {n: p.numel() for n, p in skeleton.named_parameters()}  # what the checkpoint holds
     base_prefix = getattr(skeleton, "base_model_prefix", "")
     checkpoint = read_checkpoint(module.name_or_path, module.gguf_file, module.revision)
@@ -139,7 +149,8 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     model = module.policy.apply(skeleton, module.task)
     # the optimizer's own groups, as the policy makes them for the run (lr scale x weight decay)
     groups = [sum(p.numel() for p in g["params"]) for g in module.policy.param_groups(model, 1.0, 0.0)]
-    ranks = [state_per_rank(model, groups, strategy, world, r, param_bytes) for r in range(world)]
+    ranks = [state_per_rank(model, groups, strategy, world, r, state_bytes, optimizer=module.optim.name,
+                            weight_bytes=weight_bytes) for r in range(world)]
     params, grads, optim = ranks[0]
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -147,9 +158,11 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     seq = min(data.max_length, positions) if isinstance(positions, int) else data.max_length
     target = getattr(data, "max_target_length", seq)
+    # probes in the compute dtype (not autocast over fp32 weights: its cache of cast weights is no activation)
     act_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
-    acts = 0 if args.no_activations else activation_bytes(module, config, data.batch_size, seq, target, act_dtype)
-    mem = MemoryEstimate(strategy, world, params, grads, optim, acts, total, trainable)
+    acts = Activations(0, 0) if args.no_activations else \
+        activation_memory(module, config, data.batch_size, seq, target, act_dtype)
+    mem = MemoryEstimate(strategy, world, params, grads, optim, acts.kept, total, trainable, acts.peak)
     outputs = cli.config_init["fit"].get("outputs")
     host = host_memory(strategy=strategy, world=world, devices=devices, ranks=ranks, total_params=total,
                        load_size=param_bytes, load_dtype=load_dtype, checkpoint=checkpoint, base_names=base_names,
@@ -178,11 +191,61 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     spd = speed(flops, peak, args.mfu, world, tokens_per_step, steps)
     return {"gpu": args.gpu, "memory_gib": capacity, "peak_tflops": peak, "mfu": args.mfu, "precision": precision,
             "devices": world, "batch_per_device": data.batch_size, "seq_len": seq, "policy": module.policy.name,
+            "optimizer_name": module.optim.name, "quantization": _quantization_text(module),
+            "activation_checkpointing": checkpoints_activations(module),
+            "loss_chunk_size": getattr(module, "loss_chunk_size", 0) or 0,
             **mem.as_dict(), "nodes": nodes, "host_per_node": host.as_dict(), "param_numel_per_rank": [r[0].numel for r in ranks],
             "optimizer_state_numel_per_rank": [r[2].numel for r in ranks], "fits": mem.total_bytes <= capacity * GiB * 0.9,
             "flops_per_token": flops, "tokens_per_s": spd.tokens_per_s, "step_time_s": spd.step_time_s,
             "steps": steps, "train_rows": rows, "train_rows_from": rows_source if rows else None,
             "wall_time_s": spd.wall_time_s}
+
+
+def _skeleton(module, data, architecture: str):
+    """The model's structure (meta device) from a config.json given apart from the model: `--architecture`."""
+    import torch
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(architecture)
+    folder = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) == "config.json" else None
+    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConfigError(f"--architecture {architecture!r}: no config.json there; give a model folder or its "
+                          "config.json")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=module.trust_remote_code)
+    unknown = sorted(k for k in module.config_overrides if not hasattr(config, k))
+    if unknown:
+        raise ConfigError(f"model.config_overrides: {unknown} are not fields of the {config.model_type} config "
+                          f"in {folder}")
+    for key, value in module.config_overrides.items():
+        setattr(config, key, value)
+    module.task.resolve(config)
+    with torch.device("meta"):
+        return module.task.auto_class.from_config(config, trust_remote_code=module.trust_remote_code)
+
+
+def _quantized_weights(module, skeleton) -> dict[int, int]:
+    """id(weight) -> its bytes quantized, for each linear layer bitsandbytes would quantize (transformers
+    leaves the output head, and what is tied to it, in full precision); empty without model.quantization."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    quant = module.quantization
+    if quant is None:
+        return {}
+    keep = get_keys_to_not_convert(skeleton)
+    out = {}
+    for name, layer in skeleton.named_modules():
+        if isinstance(layer, torch.nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep):
+            out[id(layer.weight)] = quantized_weight_bytes(layer.weight.numel(), quant.bits, quant.double_quant,
+                                                           layer.out_features)
+    return out
+
+
+def _quantization_text(module) -> str | None:
+    quant = module.quantization
+    if quant is None:
+        return None
+    return "LLM.int8" if quant.bits == 8 else f"{quant.type} 4-bit" + (", double-quantized scales" * quant.double_quant)
 
 
 def _fsdp_whole_load(module, skeleton, checkpoint, cpu_offload: bool) -> str | None:
@@ -237,6 +300,17 @@ def _export_shape(model, outputs, load_size: int) -> dict:
                                                        for b in blocks]}
 
 
+OPTIMIZER_TEXT = {"adamw": "AdamW, fp32", "adamw_8bit": "AdamW 8-bit"}
+
+
+def _compute_text(est: dict) -> str:
+    """The options that change the activations, as the report names them."""
+    parts = ["activation checkpointing"] * est["activation_checkpointing"]
+    if est["loss_chunk_size"]:
+        parts.append(f"loss in chunks of {est['loss_chunk_size']:,} tokens")
+    return "".join(f"; {p}" for p in parts)
+
+
 def report(est: dict) -> str:
     def gib(b):
         return f"{b / GiB:.2f} GiB"
@@ -246,10 +320,13 @@ def report(est: dict) -> str:
         f"({est['memory_gib']:g} GiB, {est['peak_tflops']:g} TFLOP/s peak, MFU {est['mfu']:g}), {est['precision']}",
         f"  parameters   {est['total_params']:>14,} total, {est['trainable_params']:,} trainable",
         "  per device:",
-        f"    parameters  {gib(est['params']['bytes']):>12}  ({est['params']['numel']:,} elements)",
+        f"    parameters  {gib(est['params']['bytes']):>12}  ({est['params']['numel']:,} elements"
+        + (f"; base quantized: {est['quantization']})" if est["quantization"] else ")"),
         f"    gradients   {gib(est['grads']['bytes']):>12}  ({est['grads']['numel']:,})",
-        f"    optimizer   {gib(est['optimizer']['bytes']):>12}  ({est['optimizer']['numel']:,}: AdamW, fp32)",
-        f"    activations {gib(est['activations_bytes']):>12}  (batch {est['batch_per_device']} x {est['seq_len']} tokens)",
+        f"    optimizer   {gib(est['optimizer']['bytes']):>12}  ({est['optimizer']['numel']:,}: "
+        f"{OPTIMIZER_TEXT.get(est['optimizer_name'], est['optimizer_name'])})",
+        f"    activations {gib(est['activation_peak_bytes']):>12}  (batch {est['batch_per_device']} x {est['seq_len']} "
+        f"tokens: the step's peak; {gib(est['activations_bytes'])} kept for backward{_compute_text(est)})",
         f"    total       {gib(est['total_bytes']):>12}  -> {'fits' if est['fits'] else 'DOES NOT FIT'} "
         f"(90% of {est['memory_gib']:g} GiB usable)",
     ]

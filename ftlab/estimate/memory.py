@@ -18,6 +18,7 @@ batch, so the total is (base + blocks x per-block) x batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,6 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
 
@@ -45,13 +50,16 @@ class MemoryEstimate:
     params: TensorBytes
     grads: TensorBytes
     optimizer: TensorBytes
-    activations_bytes: int
+    activations_bytes: int  # kept for backward at the end of the forward
     total_params: int
     trainable_params: int
+    activation_peak_bytes: int = 0  # the step's activation peak (forward and backward), beyond the gradients
 
     @property
     def total_bytes(self) -> int:
-        return self.params.bytes + self.grads.bytes + self.optimizer.bytes + self.activations_bytes
+        """The step's peak: the state plus the activations at their peak."""
+        return self.params.bytes + self.grads.bytes + self.optimizer.bytes + max(self.activations_bytes,
+                                                                                self.activation_peak_bytes)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -65,44 +73,79 @@ def _fsdp_local(numel: int, shape: torch.Size, world: int, rank: int) -> int:
     return max(0, min(chunk, rows - rank * chunk)) * (numel // rows if rows else 0)
 
 
+def adamw_8bit_state_bytes(numel: int) -> int:
+    """bitsandbytes' AdamW8bit state of one tensor: two uint8 moments with an fp32 scale per 256-element block;
+    tensors under 4,096 elements keep two fp32 moments (its `min_8bit_size`)."""
+    if numel < 4096:
+        return ADAM_STATES * 4 * numel
+    return ADAM_STATES * (numel + 4 * math.ceil(numel / 256))
+
+
+def quantized_weight_bytes(numel: int, bits: int, double_quant: bool, out_features: int) -> int:
+    """Bytes of one bitsandbytes weight of `numel` values and its quantization state. 4-bit: two values a
+    byte, one scale per 64-value block (fp32; double quantization: uint8, with an fp32 scale per 256 of them),
+    the lookup tables (16 + 256 fp32). 8-bit (LLM.int8): a byte a value and an fp32 scale per row."""
+    if bits == 8:
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / 64)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales + 4 * 16
+
+
 def state_per_rank(model: nn.Module, group_sizes: list[int], strategy: str, world: int, rank: int = 0,
-                   param_bytes: int = 4, grad_bytes: int | None = None) -> tuple[TensorBytes, TensorBytes, TensorBytes]:
+                   param_bytes: int = 4, grad_bytes: int | None = None, optimizer: str = "adamw",
+                   weight_bytes: dict[int, int] | None = None) -> tuple[TensorBytes, TensorBytes, TensorBytes]:
     """(parameters, gradients, optimizer state) held by `rank` (rank 0 holds the most). `group_sizes`:
-    elements of each optimizer parameter group (ZeRO-1/2 pad each group's flat buffer on its own)."""
+    elements of each optimizer parameter group (ZeRO-1/2 pad each group's flat buffer on its own).
+    `optimizer`: adamw (two fp32 moments an element) or adamw_8bit (`adamw_8bit_state_bytes` per tensor).
+    `weight_bytes`: id(parameter) -> its whole bytes, for parameters not stored at `param_bytes` an element
+    (QLoRA's quantized weights); a rank holds its share of them."""
     grad_bytes = grad_bytes or param_bytes
+    weight_bytes = weight_bytes or {}
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
-    total = sum(p.numel() for _, p in named)
     train = sum(p.numel() for _, p in trainable)
     if strategy == "fsdp":
-        params = sum(_fsdp_local(p.numel(), p.shape, world, rank) for _, p in named)
-        grads = sum(_fsdp_local(p.numel(), p.shape, world, rank) for _, p in trainable)
-        opt = ADAM_STATES * grads
+        local = {id(p): _fsdp_local(p.numel(), p.shape, world, rank) for _, p in named}
     elif strategy == "deepspeed_stage_3":
-        params = sum(math.ceil(p.numel() / world) for _, p in named)
-        grads = sum(math.ceil(p.numel() / world) for _, p in trainable)
-        opt = ADAM_STATES * grads
-    elif strategy in ("deepspeed_stage_1", "deepspeed_stage_2"):
-        partition = sum(math.ceil(g / (2 * world)) * 2 for g in group_sizes)
-        params, opt = total, ADAM_STATES * partition
-        grads = partition if strategy == "deepspeed_stage_2" else train
+        local = {id(p): math.ceil(p.numel() / world) for _, p in named}
+    else:  # replicated parameters
+        local = {id(p): p.numel() for _, p in named}
+    params = sum(local.values())
+    param_total = sum(weight_bytes[id(p)] * local[id(p)] // max(p.numel(), 1) if id(p) in weight_bytes
+                      else local[id(p)] * param_bytes for _, p in named)
+    if strategy in ("deepspeed_stage_1", "deepspeed_stage_2"):
+        # one flat fp32 partition per group
+        partitions = [math.ceil(g / (2 * world)) * 2 for g in group_sizes]
+        grads = sum(partitions) if strategy == "deepspeed_stage_2" else train
+        states = partitions
+    elif strategy in ("fsdp", "deepspeed_stage_3"):
+        states = [local[id(p)] for _, p in trainable]
+        grads = sum(states)
     else:  # ddp, single device
-        params, grads, opt = total, train, ADAM_STATES * train
-    return (TensorBytes(params, params * param_bytes), TensorBytes(grads, grads * grad_bytes),
-            TensorBytes(opt, opt * 4))
+        states = [p.numel() for _, p in trainable]
+        grads = train
+    opt = ADAM_STATES * sum(states)
+    opt_bytes = sum(adamw_8bit_state_bytes(n) for n in states) if optimizer == "adamw_8bit" else opt * 4
+    return (TensorBytes(params, param_total), TensorBytes(grads, grads * grad_bytes), TensorBytes(opt, opt_bytes))
 
 
 # ---- activations
+def _storage_id(t: torch.Tensor) -> int:
+    """One storage, whatever the view, for real and fake (shape-only) tensors alike."""
+    return t.untyped_storage()._cdata
+
+
 def saved_activation_bytes(model: nn.Module, fn) -> tuple[int, object]:
     """Bytes of the tensors autograd saves for backward while `fn()` runs, and of the tensors fn returns
     (each storage once, the parameters not at all); and fn's result (which keeps them alive)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {_storage_id(p) for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and storage.device.type != "meta":
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        key = _storage_id(t)
+        if key not in params:
+            seen.setdefault(key, t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -114,6 +157,54 @@ def saved_activation_bytes(model: nn.Module, fn) -> tuple[int, object]:
         if isinstance(t, torch.Tensor):
             pack(t)
     return sum(seen.values()), out
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors that ops make while it is on and that are still alive, after each op, and their
+    peak: a step's memory as its device allocator would see it (each storage once; `exclude`: storages that
+    existed before, such as the parameters, which views of them must not count again)."""
+
+    def __init__(self, exclude: set[int], params: list[torch.Tensor] = ()):
+        super().__init__()
+        self.exclude = exclude
+        self.params = list(params)  # their gradients, once made, are the gradients' memory: not counted here
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key = _storage_id(t)
+                if key not in self.exclude and key not in self.live:
+                    self.live[key] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        grads = {_storage_id(p.grad) for p in self.params if p.grad is not None}
+        self.peak = max(self.peak, sum(n for k, (_, n) in self.live.items() if k not in grads))
+        return out
+
+
+@dataclass
+class Activations:
+    """Activation bytes of a training step: what it keeps for backward at the end of the forward (saved
+    tensors and outputs), and its peak over forward and backward beyond the gradients (the loss's backward,
+    blocks recomputed under activation checkpointing, chunks of a chunked loss)."""
+
+    kept: int
+    peak: int
+
+
+def step_activations(model: nn.Module, task, batch: dict) -> Activations:
+    """One training step's forward, loss and backward on `model`, measured (the outputs dropped before
+    backward, as a training step returns only its loss)."""
+    before = {_storage_id(t) for t in (*model.parameters(), *model.buffers())}
+    live = LiveBytes(before, [p for p in model.parameters() if p.requires_grad])
+    with live:
+        kept, outputs = saved_activation_bytes(model, lambda: task.forward(model, batch))
+        loss = task.loss(outputs, batch)
+        del outputs
+        loss.backward()
+    return Activations(kept, max(live.peak, kept))
 
 
 def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int) -> dict:
@@ -131,9 +222,14 @@ def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int) ->
         batch["labels"] = torch.randint(5, vocab - 1, (batch_size, target_len), generator=g)
     elif getattr(task, "objective", None) == "mlm":
         batch["labels"] = torch.where(torch.rand(ids.shape, generator=g) < task.mlm_probability, ids, -100)
-    else:
+    else:  # causal LM; preference pairs (chosen rows, then rejected rows)
         batch["labels"] = ids.clone()
     return batch
+
+
+def rows_per_example(task) -> int:
+    """Sequences a batch holds per example: 2 for preference pairs (chosen and rejected), else 1."""
+    return 2 if task.name == "preference" else 1
 
 
 def with_blocks(config, n: int):
@@ -175,26 +271,104 @@ def blocks_with_activations(policy, n_blocks: int) -> int:
     return policy.top_k_layers
 
 
-def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: int,
-                     dtype: torch.dtype = torch.float32) -> int:
-    """Activations a training step keeps for backward, per device: probes with 1 and 2 blocks give the
-    cost outside the blocks and per block (batch 1), scaled to the run's blocks and batch."""
-    # a distillation teacher runs without gradients: it keeps nothing for backward; the student's task runs
-    task = getattr(module.task, "student", module.task)
-    measured = []
-    for blocks in (1, 2):
+def checkpoints_activations(module) -> bool:
+    """Whether blocks recompute their activations in backward: `model.activation_checkpointing`, or QLoRA's
+    k-bit preparation (`model.quantization.gradient_checkpointing`)."""
+    quant = getattr(module, "quantization", None)
+    return bool(module.activation_checkpointing or (quant is not None and quant.gradient_checkpointing))
+
+
+from ftlab.tasks.preference_losses import NEEDS_REFERENCE  # noqa: E402 - the probes' preference reference
+
+
+def _probe(module, task, config, blocks: int, seq_len: int, target_len: int, dtype: torch.dtype,
+           fake: bool, rows: int = 1) -> Activations:
+    """A training step of the architecture cut to `blocks` blocks, on `rows` examples, the policy applied,
+    random weights in `dtype`; `fake`: on shape-only tensors (no memory, no compute: any model size)."""
+    from ftlab.compute import enable_activation_checkpointing
+
+    batch = probe_batch(task, config, rows * rows_per_example(task), seq_len, target_len)  # (masked-LM labels too)
+    if fake:  # all ones: the model skips it, as it does for real tensors (on shapes it cannot see it may)
+        batch["attention_mask"] = None
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
         torch.manual_seed(0)
         model = task.auto_class.from_config(with_blocks(config, blocks), dtype=dtype)
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = 0
-        model = _probe_policy(module.policy, blocks).apply(model.train(), task)
-        batch = probe_batch(task, config, 1, seq_len, target_len)  # (masked-LM labels included)
-        nbytes, _ = saved_activation_bytes(model, lambda m=model, b=batch: task.forward(m, b))
-        measured.append(nbytes)
-    per_block = max(measured[1] - measured[0], 0)
-    outside = max(measured[0] - per_block, 0)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    # outside fake mode: peft moves the adapter it makes to its base layer's dtype, which a fake parameter
+    # cannot do in place; the adapter's (small, real) weights become fake after
+    model = _probe_policy(module.policy, blocks).apply(model.train(), task)
+    if fake:
+        for owner in model.modules():
+            for name, p in owner._parameters.items():
+                if p is not None and not isinstance(p, FakeTensor):
+                    owner._parameters[name] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
+    if checkpoints_activations(module):
+        enable_activation_checkpointing(model)
+    if task.name == "preference" and task.reference is None and task.loss_name in NEEDS_REFERENCE:
+        task = copy.copy(task)  # the run's reference is made with the run's model: on the probe, the probe
+        task.reference = _ProbeReference()
+    with mode:
+        return step_activations(model, task, batch)
+
+
+class _ProbeReference:
+    """A preference step's reference pass on a probe: the model itself without gradients (its adapter off where
+    it has one; a frozen copy's forward costs the same), whose activations are a transient, never kept."""
+
+    @torch.no_grad()
+    def pair_logps(self, model: nn.Module, batch: dict):
+        from ftlab.tasks.preference_losses import sequence_logps
+        from ftlab.tasks.preference_reference import as_pairs, model_inputs
+
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            logits = model(**model_inputs(batch)).logits
+        return as_pairs(*sequence_logps(logits, batch["labels"]))
+
+
+# Probes run on real tensors up to this many (probe parameters x tokens): a few seconds of CPU. Larger ones run
+# on fake tensors, where transformers (seeing a trace) builds the causal mask and repeats grouped KV heads
+# instead of leaving both to the attention kernel: a few percent more than a real step keeps.
+REAL_PROBE_BUDGET = 5e10
+
+
+def activation_memory(module, config, batch_size: int, seq_len: int, target_len: int,
+                      dtype: torch.dtype = torch.float32) -> Activations:
+    """Activations of a training step, per device: probes with 1 and 2 blocks give the cost outside the
+    blocks and per block (batch 1), scaled to the run's blocks and batch. Probes too large to run here
+    run on fake tensors (shapes only), unless the model's code reads tensor values (a chunked loss picks its
+    labelled positions)."""
+    # a distillation teacher runs without gradients: it keeps nothing for backward; the student's task runs
+    task = getattr(module.task, "student", module.task)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in task.auto_class.from_config(with_blocks(config, 2)).parameters())
+    fake = size * seq_len * 2 * rows_per_example(task) > REAL_PROBE_BUDGET
+    measured = []
+    # (blocks, examples): the cost per block, per example outside the blocks, and fixed (a chunked loss holds
+    # one chunk's logits at a time, however long the batch)
+    for blocks, rows in ((1, 1), (2, 1), (1, 2)):
+        try:
+            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=fake, rows=rows))
+        except Exception:  # noqa: BLE001 - data-dependent code cannot run on shapes alone: run it
+            if not fake:
+                raise
+            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=False, rows=rows))
     trained = blocks_with_activations(module.policy, count_blocks(config))
-    return batch_size * (outside + trained * per_block)
+
+    def scale(one: int, two: int, pair: int) -> int:
+        per_block = max(two - one, 0)
+        outside = max(pair - one - per_block, 0)
+        fixed = max(one - outside - per_block, 0)
+        return fixed + batch_size * (outside + trained * per_block)
+
+    return Activations(*(scale(*(getattr(m, part) for m in measured)) for part in ("kept", "peak")))
+
+
+def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: int,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """Activations a training step keeps for backward, per device (see `activation_memory`)."""
+    return activation_memory(module, config, batch_size, seq_len, target_len, dtype).kept
 
 
 # ---- host (CPU RAM) memory per node: loading, offloaded state, export
