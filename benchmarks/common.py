@@ -28,10 +28,17 @@ def run(cmd: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
     return out
 
 
-def ftlab_fit(config: str, *overrides: str, timeout: int = 1200) -> tuple[Path, dict, list[dict]]:
-    """One `ftlab fit` with a CSV log of every step; (run dir, summary, metric rows)."""
+def launcher(ranks: int = 1) -> list[str]:
+    """`python` for one process; torchrun for several (as the tests launch 2-rank CPU runs)."""
+    if ranks == 1:
+        return [PY]
+    return [os.path.join(os.path.dirname(PY), "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
+
+
+def ftlab_fit(config: str, *overrides: str, timeout: int = 1200, ranks: int = 1) -> tuple[Path, dict, list[dict]]:
+    """One `ftlab fit` (on `ranks` processes) with a CSV log of every step; (run dir, summary, metric rows)."""
     run_dir = Path(tempfile.mkdtemp(prefix="ftlab-bench-run-"))
-    run([PY, "-m", "ftlab", "fit", f"--config={config}", f"--trainer.default_root_dir={run_dir}",
+    run([*launcher(ranks), "-m", "ftlab", "fit", f"--config={config}", f"--trainer.default_root_dir={run_dir}",
          "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={run_dir}", "--trainer.logger.name=csv",
          "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", *overrides], timeout)
     rows = list(csv.DictReader(next(run_dir.glob("csv/*/metrics.csv")).open()))

@@ -1,6 +1,9 @@
 """Memory: (1) activations a training step keeps, measured for each shipped config against `ftlab
 estimate`; (2) peak memory of freeze vs LoRA vs full at the same batch; (3) per-rank parameter and
-optimizer-state elements of DDP, FSDP and ZeRO-1/2/3 in real 2-rank runs, as a share of DDP's.
+optimizer-state elements of DDP, FSDP and ZeRO-1/2/3 in real 2-rank runs, as a share of DDP's; (4) each part
+of a SmolLM2-135M SFT step at 4 x 1024 (weights, gradients, optimizer state, activations kept and at their
+peak) for full, LoRA, QLoRA-4bit, + activation checkpointing, + chunked loss, + 8-bit AdamW, against the
+estimate (`--parts-only [ROW ...]`; `--reestimate FILE` estimates measured rows again).
 
 Measuring on CPU: the process's resident memory (VmRSS) before and after the forward pass of a batch of
 the configured size at full length, with glibc's mmap threshold pinned low (MALLOC_MMAP_THRESHOLD_) so
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import subprocess
 import sys
@@ -86,13 +90,177 @@ def sharding() -> list[dict]:
     return rows
 
 
+# ---- the parts of one SFT step's memory, option by option (issue 18 item 6)
+PARTS_CONFIG = "configs/sft-smollm2-chatterbot.yaml"
+PARTS_BATCH, PARTS_SEQ = 4, 1024
+_QLORA = ["--model.quantization.bits=4", "--model.quantization.gradient_checkpointing=false"]
+_AC = [*_QLORA, "--model.activation_checkpointing=true"]
+_CHUNK = [*_AC, "--model.loss_chunk_size=1024"]
+# (row, its overrides of the config, the row it is compared with); the QLoRA rows stack one option at a time
+PARTS_ROWS = [
+    ("full", ["--model.policy=Full"], None),
+    ("full + 8-bit AdamW", ["--model.policy=Full", "--model.optim.name=adamw_8bit"], "full"),
+    ("LoRA", [], "full"),
+    ("QLoRA-4bit", _QLORA, "LoRA"),
+    ("+ activation checkpointing", _AC, "QLoRA-4bit"),
+    ("+ chunked loss", _CHUNK, "+ activation checkpointing"),
+    ("+ 8-bit AdamW", [*_CHUNK, "--model.optim.name=adamw_8bit"], "+ chunked loss"),
+]
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+        f.write("5")
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tensors once)."""
+    import torch
+
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen.setdefault(s.data_ptr(), s.nbytes())
+    return sum(seen.values())
+
+
+def _quant_state_tensors(model):
+    """bitsandbytes' block scales and lookup tables of each 4-bit weight (attributes, not parameters)."""
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        while qs is not None:
+            yield from (qs.absmax, qs.code, getattr(qs, "offset", None))
+            qs = getattr(qs, "state2", None)
+
+
+def measure_parts(row: str) -> dict:
+    """In this process: one SFT step of SmolLM2-135M at 4 x 1024 with the row's options; the bytes of each
+    part from the objects themselves, the step's peak from VmHWM; and `ftlab estimate` of the same config."""
+    import torch
+
+    from ftlab.cli import parse_fit_config
+    from ftlab.estimate.memory import probe_batch, saved_activation_bytes
+    from ftlab.quantization import is_quantized_layer, quantized_numels
+
+    cli = parse_fit_config(_parts_args(row))
+    module, data = cli.model, cli.datamodule
+    data.prepare_data()
+    data.setup()
+    config = module.model_config(data)
+    model = module.build_model(data)
+    module.model = model
+    module.task.setup(module, data)
+    task = module.task
+    small = task.transform_batch(probe_batch(task, config, 1, 16, 16), training=True)
+    with torch.no_grad():  # one-time buffers (thread pools, kernel caches) before anything is measured
+        task.forward(model, small)
+    batch = task.transform_batch(probe_batch(task, config, PARTS_BATCH, PARTS_SEQ, PARTS_SEQ), training=True)
+    optimizer = module.optim.optimizer(module.policy.param_groups(model, module.optim.lr, module.optim.weight_decay))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    packed = quantized_numels(model)
+    base = [p for p in model.parameters() if not p.requires_grad]
+    weights = _storage_bytes([*model.parameters(), *model.buffers(), *_quant_state_tensors(model)])
+    base_bytes = _storage_bytes([*base, *_quant_state_tensors(model)])
+    base_fp32 = 4 * sum(packed.get(id(p), p.numel()) for p in base)
+    quantized = [m for m in model.modules() if is_quantized_layer(m)]
+    q_bytes = _storage_bytes([t for m in quantized for t in (m.weight, *_quant_state_tensors(m))])
+    q_fp32 = 4 * sum(m.in_features * m.out_features for m in quantized)
+
+    gc.collect()
+    before = _status("VmRSS")
+    _reset_peak()
+    kept, outputs = saved_activation_bytes(model, lambda: module(batch))
+    loss = task.loss(outputs, batch)
+    del outputs  # as a training step: only the loss is returned
+    loss.backward()
+    fwd_bwd_peak = _status("VmHWM")
+    grads = _storage_bytes([p.grad for p in trainable if p.grad is not None])
+    optimizer.step()
+    step_peak = _status("VmHWM")
+    state = _storage_bytes([v for s in optimizer.state.values() for v in s.values()])
+    state_fp32 = 8 * sum(p.numel() for p in trainable)  # AdamW's two fp32 moments
+    return {"row": row, "batch": PARTS_BATCH, "seq_len": PARTS_SEQ, "loss": float(loss),
+            "weights_mb": weights / 2**20, "base_weights_mb": base_bytes / 2**20, "base_fp32_mb": base_fp32 / 2**20,
+            "quantized_layers_mb": q_bytes / 2**20, "quantized_layers_fp32_mb": q_fp32 / 2**20,
+            "grads_mb": grads / 2**20, "optimizer_mb": state / 2**20, "optimizer_fp32_adamw_mb": state_fp32 / 2**20,
+            "activations_kept_mb": kept / 2**20,
+            "activation_peak_mb": (fwd_bwd_peak - before - grads) / 2**20, "step_peak_mb": step_peak / 2**20}
+
+
+def _parts_args(row: str) -> list[str]:
+    overrides = next(o for name, o, _ in PARTS_ROWS if name == row)
+    return ["--config", PARTS_CONFIG, f"--data.init_args.max_length={PARTS_SEQ}",
+            f"--data.init_args.batch_size={PARTS_BATCH}", *overrides]
+
+
+def estimate_parts(row: str) -> dict:
+    """`ftlab estimate` of a row's config (the same code path as the command), in MB."""
+    from ftlab.estimate.cli import estimate, parser
+
+    est = estimate(parser().parse_args([]), _parts_args(row))
+    return {"weights_mb": est["params"]["bytes"] / 2**20, "grads_mb": est["grads"]["bytes"] / 2**20,
+            "optimizer_mb": est["optimizer"]["bytes"] / 2**20, "activations_kept_mb": est["activations_bytes"] / 2**20,
+            "activation_peak_mb": est["activation_peak_bytes"] / 2**20}
+
+
+def parts_rows(rows: list[str] | None = None) -> None:
+    """Each row in its own process, one after another (the step at 4 x 1024 takes the machine's cores)."""
+    from ftlab.module import FineTuneModule
+
+    chunked = "loss_chunk_size" in inspect.signature(FineTuneModule.__init__).parameters
+    for name, overrides, _ in PARTS_ROWS:
+        if rows and name not in rows:
+            continue
+        if not chunked and any("loss_chunk_size" in o for o in overrides):
+            emit({"benchmark": "memory_parts", "row": name, "skipped": "model.loss_chunk_size is not in ftlab yet"})
+            continue
+        out = subprocess.run([PY, "-m", "benchmarks.memory", "--part", name], cwd=REPO, capture_output=True, text=True,
+                             env={**env(), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=1800)
+        if out.returncode != 0:
+            emit({"benchmark": "memory_parts", "row": name, "error": out.stderr.strip().splitlines()[-1][:300]})
+            continue
+        emit({"benchmark": "memory_parts", **json.loads(out.stdout.strip().splitlines()[-1]),
+              "estimate": estimate_parts(name)})
+
+
+def reestimate(path: str) -> None:
+    """The measured rows of an earlier run (JSON lines), with the estimate of today's code."""
+    for line in open(path):
+        record = json.loads(line)
+        if record.get("benchmark") == "memory_parts" and "weights_mb" in record:
+            record["estimate"] = estimate_parts(record["row"])
+        emit(record)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--one", help="internal: measure one config in this process")
+    p.add_argument("--part", help="internal: measure one row of the parts benchmark in this process")
     p.add_argument("--skip-sharding", action="store_true")
+    p.add_argument("--parts-only", nargs="*", metavar="ROW",
+                   help="only the parts benchmark (SmolLM2-135M SFT at 4 x 1024), all rows or those named")
+    p.add_argument("--reestimate", metavar="JSONL", help="the parts records of an earlier run, estimated again")
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure(args.one)))
+        return
+    if args.part:
+        print(json.dumps(measure_parts(args.part)))
+        return
+    if args.reestimate:
+        reestimate(args.reestimate)
+        return
+    if args.parts_only is not None:
+        parts_rows(args.parts_only)
         return
     for config in CONFIGS:
         if config.startswith("distill") and not (REPO / "runs" / "quickstart-full" / "export").exists():
@@ -107,7 +275,72 @@ def main() -> None:
     if not args.skip_sharding:
         for row in sharding():
             emit({"benchmark": "sharding", **row})
+    parts_rows()
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+PARTS = ("weights_mb", "grads_mb", "optimizer_mb", "activations_kept_mb", "activation_peak_mb")
+
+
+def parts_section(records: list[dict], table, verdict) -> list[str]:
+    """BENCHMARKS.md's part of section 4 from the parts records: each row's parts measured and estimated, the
+    goals of issue 18 item 6."""
+    rows, by, close = [], {}, True
+    for r in records:
+        if "weights_mb" not in r:
+            rows.append([r["row"], *[""] * 7, r.get("skipped") or r.get("error", "")])
+            continue
+        by[r["row"]] = r
+        est = r.get("estimate", {})
+        cells = []
+        for key in PARTS:
+            e = est.get(key)
+            ok = e is not None and (abs(e - r[key]) <= 0.15 * r[key] or abs(e - r[key]) < 1)
+            close &= ok
+            cells.append(f"{r[key]:,.0f} / {e:,.0f}" + ("" if ok else " **!**") if e is not None else f"{r[key]:,.0f}")
+        rows.append([r["row"], *cells, f"{r['step_peak_mb']:,.0f}", f"{r['base_weights_mb'] / r['base_fp32_mb']:.2f}x", ""])
+
+    def ratio(row, key, base_row, base_key=None):
+        if row in by and base_row in by:
+            return by[row][key] / by[base_row][base_key or key]
+        return None
+
+    goals = []
+    quant = next((r for name, r in by.items() if r["quantized_layers_mb"]), None)
+    if quant:
+        whole, layers = quant["base_weights_mb"] / quant["base_fp32_mb"], quant["quantized_layers_mb"] / quant[
+            "quantized_layers_fp32_mb"]
+        goals.append(f"QLoRA's base weights <= 0.2x of their fp32 bytes: the quantized layers {layers:.3f}x "
+                     f"({verdict(layers <= 0.2)}); the whole base {whole:.2f}x ({verdict(whole <= 0.2)}: the tied "
+                     "49,152 x 576 embedding, 21% of SmolLM2-135M's weights, stays fp32, as transformers leaves it)")
+    for text, value, goal in (
+            ("activation checkpointing keeps <= 0.35x of the activations (kept for backward, QLoRA rows)",
+             ratio("+ activation checkpointing", "activations_kept_mb", "QLoRA-4bit"), 0.35),
+            ("the chunked loss cuts the step's activation peak by >= 40% (over the row above it)",
+             None if ratio("+ chunked loss", "activation_peak_mb", "+ activation checkpointing") is None else
+             1 - ratio("+ chunked loss", "activation_peak_mb", "+ activation checkpointing"), -0.4),
+            ("8-bit AdamW state <= 0.3x of fp32 AdamW's (full fine-tuning)",
+             ratio("full + 8-bit AdamW", "optimizer_mb", "full + 8-bit AdamW", "optimizer_fp32_adamw_mb"), 0.3),
+            ("8-bit AdamW state <= 0.3x of fp32 AdamW's (the LoRA matrices of the QLoRA rows)",
+             ratio("+ 8-bit AdamW", "optimizer_mb", "+ 8-bit AdamW", "optimizer_fp32_adamw_mb"), 0.3)):
+        if value is None:
+            goals.append(f"{text}: not measured in this run")
+        elif goal < 0:
+            goals.append(f"{text}: {value:.0%} ({verdict(value >= -goal)})")
+        else:
+            goals.append(f"{text}: {value:.2f}x ({verdict(value <= goal)})")
+    goals.append(f"`ftlab estimate` within 15% of each measured part: {verdict(close)}")
+    return ["Each part of one training step's memory, option by option: SmolLM2-135M-Instruct SFT "
+            f"(`{PARTS_CONFIG}`, LoRA r=16 on q/k/v/o), batch {PARTS_BATCH} x {PARTS_SEQ} tokens, fp32 on CPU, "
+            "one step per row, each row in its own process (`benchmarks/memory.py --parts-only`). Weights, "
+            "gradients and optimizer state: bytes of the objects themselves (each storage once; QLoRA's "
+            "quantization state included). Kept: bytes autograd saves for backward (saved-tensor hooks). Peak: "
+            "the process's peak RSS over forward and backward (VmHWM, reset before the step; glibc's mmap "
+            "threshold pinned) minus its RSS before the step and the gradients. The QLoRA rows stack one option "
+            "at a time. Cells: measured / estimated MB (**!**: more than 15% apart).\n",
+            "Goals: " + "; ".join(goals) + ".\n",
+            table(["row", "weights", "gradients", "optimizer state", "activations kept", "activation peak",
+                   "process peak MB", "base / its fp32", "note"], rows), ""]
