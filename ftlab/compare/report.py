@@ -158,6 +158,13 @@ def _ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a and b else "?x"
 
 
+def _speed(best_s, other_s) -> str:
+    """Another variant's training time against the best's: "1.2x faster", or "2.2x slower" (not "0.5x faster")."""
+    if not best_s or not other_s or other_s <= best_s:
+        return f"{_ratio(best_s, other_s)} faster"
+    return f"{_ratio(other_s, best_s)} slower"
+
+
 def reading(report: dict) -> list[str]:
     """The trade-off in plain words: who wins on quality, on cost, and the knee between them; then what is
     missing from the comparison."""
@@ -195,7 +202,7 @@ def _ranking(report: dict, done: dict) -> list[str]:
                   else "?x")
         lines.append(f"**{n}**: {abs(b['metric_mean'] - v['metric_mean']):.4f} {below} {best}, "
                      f"training {100 * v['trainable_share']:.2f}% of the weights, "
-                     f"{_ratio(b['wall_time_s'], v['wall_time_s'])} faster, {memory} the peak memory.")
+                     f"{_speed(b['wall_time_s'], v['wall_time_s'])}, {memory} the peak memory.")
     # the knee: the cheapest variant whose metric is within the best's noise (2 std, at least 0.005)
     margin = max(2 * (b["metric_std"] or 0.0), 0.005)
     noise = "the seeds' noise" if b["metric_std"] is not None else "one seed: no measure of noise, 0.005 assumed"
@@ -206,6 +213,8 @@ def _ranking(report: dict, done: dict) -> list[str]:
         lines.append(f"Knee: **{knee}** is within {margin:.4f} of the best ({noise}) at "
                      f"{_ratio(b['wall_time_s'], k['wall_time_s'])} less time and {k['trainable_params'] or 0:,} trainable "
                      f"parameters: the better buy.")
+    elif cheapest == best:  # no cheaper variant exists: there is no cost to weigh against quality
+        lines.append(f"Knee: **{best}** is both the best and the cheapest: no trade-off to make here.")
     else:
         lines.append(f"Knee: no cheaper variant comes within {margin:.4f} ({noise}) of **{best}**; "
                      "the extra cost buys real quality here.")

@@ -239,3 +239,29 @@ def test_tuned_learning_rate_is_the_best_on_validation(tmp_path, tiny_bert, revi
                       "--tune", "lr", "--lr-grid", "0.1,1,30", "--tune-steps", "4", "--runs-dir", str(tmp_path / "runs"),
                       "--report-only", timeout=300)
     assert again.returncode == 0 and json.loads((root / "report.json").read_text())["tuning"] == report["tuning"]
+
+
+def test_reading_when_the_best_variant_is_also_the_cheapest():
+    # WNUT-16 at a short budget: the frozen head was both the best and the fastest; the reading must not call
+    # the others "0.5x faster" nor say that extra cost buys quality
+    from ftlab.compare.report import reading
+
+    def variant(metric, wall, share):
+        return {"metric_mean": metric, "metric_std": 0.01, "seeds": 3, "trainable_params": 1000,
+                "trainable_share": share, "wall_time_s": wall, "peak_memory_mb": 900.0}
+
+    report = {"metric": "test/f1", "higher_is_better": True, "missing": [],
+              "variants": {"head": variant(0.15, 100.0, 0.001), "lora": variant(0.05, 250.0, 0.004),
+                           "full": variant(0.14, 400.0, 1.0)}}
+    lines = reading(report)
+    assert lines[0].startswith("Best test/f1: **head**")
+    assert "**full**: 0.0100 below head, training 100.00% of the weights, 4.0x slower, 1.00x the peak memory." in lines
+    assert "**lora**: 0.1000 below head, training 0.40% of the weights, 2.5x slower, 1.00x the peak memory." in lines
+    assert lines[-1] == "Knee: **head** is both the best and the cheapest: no trade-off to make here."
+    assert not any("faster" in line for line in lines)
+
+    report["variants"]["head"]["metric_mean"] = 0.10  # full is best now: the others are cheaper
+    lines = reading(report)
+    assert "Cheapest: **head**, 100 s (4.0x faster than full), 0.0400 below it." in lines
+    assert "**lora**: 0.0900 below full, training 0.40% of the weights, 1.6x faster, 1.00x the peak memory." in lines
+    assert lines[-1].startswith("Knee: no cheaper variant comes within 0.0200")
