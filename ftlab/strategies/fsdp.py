@@ -106,16 +106,19 @@ class FSDP(ModelParallelStrategy):
         for module in model.modules():
             if isinstance(module, parts.block_class):
                 fully_shard(module, **kwargs)
-        for module in _embedding_units(model):
+        # a chunked loss calls the head once per chunk: as a unit of its own it would be gathered (and, in
+        # backward, again) in each call; in the root it is gathered once for all chunks (tasks/chunked_loss.py)
+        chunked = getattr(self.lightning_module, "loss_chunk_size", 0) > 0
+        for module in _embedding_units(model, keep_head_in_root=chunked):
             fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
         return model
 
 
-def _embedding_units(model: nn.Module) -> list[nn.Module]:
+def _embedding_units(model: nn.Module, keep_head_in_root: bool = False) -> list[nn.Module]:
     """The input embeddings and the LM head as shard units of their own: left in the root unit they stay
     gathered through forward and backward (2.1B parameters of a 70B Llama). Tied ones share a weight that
-    two units cannot both own: they stay in the root."""
+    two units cannot both own: they stay in the root; so does the head where `keep_head_in_root`."""
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     inputs = get_in() if get_in else None
@@ -124,7 +127,7 @@ def _embedding_units(model: nn.Module) -> list[nn.Module]:
         return [m for m in (inputs, outputs) if isinstance(m, nn.Module)]
     if any(a is b for a in inputs.parameters() for b in outputs.parameters()):
         return []
-    return [inputs, outputs]
+    return [inputs] if keep_head_in_root else [inputs, outputs]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

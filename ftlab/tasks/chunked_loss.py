@@ -39,9 +39,10 @@ def configure(task, size: int, policy=None) -> None:
                           "vocabulary (causal LM, distillation of causal LMs, preference do); leave it 0")
     peft_type = getattr(policy, "peft_type", None)
     if peft_type is not None:
+        from peft.config import PromptLearningConfig
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-        if PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]().is_prompt_learning:
+        if issubclass(PEFT_TYPE_TO_CONFIG_MAPPING[peft_type], PromptLearningConfig):  # (some configs cannot be built bare)
             raise ConfigError(f"model.loss_chunk_size={size} with policy method {policy.method}: prompt-learning "
                               "adapters add virtual tokens the chunked loss does not align labels to; use LoRA or "
                               "loss_chunk_size: 0")
@@ -62,17 +63,23 @@ def check_model(config, size: int) -> None:
                           "(no logits_to_keep argument); use loss_chunk_size: 0 with this model")
 
 
-def _fsdp_root(model: nn.Module, head: nn.Module) -> nn.Module | None:
-    """The FSDP2 root unit that owns the head's weights, where the head is not a shard unit of its own."""
+def _is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return model if isinstance(model, FSDPModule) and not isinstance(head, FSDPModule) else None
+    return isinstance(module, FSDPModule)
+
+
+def _fsdp_root(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The FSDP2 root unit that owns the head's weights, where the head is not a shard unit of its own."""
+    return model if _is_fsdp(model) and not _is_fsdp(head) else None
 
 
 class Head:
     """A causal LM's head as a function of its last hidden state: the output embeddings called as a module,
     then the logit transform some models apply (Gemma's soft-capping, Cohere's scale, Granite's divisor), in
-    fp32. With gradients, an FSDP root-owned head is gathered once here, for forward and backward."""
+    fp32. An FSDP root-owned head is gathered once here for all chunks: with gradients FSDP's post-backward
+    reshards it; without (evaluation) `release` does; a distillation teacher's stays gathered until its next
+    forward reshards it (backward recomputes its chunks)."""
 
     def __init__(self, model: nn.Module):
         self.module = model.get_output_embeddings()
@@ -84,13 +91,16 @@ class Head:
         self.scale = getattr(config, "logit_scale", None)  # Cohere
         self.divisor = getattr(config, "logits_scaling", None)  # Granite
         self.root = _fsdp_root(model, self.module)
-        self.held = self.root is not None and torch.is_grad_enabled()
-        if self.held:
-            self.root.unshard()  # resharded by FSDP's post-backward (or by `release`)
+        self.grad = torch.is_grad_enabled()
+        # each call a collective (its own FSDP unit, or ZeRO-3's partitioned weights): ranks must call equally often
+        self.collective = self.root is None and (_is_fsdp(self.module) or any(
+            hasattr(p, "ds_id") for p in self.module.parameters()))
+        if self.root is not None:
+            self.root.unshard()  # one gather for every chunk (per chunk, a K-fold all-gather of the head)
 
     def release(self) -> None:
-        """Reshard a held root where no backward will (evaluation, a loss without gradients)."""
-        if self.held and not torch.is_grad_enabled():
+        """Reshard a gathered root where no backward will (evaluation, a loss without gradients)."""
+        if self.root is not None and not self.grad:
             self.root.reshard()
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -104,19 +114,15 @@ class Head:
         return logits.float()
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.root is None or self.held:
-            return self._logits(hidden)
-        self.root.unshard()
-        try:
-            return self._logits(hidden)
-        finally:
-            self.root.reshard()
+        return self._logits(hidden)
 
 
 def last_hidden(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's own forward, keeping its last hidden state (after the final norm) and the logits of the
     last position only: (hidden [B, T, H], logits [B, 1, V])."""
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    # -1: transformers keeps the last hidden state only (True would hold every layer's, which a forward without
+    # gradients, e.g. a teacher's, frees as it goes); older or remote model code reads it as True
+    out = model(**inputs, output_hidden_states=-1, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     if hidden.shape[:2] != inputs["input_ids"].shape:
         raise ConfigError(f"model.loss_chunk_size: the model's hidden states ({tuple(hidden.shape[:2])}) do not align "
@@ -142,22 +148,23 @@ def labelled(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return hidden[:, :-1][keep], labels[:, 1:][keep], keep.nonzero()[:, 0]
 
 
-def _chunk_count(n: int, size: int, device: torch.device) -> int:
+def _chunk_count(n: int, size: int, device: torch.device, sharded: bool) -> int:
     count = max(1, -(-n // size))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # a sharded head gathers its weights in every call: each rank must make as many calls
+    if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # a ZeRO-3 head gathers its weights in every call: each rank must make as many calls
         t = torch.tensor([count], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         count = int(t.item())
     return count
 
 
-def per_token(fn: Callable[..., tuple[torch.Tensor, ...]], size: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+def per_token(fn: Callable[..., tuple[torch.Tensor, ...]], size: int, *tensors: torch.Tensor,
+              collective: bool = True) -> list[torch.Tensor]:
     """`fn` on `size` rows of `tensors` at a time, each chunk checkpointed (backward recomputes its logits);
     the per-token outputs concatenated."""
     n = tensors[0].shape[0]
     outs = []
-    for i in range(_chunk_count(n, size, tensors[0].device)):
+    for i in range(_chunk_count(n, size, tensors[0].device, collective)):
         part = [t[i * size:(i + 1) * size] for t in tensors]
         outs.append(checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
     return [torch.cat(o) for o in zip(*outs)]
@@ -187,7 +194,7 @@ class ChunkedLoss:
         def chunk(h, t):
             return (F.cross_entropy(head(h), t, reduction="none"),)
 
-        (losses,) = per_token(chunk, self.size, h, targets)
+        (losses,) = per_token(chunk, self.size, h, targets, collective=head.collective)
         head.release()
         return losses.sum() / losses.numel()
 
@@ -200,7 +207,7 @@ class ChunkedLoss:
             logits = head(h)
             return (logits.gather(1, t.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1),)
 
-        (logps,) = per_token(chunk, self.size, h, targets)
+        (logps,) = per_token(chunk, self.size, h, targets, collective=head.collective)
         head.release()
         sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
         return sums, (labels[:, 1:] != -100).sum(-1)
@@ -222,7 +229,7 @@ class ChunkedLoss:
             kl = F.kl_div(F.log_softmax(student / temperature, -1), target, log_target=True, reduction="none")
             return F.cross_entropy(student, t, reduction="none"), kl.sum(-1)
 
-        ce, kl = per_token(chunk, self.size, h, ht, targets)
+        ce, kl = per_token(chunk, self.size, h, ht, targets, collective=head.collective or teacher_head.collective)
         head.release()
         n = ce.numel()
         return ce.sum() / n, kl.sum() / n

@@ -194,6 +194,7 @@ def test_what_the_chunked_loss_cannot_apply_to_is_refused():
     with pytest.raises(ConfigError, match="prompt-learning adapters add virtual tokens"):
         chunked_loss.configure(CausalLM(), 512, Adapter(method="prompt"))
     chunked_loss.configure(CausalLM(), 0, Adapter(method="prompt"))  # off: nothing to refuse
+    chunked_loss.configure(CausalLM(), 512, Adapter(method="adalora"))  # its config class cannot be built bare
     from transformers import TrOCRConfig
 
     with pytest.raises(ConfigError, match="TrOCRForCausalLM cannot skip computing its full logits"):
@@ -250,12 +251,12 @@ def tied_llama(tmp_path_factory, tiny_models):
 
 
 @pytest.mark.parametrize("strategy,tied", [("fsdp", False), ("fsdp", True), ("deepspeed_stage_3", True)],
-                         ids=["fsdp-head-own-unit", "fsdp-tied-head-in-root", "zero3-tied"])
+                         ids=["fsdp-untied-head", "fsdp-tied-head-in-root", "zero3-tied"])
 def test_sharded_two_ranks_chunked_equals_unchunked(tmp_path, tiny_models, tied_llama, chat_file, strategy, tied):
-    """FSDP2, untied: the head is its own unit, each chunk gathers it through FSDP's hooks, every rank runs as
-    many chunks. Tied: it is in the root unit, gathered once and resharded by FSDP's post-backward. ZeRO-3:
-    its module hooks fetch the partitioned head. Each way the gradients are reduced as in the unchunked run:
-    the losses of later steps agree too."""
+    """FSDP2: with chunking the head stays in the root unit (untied: otherwise its own unit), gathered once for
+    all chunks and resharded by FSDP's post-backward; tied, it is there anyway. ZeRO-3: its module hooks fetch
+    the partitioned head in each chunk, every rank running as many. Each way the gradients are reduced as in the
+    unchunked run: the losses of later steps agree too."""
     model = tied_llama if tied else tiny_models["llama"]
     losses = {}
     for chunk in (0, 8):
