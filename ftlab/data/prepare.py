@@ -239,6 +239,10 @@ def ensure_prepared(dm: TextDataModule, may_prepare: bool, who: str, num_proc: i
     lock = FileLock(path + ".lock")
     reported, since = 0.0, time.time()
     while not is_complete(path):
+        if os.path.exists(path + ".failed"):
+            # also for a process that may prepare: another node's failure during this wait is the job's failure
+            # (retried on every node in turn, it would burn each node's time to fail before the job ends)
+            _raise_if_failed(path, since)
         if may_prepare:
             try:
                 lock.acquire(timeout=0)
@@ -248,11 +252,11 @@ def ensure_prepared(dm: TextDataModule, may_prepare: bool, who: str, num_proc: i
                 try:
                     if is_complete(path):
                         return False
+                    if os.path.exists(path + ".failed"):
+                        _raise_if_failed(path, since)  # failed between the check above and the lock
                     return _prepare_locked(dm, path, who, num_proc)
                 finally:
                     lock.release()
-        elif os.path.exists(path + ".failed"):
-            _raise_if_failed(path, since)
         if time.monotonic() - reported >= REPORT_EVERY_S:
             log(f"ftlab: data: waiting for the cache {path}, being prepared by {_holder(path)}")
             reported = time.monotonic()

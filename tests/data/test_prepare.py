@@ -264,3 +264,31 @@ def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tmp_path, t
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["world_size"], summary["steps"]) == (2, 5)  # 160 rows / (16 per rank x 2 ranks)
     assert is_complete(path)
+
+
+def test_a_failure_during_the_wait_ends_every_process_even_those_that_may_prepare(tmp_path, monkeypatch):
+    """Node-local preparers on a shared cache: once one has failed, the next must not take the lock and fail
+    again in turn (each node's time to fail, on GPU nodes); an old failure (an earlier run's) is retried."""
+    from types import SimpleNamespace
+
+    from ftlab.data.prepare import STALE_FAILURE_S, ensure_prepared
+    from ftlab.errors import ConfigError
+
+    dm = SimpleNamespace(cache_path=str(tmp_path / "cache" / "key"))
+    os.makedirs(tmp_path / "cache")
+    failed = Path(dm.cache_path + ".failed")
+    failed.write_text("ValueError: row 7 has no text")
+    with pytest.raises(ConfigError, match="failed in another process: ValueError: row 7 has no text"):
+        ensure_prepared(dm, may_prepare=True, who="rank 8", num_proc=1, log=lambda *_: None)
+    old = time.time() - STALE_FAILURE_S - 10
+    os.utime(failed, (old, old))
+    calls = []
+
+    def write(dm, path, num_proc):  # stands for the tokenisation: the retry runs, this run is not stopped
+        calls.append(path)
+        os.makedirs(path)
+        Path(path, "meta.json").write_text("{}")
+
+    monkeypatch.setattr("ftlab.data.prepare.write_cache", write)
+    assert ensure_prepared(dm, may_prepare=True, who="rank 0", num_proc=1, log=lambda *_: None)
+    assert calls == [dm.cache_path] and not failed.exists()
