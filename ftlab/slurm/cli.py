@@ -200,7 +200,7 @@ def main(argv: list[str]) -> None:
 
     fit_args = [a for c in args.config for a in ("--config", c)] + fit_overrides
     dm = parse_fit_config(fit_args).datamodule
-    mode, why = data_prep.choose(args.prepare, dm)
+    mode, why = data_prep.choose(args.prepare, dm, args.container)
     if args.dry_run:
         print(script, end="")
         print(f"ftlab: dry run: data: {mode} ({why}); would write {script_path} and {frozen_path}, then run "

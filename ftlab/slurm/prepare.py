@@ -39,10 +39,14 @@ def data_bytes(dm) -> int | None:
     return total
 
 
-def choose(mode: str, dm) -> tuple[str, str]:
-    """(local, job or none, why): what --prepare `mode` does for this data module."""
+def choose(mode: str, dm, container: str | None = None) -> tuple[str, str]:
+    """(local, job or none, why): what --prepare `mode` does for this data module. The preparation job runs
+    on the host, not in `container` (the training job would wait on a job that fails: afterok)."""
     from ftlab.data.prepare import is_complete
 
+    if mode == "job" and container:
+        raise ConfigError(f"--prepare job with --container {container!r}: the preparation job does not run inside "
+                          "the container yet; use --prepare local (here, before sbatch) or none (the job's ranks)")
     if is_complete(dm.cache_path):
         return "none", f"the tokenised data is in the cache already ({dm.cache_path})"
     if mode != "auto":
@@ -51,6 +55,8 @@ def choose(mode: str, dm) -> tuple[str, str]:
     if size is not None and size <= LOCAL_MAX_BYTES:
         return "local", f"--prepare auto: {size / 1024**2:.1f} MB of local data, tokenised here before sbatch"
     what = "a hub dataset" if size is None else f"{size / 1024**2:.0f} MB of data"
+    if container:
+        return "none", f"--prepare auto: {what}; with --container the job's ranks tokenise it (no preparation job)"
     return "job", f"--prepare auto: {what}, tokenised by a CPU job that the training job waits for"
 
 

@@ -130,6 +130,9 @@ BAD = {
     "missing data path": (["--data.init_args.source", "/nonexistent/x.csv"], SHAPE, "'/nonexistent/x.csv' not found"),
     "missing model folder": (["--model.name_or_path", "/nonexistent/model"], SHAPE, "'/nonexistent/model'"),
     "missing apptainer image": ([], [*SHAPE, "--container", "/nonexistent/ftlab.sif"], "no such Apptainer image"),
+    # the preparation job would run outside the image, fail, and leave the training job waiting on afterok
+    "preparation job in a container": ([], [*SHAPE, "--container", "nvcr.io/ftlab:1", "--prepare", "job"],
+                                       "--prepare job with --container 'nvcr.io/ftlab:1'"),
     "ZeRO with gradual unfreezing": (["--model.policy", "Freeze", "--model.policy.unfreeze_every", "1",
                                       "--trainer.strategy", "deepspeed_stage_2"], SHAPE, "cannot run under DeepSpeed"),
 }
