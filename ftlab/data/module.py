@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ftlab.data.collate import PadCollator
 from ftlab.data.loaders import ResumableLoader
 from ftlab.data.mixing import Sources
-from ftlab.data.samplers import GroupedBatchSampler
+from ftlab.data.samplers import GroupedBatchSampler, lengths_of
 from ftlab.data.sources import Source
 from ftlab.errors import ConfigError
 
@@ -438,7 +438,7 @@ class TextDataModule(L.LightningDataModule):
         world, rank = self._rank()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         sampler = GroupedBatchSampler(
-            ds["length"], self.batch_size if train else self.eval_batch_size, shuffle=train,
+            lengths_of(ds), self.batch_size if train else self.eval_batch_size, shuffle=train,
             group_by_length=self.group_by_length, seed=seed, num_replicas=world, rank=rank,
         )
         # An own generator: a DataLoader draws each iterator's base seed from it, and from the global RNG

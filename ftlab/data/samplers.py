@@ -18,6 +18,12 @@ from torch.utils.data import Sampler
 from ftlab.errors import ConfigError
 
 
+def lengths_of(ds) -> np.ndarray:
+    """A split's `length` column as an array, read in one go (a datasets Column iterates row by row: seconds
+    per million rows on every rank)."""
+    return ds.select_columns(["length"]).with_format("numpy")[:]["length"]
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Yields lists of indices (one batch each) for this rank.
 

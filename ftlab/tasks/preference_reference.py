@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -106,8 +107,8 @@ class Precomputed(Reference):
             raise ConfigError(f"model.task.precompute_reference: the reference log-probs ({path}) are gone and the "
                               "model has trained since; they come from the starting model: rerun fit from the start")
         table = compute_table(module, self.source)
-        if trainer.is_global_zero:
-            tmp = f"{path}.tmp-{os.getpid()}"
+        if trainer.local_rank == 0:  # each node's: with node-local caches, a resumed run on any node finds it
+            tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # (on a shared cache: the same table, renamed)
             torch.save(table, tmp)
             os.replace(tmp, path)
         self.table = table.to(module.device)
@@ -134,6 +135,8 @@ def compute_table(module, source: Reference | None) -> torch.Tensor:
     the rows in evaluation batches, then the ranks gather all of them."""
     from torch.utils.data import DataLoader
 
+    from ftlab.data.samplers import lengths_of
+
     trainer, data, model = module.trainer, module.trainer.datamodule, module.model
     device = module.device
     rows = []
@@ -141,7 +144,7 @@ def compute_table(module, source: Reference | None) -> torch.Tensor:
     model.eval()
     try:
         for ds in data.splits.values():
-            batches = rank_batches(ds["length"], data.eval_batch_size, trainer.world_size, trainer.global_rank)
+            batches = rank_batches(lengths_of(ds), data.eval_batch_size, trainer.world_size, trainer.global_rank)
             loader = DataLoader(ds.remove_columns("length"), batch_sampler=[b for b, _ in batches],
                                 collate_fn=data.collator())
             for batch, (_, scored) in zip(loader, batches):
