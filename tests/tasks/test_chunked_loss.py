@@ -250,23 +250,30 @@ def tied_llama(tmp_path_factory, tiny_models):
     return folder
 
 
-@pytest.mark.parametrize("strategy,tied", [("fsdp", False), ("fsdp", True), ("deepspeed_stage_3", True)],
-                         ids=["fsdp-untied-head", "fsdp-tied-head-in-root", "zero3-tied"])
-def test_sharded_two_ranks_chunked_equals_unchunked(tmp_path, tiny_models, tied_llama, chat_file, strategy, tied):
+@pytest.mark.parametrize("strategy,tied,task", [
+    ("fsdp", False, "CausalLM"), ("fsdp", True, "CausalLM"), ("deepspeed_stage_3", True, "CausalLM"),
+    # a known defect, not yet found: the same losses under ddp, so not FSDP's (the unit test of the loss agrees)
+    pytest.param("fsdp", False, "Distillation", marks=pytest.mark.xfail(strict=True, reason=(
+        "chunked causal-LM distillation differs from the unchunked run by ~5e-5 at step 0 in a CLI run")))],
+    ids=["fsdp-untied-head", "fsdp-tied-head-in-root", "zero3-tied", "fsdp-distillation"])
+def test_sharded_two_ranks_chunked_equals_unchunked(tmp_path, tiny_models, tied_llama, chat_file, strategy, tied, task):
     """FSDP2: with chunking the head stays in the root unit (untied: otherwise its own unit), gathered once for
     all chunks and resharded by FSDP's post-backward; tied, it is there anyway. ZeRO-3: its module hooks fetch
     the partitioned head in each chunk, every rank running as many. Each way the gradients are reduced as in the
-    unchunked run: the losses of later steps agree too."""
+    unchunked run: the losses of later steps agree too. Distillation: the sharded teacher's head too (gathered
+    once without gradients, and again when backward recomputes a chunk)."""
+    teacher = ["--model.task.teacher=" + str(tiny_models["llama"]), "--model.task.student=CausalLM",
+               "--model.task.alpha=0.5"] if task == "Distillation" else []
     model = tied_llama if tied else tiny_models["llama"]
     losses = {}
     for chunk in (0, 8):
         run = tmp_path / f"run{chunk}"
         run.mkdir()
-        out = run_ftlab(*task_args(run, model, "LanguageModelingData", chat_file, "CausalLM",
+        out = run_ftlab(*task_args(run, model, "LanguageModelingData", chat_file, task,
                                    f"--data.chat_template={CHAT_TEMPLATE}", "--data.max_length=64",
                                    "--data.batch_size=2", f"--trainer.strategy={strategy}", "--trainer.devices=2",
                                    "--trainer.max_steps=4", "--test_after_fit=false",
-                                   "--model.task.max_new_tokens=2", f"--model.loss_chunk_size={chunk}",
+                                   *(teacher or ["--model.task.max_new_tokens=2"]), f"--model.loss_chunk_size={chunk}",
                                    "--trainer.callbacks+=tests.tasks.test_chunked_loss.LossLog",
                                    f"--trainer.callbacks.folder={run}"), timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
