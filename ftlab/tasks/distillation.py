@@ -10,6 +10,7 @@ under ZeRO-3.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -31,13 +32,16 @@ class FrozenTeacher(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        # no KV cache (a model in eval mode makes one): with it transformers skips its packed-sequence check,
+        # and the teacher's packed examples would attend to each other (as CausalLM.forward explains)
+        self._inputs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, **inputs) -> torch.Tensor:
-        return self.model(**inputs).logits
+        return self.model(**{**self._inputs, **inputs}).logits
 
 
 def teacher_folder(teacher: str) -> str:
