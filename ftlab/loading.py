@@ -119,6 +119,16 @@ def download_pretrained(name_or_path: str, gguf_file: str | None = None, revisio
                           "or give a local folder") from None
 
 
+def apply_config_overrides(config, overrides: dict, where: str = "") -> None:
+    """`model.config_overrides` set on a model config, or one line naming the fields it lacks."""
+    unknown = sorted(k for k in overrides if not hasattr(config, k))
+    if unknown:
+        raise ConfigError(f"model.config_overrides: {unknown} are not fields of the {config.model_type} config"
+                          f"{where}; e.g. {', '.join(sorted(config.to_dict())[:8])}, ...")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+
+
 def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kwargs):
     """`auto_class.from_pretrained`. A task head the checkpoint lacks (a classifier on a plain encoder) is
     expected: transformers' LOAD REPORT of it ("classifier MISSING") is replaced by one ftlab line naming

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
-from ftlab.loading import download_pretrained, load_config, load_model
+from ftlab.loading import apply_config_overrides, download_pretrained, load_config, load_model
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.quantization import Quantization, quantized_numels
@@ -180,12 +180,7 @@ class FineTuneModule(L.LightningModule):
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.name_or_path={self.name_or_path!r}: no model config could be loaded "
                               f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with config.json") from None
-        unknown = sorted(k for k in self.config_overrides if not hasattr(config, k))
-        if unknown:
-            raise ConfigError(f"model.config_overrides: {unknown} are not fields of this {config.model_type} "
-                              f"config; e.g. {', '.join(sorted(config.to_dict())[:8])}, ...")
-        for key, value in self.config_overrides.items():
-            setattr(config, key, value)
+        apply_config_overrides(config, self.config_overrides)
         self.task.resolve(config)
         return config
 

@@ -24,6 +24,8 @@ CASES = {
                                         "'nothing_here' matches no parameter"),
     "missing model": (["--model.name_or_path=/nonexistent/model"], "/nonexistent/model"),
     "negative lr": (["--model.optim.lr=-1"], "lr=-1"),
+    "config override of no field": (['--model.config_overrides={"num_hiden_layers": 1}'],
+                                    "['num_hiden_layers'] are not fields of the bert config"),
     "gradual unfreezing under ZeRO": (["--model.policy=Freeze", "--model.policy.unfreeze_every=1",
                                        "--trainer.strategy=deepspeed_stage_2", "--trainer.devices=2"],
                                       "cannot run under DeepSpeed ZeRO"),

@@ -206,18 +206,15 @@ def _skeleton(module, data, architecture: str):
     import torch
     from transformers import AutoConfig
 
+    from ftlab.loading import apply_config_overrides
+
     path = os.path.expanduser(architecture)
     folder = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) == "config.json" else None
     if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
         raise ConfigError(f"--architecture {architecture!r}: no config.json there; give a model folder or its "
                           "config.json")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=module.trust_remote_code)
-    unknown = sorted(k for k in module.config_overrides if not hasattr(config, k))
-    if unknown:
-        raise ConfigError(f"model.config_overrides: {unknown} are not fields of the {config.model_type} config "
-                          f"in {folder}")
-    for key, value in module.config_overrides.items():
-        setattr(config, key, value)
+    apply_config_overrides(config, module.config_overrides, f" in {folder}")
     module.task.resolve(config)
     with torch.device("meta"):
         return module.task.auto_class.from_config(config, trust_remote_code=module.trust_remote_code)
