@@ -45,6 +45,20 @@ def ftlab_fit(config: str, *overrides: str, timeout: int = 1200, ranks: int = 1)
     return run_dir, json.loads((run_dir / "summary.json").read_text()), rows
 
 
+def plain_step(module, model, batch, opt, sched):
+    """One optimizer step of the plain loops the framework is measured against: the task's loss, backward,
+    clipping at 1.0 (as the ftlab configs), the update and the schedule; returns the loss."""
+    import torch
+
+    loss = module.task.forward(model, batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def step_times(rows: list[dict], skip: int = 5) -> list[float]:
     times = [float(r["train/step_time_s"]) for r in rows if r.get("train/step_time_s")]
     return times[skip:]

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import PY, REPO, emit, ftlab_fit, median, run, step_times
+from benchmarks.common import PY, REPO, emit, ftlab_fit, median, plain_step, run, step_times
 
 STEPS = 30
 CASES = {
@@ -74,12 +74,7 @@ def plain_loop(config: str, overrides: list[str]) -> list[float]:
     for step, batch in enumerate(data.train_dataloader()):
         if step == STEPS:
             break
-        loss = module.task.forward(model, batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = plain_step(module, model, batch, opt, sched)
         loss.item()  # the framework logs the loss each step: so does the plain loop
         now = time.perf_counter()
         times.append(now - last)

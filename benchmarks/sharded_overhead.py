@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from benchmarks.common import REPO, emit, ftlab_fit, launcher, median, run, step_times
+from benchmarks.common import REPO, emit, ftlab_fit, launcher, median, plain_step, run, step_times
 from benchmarks.overhead import CASES, small_llama
 
 STRATEGIES = ("fsdp", "deepspeed_stage_3")
@@ -74,13 +74,7 @@ def plain_loop(strategy: str, steps: int) -> list[float] | None:
         opt, sched = module.optim.build(groups(model.named_parameters()), steps)  # torch's fused AdamW, LambdaLR
 
         def step(batch):
-            loss = module.task.forward(model, batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+            return plain_step(module, model, batch, opt, sched)
     else:
         import deepspeed
         from lightning.pytorch.strategies import DeepSpeedStrategy
