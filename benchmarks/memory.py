@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import subprocess
 import sys
@@ -212,24 +211,26 @@ def estimate_parts(row: str) -> dict:
             "activation_peak_mb": est["activation_peak_bytes"] / 2**20}
 
 
+def in_child(flag: str, name: str, timeout: int) -> dict:
+    """One measurement in a fresh process (its peak is its own; glibc's mmap threshold pinned as in section
+    4): the record it prints, or {"error": its last line of stderr}."""
+    out = subprocess.run([PY, "-m", "benchmarks.memory", flag, name], cwd=REPO, capture_output=True, text=True,
+                         env={**env(), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=timeout)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def parts_rows(rows: list[str] | None = None) -> None:
     """Each row in its own process, one after another (the step at 4 x 1024 takes the machine's cores)."""
-    from ftlab.module import FineTuneModule
-
-    chunked = "loss_chunk_size" in inspect.signature(FineTuneModule.__init__).parameters
-    for name, overrides, _ in PARTS_ROWS:
+    for name, _, _ in PARTS_ROWS:
         if rows and name not in rows:
             continue
-        if not chunked and any("loss_chunk_size" in o for o in overrides):
-            emit({"benchmark": "memory_parts", "row": name, "skipped": "model.loss_chunk_size is not in ftlab yet"})
-            continue
-        out = subprocess.run([PY, "-m", "benchmarks.memory", "--part", name], cwd=REPO, capture_output=True, text=True,
-                             env={**env(), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=1800)
-        if out.returncode != 0:
-            emit({"benchmark": "memory_parts", "row": name, "error": out.stderr.strip().splitlines()[-1][:300]})
-            continue
-        emit({"benchmark": "memory_parts", **json.loads(out.stdout.strip().splitlines()[-1]),
-              "estimate": estimate_parts(name)})
+        record = in_child("--part", name, timeout=1800)
+        if "error" in record:
+            emit({"benchmark": "memory_parts", "row": name, **record})
+        else:
+            emit({"benchmark": "memory_parts", **record, "estimate": estimate_parts(name)})
 
 
 def reestimate(path: str) -> None:
@@ -266,12 +267,8 @@ def main() -> None:
         if config.startswith("distill") and not (REPO / "runs" / "quickstart-full" / "export").exists():
             emit({"benchmark": "memory", "config": config, "skipped": "needs runs/quickstart-full (its teacher)"})
             continue
-        out = subprocess.run([PY, "-m", "benchmarks.memory", "--one", config], cwd=REPO, capture_output=True, text=True,
-                             env={**env(), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=900)
-        if out.returncode != 0:
-            emit({"benchmark": "memory", "config": config, "error": out.stderr.strip().splitlines()[-1][:300]})
-            continue
-        emit({"benchmark": "memory", **json.loads(out.stdout.strip().splitlines()[-1])})
+        record = in_child("--one", config, timeout=900)
+        emit({"benchmark": "memory", **({"config": config} if "error" in record else {}), **record})
     if not args.skip_sharding:
         for row in sharding():
             emit({"benchmark": "sharding", **row})
