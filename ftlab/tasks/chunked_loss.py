@@ -6,11 +6,12 @@ one position only); the LM head then scores the labelled positions a chunk at a 
 only the chunk's hidden states, and backward recomputes its logits: at any time one chunk's logits exist,
 never batch x length x vocabulary. Positions without a label (-100) get no logits at all.
 
-Sharded strategies: the head is called as a module, so that FSDP2 (an LM head that is its own shard unit)
-and ZeRO-3 gather and release its weights through their own hooks. A head that FSDP2 keeps in the root unit
-(tied to the input embeddings) is gathered with the root's `unshard()`; with gradients it stays gathered until
-FSDP's post-backward reshards the root, without them it is released after each call. Where chunk calls are
-collectives, every rank runs as many chunks (the most any rank needs; empty ones where it has fewer).
+Sharded strategies: the head is called as a module, so that ZeRO-3 (and LoRA on the head) work through their
+own hooks. Under FSDP2 the head is in the root unit when the loss is chunked (`fsdp.shard_module`; tied heads
+always are): gathered once with the root's `unshard()` for all chunks, resharded by FSDP's post-backward, or
+by `Head.release` after a loss without gradients (a teacher's stays gathered until its next forward reshards
+it: backward recomputes its chunks). Where chunk calls are collectives (ZeRO-3), every rank runs as many
+chunks (the most any rank needs; empty ones where it has fewer).
 """
 
 from __future__ import annotations
