@@ -193,6 +193,16 @@ def load_config(name_or_path: str, gguf_file: str | None = None, **kwargs):
     return AutoConfig.from_pretrained(path, **extra, **kwargs)
 
 
+def adopt_generation_config(model, folder: str) -> None:
+    """A model built from its config (for sharded loading) gets the checkpoint's generation_config.json, as
+    from_pretrained's does: its end-of-turn tokens and sampling defaults go into the export."""
+    if not os.path.isfile(os.path.join(folder, "generation_config.json")) or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
 class PretrainedWeights:
     """The tensors of a pretrained model's safetensors files, read one at a time and by dim-0 rows: files are
     memory-mapped, so a rank that keeps a shard of a tensor reads only that shard's rows.
@@ -213,6 +223,7 @@ class PretrainedWeights:
             with safe_open(single, "pt") as f:
                 files = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         self.files = files
+        self.folder = folder
         self.prefix = prefix + "." if prefix else ""
         self._open: dict = {}
 
@@ -240,17 +251,32 @@ class PretrainedWeights:
                 return key
         return None
 
-    def read(self, key: str, start: int = 0, stop: int | None = None):
-        """Rows [start, stop) of a tensor (the whole tensor by default), as stored."""
+    def _slice(self, key: str):
         from safetensors import safe_open
 
         path = self.files[key]
         if path not in self._open:
             self._open[path] = safe_open(path, "pt")
-        sliced = self._open[path].get_slice(key)
+        return self._open[path].get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of a tensor (from the file's header: nothing is read)."""
+        return tuple(self._slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype of a tensor, as safetensors names it (F32, BF16, F8_E4M3...)."""
+        return self._slice(key).get_dtype()
+
+    def floating(self, key: str) -> bool:
+        """Stored as plain floats (not quantized values, which need their scales to mean anything)."""
+        return self.dtype(key) in ("F64", "F32", "F16", "BF16")
+
+    def read(self, key: str, start: int = 0, stop: int | None = None):
+        """Rows [start, stop) of a tensor (the whole tensor by default), as stored."""
+        sliced = self._slice(key)
         shape = sliced.get_shape()
         if not shape:  # a scalar
-            return self._open[path].get_tensor(key)
+            return self._open[self.files[key]].get_tensor(key)
         return sliced[start: shape[0] if stop is None else stop]
 
     def release(self) -> None:

@@ -203,15 +203,20 @@ class FineTuneModule(L.LightningModule):
     def empty_model(self, data) -> torch.nn.Module:
         """The model as `build_model` loads it, before the policy, but on the meta device (no weights), in the
         dtype it trains in: for strategies that give each rank its own shard of the weights."""
+        with torch.device("meta"):
+            return self.model_from_config(data)
+
+    def model_from_config(self, data) -> torch.nn.Module:
+        """The model as `build_model` loads it, before the policy, with the weights its architecture initialises
+        (or none: under a meta device, or ZeRO-3's partitioned init)."""
         config = self.model_config(data)
         kwargs = self._load_kwargs(data)
         for key, value in kwargs.items():  # what from_pretrained would set on the config (num_labels...)
             if key not in ("trust_remote_code", "revision", "dtype", "attn_implementation"):
                 setattr(config, key, value)
         extra = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
-        with torch.device("meta"):
-            return self.task.auto_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=self.trust_remote_code,
-                                                    **extra)
+        return self.task.auto_class.from_config(config, dtype=kwargs["dtype"], trust_remote_code=self.trust_remote_code,
+                                                **extra)
 
     def finish_model(self, model: torch.nn.Module, data) -> torch.nn.Module:
         """A freshly built model made ready to train: padding id, train mode, the policy applied."""

@@ -143,7 +143,8 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     base_names = {n: p.numel() for n, p in skeleton.named_parameters()}  # what the checkpoint holds
     base_prefix = getattr(skeleton, "base_model_prefix", "")
     checkpoint = read_checkpoint(module.name_or_path, module.gguf_file, module.revision)
-    whole_reason = _fsdp_whole_load(module, skeleton, checkpoint, offload["fsdp_offload"]) if strategy == "fsdp" else None
+    whole_reason = (_fsdp_whole_load(module, skeleton, checkpoint, offload["fsdp_offload"]) if strategy == "fsdp" else
+                    _names_differ(skeleton, checkpoint) if strategy == "deepspeed_stage_3" else None)
     lacking = sum(n for name, n in base_names.items()
                   if checkpoint.found and not checkpoint_key(name, checkpoint.tensors, base_prefix))
     model = module.policy.apply(skeleton, module.task)
@@ -168,7 +169,7 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
                        load_size=param_bytes, load_dtype=load_dtype, checkpoint=checkpoint, base_names=base_names,
                        base_prefix=base_prefix, new_numel=lacking + total - sum(base_names.values()),
                        whole_reason=whole_reason, **offload, **_export_shape(model, outputs, param_bytes))
-    if not checkpoint.found and not (strategy == "fsdp" and whole_reason):
+    if not checkpoint.found and not whole_reason:
         host.load += "; checkpoint not at hand: assumed stored in another dtype"
     peak, capacity = GPUS.get(args.gpu, (None, None))
     peak, capacity = args.peak_tflops or peak, args.memory_gib or capacity
@@ -248,13 +249,19 @@ def _quantization_text(module) -> str | None:
 def _fsdp_whole_load(module, skeleton, checkpoint, cpu_offload: bool) -> str | None:
     """Why fsdp.load_sharded would have every rank load the whole model (its checks, in its order, for GPU
     ranks), or None where each rank reads only its shards."""
-    from ftlab.policies.layers import find_parts
-
     blocker = module.policy.meta_init_blocker()
     if blocker:
         return blocker
     if cpu_offload:
         return "cpu_offload"
+    return _names_differ(skeleton, checkpoint)
+
+
+def _names_differ(skeleton, checkpoint) -> str | None:
+    """Why the sharded loading of FSDP or ZeRO-3 cannot map the model's weights to the checkpoint's tensors
+    (it then loads through from_pretrained), or None: a new task head is all the checkpoint may lack."""
+    from ftlab.policies.layers import find_parts
+
     if checkpoint.folder is not None and not checkpoint.tensors:
         return "its weights are not in safetensors files"
     if checkpoint.found:

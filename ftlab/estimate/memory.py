@@ -383,8 +383,10 @@ def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: 
 # - FSDP sharded loading: each rank maps its dim-0 rows of each tensor and copies them to its device (one
 #   tensor's rows converted at a time); what the checkpoint lacks and what the policy creates (LoRA matrices)
 #   are initialised whole on the host, on every rank.
-# - ZeRO-3: transformers 5 maps the whole checkpoint on rank 0 (`load_state_dict`) and fills the partitions
-#   module by module (one tensor converted at a time); the other ranks read nothing.
+# - ZeRO-3 (strategies.deepspeed.load_partitioned): each rank maps the rows its flat partition of each tensor
+#   spans and copies them into its partition (one tensor at a time); a new head is initialised on the device.
+#   Where that loader falls back (names the checkpoint does not hold): transformers 5 maps the whole
+#   checkpoint on rank 0 (`load_state_dict`) and fills the partitions module by module.
 # - Offload (ZeRO offload_optimizer / FSDP cpu_offload) keeps state in host RAM for the whole run: ZeRO, the
 #   fp32 master weights, fp32 gradients and AdamW state of each rank's partition (16 bytes an element), plus
 #   the parameter partitions with offload_parameters; FSDP2, each rank's parameter, gradient and AdamW shards.
@@ -495,6 +497,14 @@ def _rows_bytes(shape: tuple[int, ...], size: int, world: int, rank: int) -> int
     return _fsdp_local(math.prod(shape), torch.Size(shape), world, rank) * size
 
 
+def _flat_bytes(shape: tuple[int, ...], size: int, world: int) -> int:
+    """Bytes of the rows a rank reads of a tensor for its ZeRO-3 partition: ceil(numel / world) elements, plus
+    the partial rows at both ends."""
+    numel = math.prod(shape)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return min(numel, -(-numel // world) + 2 * row) * size
+
+
 def export_peak(blocks: list[tuple[list[int], bool]], max_shard_size: int) -> int:
     """Rank 0's peak host bytes while export.ShardWriter streams `blocks`: the shard being filled (the tensors
     written go into it as they are, no copy) plus the block just gathered; a merged peft layer is held three
@@ -522,7 +532,8 @@ def host_memory(*, strategy: str, world: int, devices: int, ranks: list, total_p
         base_names: the model's parameter names before the policy -> elements (what the checkpoint holds).
         new_numel: elements initialised whole on each rank under sharded FSDP loading (absent from the
             checkpoint, or created by the policy).
-        whole_reason: why FSDP falls back to a whole load on each rank, or None.
+        whole_reason: why FSDP falls back to a whole load on each rank (ZeRO-3: to transformers' loading on
+            rank 0), or None.
         export_blocks: the export's gathering steps in order: (bytes of each tensor written, whether it is a
             peft layer merged whole); empty without an export.
     """
@@ -548,9 +559,14 @@ def host_memory(*, strategy: str, world: int, devices: int, ranks: list, total_p
         private, mapped = sum(per_rank), mapped_total * devices // world
         load = "each rank maps its rows of each tensor and copies them to its device, one at a time"
     elif strategy == "deepspeed_stage_3":
-        private = max((math.prod(sh) * load_size for sh, _, c in shapes if c), default=0)
-        mapped = mapped_total
-        load = "rank 0 maps the whole checkpoint, the ranks fill their partitions module by module"
+        if whole_reason is None:  # each rank its flat range of each tensor: the rows it spans
+            private = devices * max((_flat_bytes(sh, load_size, world) for sh, _, c in shapes if c), default=0)
+            mapped = mapped_total * devices // world
+            load = "each rank maps the rows its partition of each tensor spans, into its partition, one at a time"
+        else:
+            private = max((math.prod(sh) * load_size for sh, _, c in shapes if c), default=0)
+            mapped = mapped_total
+            load = f"rank 0 maps the whole checkpoint, the ranks fill their partitions module by module ({whole_reason})"
         if offload_params:
             private += sum(p.numel for p, _, _ in local) * load_size
             load += "; parameter partitions on the host"

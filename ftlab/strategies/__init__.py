@@ -164,8 +164,8 @@ def follow_trainable_change(strategy) -> None:
 
 def build_sharded(strategy, module, data) -> nn.Module:
     """The module's model, built, the policy applied and sharded as the strategy shards it. FSDP loads each
-    rank's shards straight from the checkpoint files; the others load the whole pretrained model on each
-    rank first (ZeRO-3 then partitions it in deepspeed.initialize)."""
+    rank's shards, ZeRO-3 each rank's partitions, straight from the checkpoint files; the others load the
+    whole pretrained model on each rank."""
     quantization.check_combination(module, strategy)  # every subcommand (fit checks it up front too)
     if isinstance(strategy, FSDP) and module.quantization is not None:
         # bitsandbytes quantizes as the weights load: no weightless model to fill shard by shard
@@ -174,6 +174,15 @@ def build_sharded(strategy, module, data) -> nn.Module:
         model = fsdp.load_sharded(strategy, module, data)
         if model is not None:
             return model
+    elif isinstance(strategy, DeepSpeed) and strategy.zero_stage_3 and module.quantization is None:
+        from ftlab.policies.layers import find_parts
+
+        # a new task head is all the checkpoint may lack (as fsdp.load_sharded)
+        model = deepspeed.load_partitioned(strategy, lambda: module.model_from_config(data), module.name_or_path,
+                                           module.gguf_file, module.revision,
+                                           may_lack=lambda model, name: find_parts(model).is_head(name))
+        if model is not None:
+            return module.finish_model(model, data)
     model = module.build_model(data)
     if isinstance(strategy, DeepSpeedStrategy):
         deepspeed.keep_used_conversions(model)
@@ -187,6 +196,14 @@ def build_frozen(strategy, auto_class, path: str, gguf_file: str | None, dtype: 
     DDP and ZeRO-1/2 replicate it."""
     if isinstance(strategy, FSDP):
         return fsdp.load_frozen(strategy, auto_class, path, gguf_file, dtype)
+    if isinstance(strategy, DeepSpeed) and strategy.zero_stage_3:
+        from ftlab.loading import load_config
+
+        config = load_config(path, gguf_file)
+        model = deepspeed.load_partitioned(strategy, lambda: auto_class.from_config(config, dtype=dtype), path,
+                                           gguf_file, None)
+        if model is not None:
+            return model.eval().requires_grad_(False)
     return load_model(auto_class, path, gguf_file, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -120,6 +120,127 @@ class DeepSpeed(DeepSpeedStrategy):
         return state
 
 
+# ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
+
+def _cannot_fill(strategy) -> str | None:
+    """Why ZeRO-3's partitions cannot be filled from the checkpoint files here (None: they can): layouts other
+    than one flat partition per rank of its data-parallel group, or partitions that do not stay in memory."""
+    zero = strategy.config.get("zero_optimization", {})
+    if (zero.get("offload_param") or {}).get("device") == "nvme":
+        return "parameters offloaded to NVMe"
+    if (zero.get("zero_hpz_partition_size") or 1) > 1:
+        return "zero_hpz_partition_size (secondary partitions)"
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        return "quantized partitions"
+    if (zero.get("mics_shard_size") or -1) > 0:
+        return "MiCS sharding"
+    return None
+
+
+def _fill_partition(param: nn.Parameter, weights, key: str) -> None:
+    """Copy into a ZeRO-3 parameter's partition (`ds_tensor`) its flat range of the checkpoint tensor `key`:
+    rank r of the parameter's group holds elements [r * p, (r + 1) * p) of the flattened tensor (p: the
+    partition size, the numel rounded up to a multiple of the group's size), reading only the rows they span."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.ds_numel
+    start = min(size * dist.get_rank(group=param.ds_process_group), param.ds_numel)
+    stop = min(start + size, param.ds_numel)
+    if stop == start:
+        return
+    shape = tuple(param.ds_shape)
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    first = start // row
+    value = weights.read(key, first, -(-stop // row)) if shape else weights.read(key)
+    param.ds_tensor.narrow(0, 0, stop - start).copy_(value.reshape(-1)[start - first * row: stop - first * row])
+
+
+def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, revision: str | None,
+                     may_lack=None) -> nn.Module | None:
+    """ZeRO-3: the model `build()` makes from its config, created partitioned as from_pretrained creates it
+    (transformers' init contexts: zero.Init, no weight initialisation), then each rank copies its own
+    partition of every pretrained tensor from the memory-mapped safetensors files, reading only the rows its
+    flat range spans: the weights go through no collective, and no rank reads the whole checkpoint.
+    (transformers' own ZeRO-3 path has rank 0 map every checkpoint file into one state dict, which it holds
+    to the end of loading, and gather, fill and broadcast module by module.)
+
+    What the checkpoint lacks (`may_lack(model, name)` says what may be: a new task head) and the buffers it
+    does not hold are initialised as from_pretrained initialises them, from the same random state: the same
+    values as a whole load. Returns None, on every rank alike, where this cannot be done (weights not in
+    safetensors or not floating point, names or shapes other than the model's, partition layouts other than
+    plain ZeRO-3): the caller then loads through from_pretrained."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    from ftlab.loading import adopt_generation_config
+
+    # the model's structure on the meta device (set_zero3_state: transformers adds no zero.Init of its own)
+    with torch.device("meta"), set_zero3_state():
+        skeleton = build()
+    reason, keys, weights = _fill_plan(strategy, skeleton, name_or_path, gguf_file, revision, may_lack)
+    # every rank takes the same path (node-local caches could differ): the two paths' collectives differ
+    if not strategy.reduce_boolean_decision(reason is None, all=True):
+        rank_zero_info(f"ftlab: deepspeed_stage_3: rank 0 reads the whole of {name_or_path} while the partitions "
+                       f"fill ({reason or 'another rank cannot read its partitions'})")
+        return None
+    del skeleton
+    with no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+        model = build()  # each parameter partitioned as it is created; nothing initialised
+    model.tie_weights()  # from_pretrained ties after loading (a shared Parameter: no data moves)
+    loaded = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if keys[name] is not None:
+                _fill_partition(param, weights, keys[name])
+                param._is_hf_initialized = True  # transformers initialises only what is not marked
+                loaded += 1
+                weights.release()  # the pages read stay mapped (as the rank's own memory) while the file is open
+        for name, buffer in model.named_buffers():
+            if keys.get(name) is not None:  # not partitioned: every rank reads it whole
+                buffer.copy_(weights.read(keys[name]))
+                buffer._is_hf_initialized = True
+                weights.release()
+    todo = {id(t): t for t in model.state_dict(keep_vars=True).values() if not getattr(t, "_is_hf_initialized", False)}
+    params = [t for t in todo.values() if hasattr(t, "ds_id")]
+    # as from_pretrained's ZeRO-3 path: every rank runs the initialisation (and draws alike), rank 0's values stay
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params)):
+        model.initialize_weights()
+    adopt_generation_config(model, weights.folder)
+    rank_zero_info(f"ftlab: deepspeed_stage_3: each rank read only its partitions of the pretrained weights of "
+                   f"{name_or_path} ({loaded} tensors; {len(todo)} initialised)")
+    return model
+
+
+def _fill_plan(strategy, skeleton: nn.Module, name_or_path: str, gguf_file: str | None, revision: str | None,
+               may_lack) -> tuple[str | None, dict[str, str | None], object]:
+    """(why the partitions cannot be filled from the checkpoint files or None, the checkpoint key of each
+    parameter and buffer, the weights)."""
+    from ftlab.loading import PretrainedWeights
+
+    reason = _cannot_fill(strategy)
+    if reason:
+        return reason, {}, None
+    weights = PretrainedWeights.find(name_or_path, gguf_file, revision, getattr(skeleton, "base_model_prefix", ""))
+    if weights is None:
+        return "its weights are not in safetensors files", {}, None
+    if getattr(skeleton.config, "quantization_config", None):
+        return "a quantized checkpoint", {}, None
+    keys = {}
+    for name, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
+        keys[name] = key = weights.key(name)
+        if key is None and isinstance(t, nn.Parameter) and not (may_lack and may_lack(skeleton, name)):
+            return f"the checkpoint names its weights otherwise, e.g. it has no {name}", {}, None
+        if key is not None and (weights.shape(key) != tuple(t.shape) or not weights.floating(key)):
+            return f"{key} is stored as {weights.dtype(key)} {list(weights.shape(key))}, not as the model's", {}, None
+    weights.release()
+    return None, keys, weights
+
+
 # ---- resuming a ZeRO checkpoint at another world size: DeepSpeed's universal checkpoint
 
 UNIVERSAL = ".universal"  # <ckpt>.universal/: the conversion of <ckpt>, beside it

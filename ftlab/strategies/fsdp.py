@@ -168,7 +168,7 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     (no safetensors, checkpoint names that transformers would convert, a policy whose new weights are
     computed from the loaded ones): the caller then loads whole weights on each rank, as other strategies do.
     """
-    from ftlab.loading import PretrainedWeights
+    from ftlab.loading import PretrainedWeights, adopt_generation_config
     from ftlab.policies.layers import find_parts
 
     def whole(reason: str) -> None:
@@ -185,11 +185,16 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
                                      getattr(model, "base_model_prefix", ""))
     if weights is None:
         return whole("its weights are not in safetensors files")
+    if getattr(model.config, "quantization_config", None):
+        return whole("a quantized checkpoint")
     parts = find_parts(model)
     source = {n: weights.key(n) for n, _ in model.named_parameters()}
     lacking = [n for n, key in source.items() if key is None]
     if any(not parts.is_head(n) for n in lacking):
         return whole(f"the checkpoint names its weights otherwise, e.g. it has no {next(n for n in lacking if not parts.is_head(n))}")
+    unfit = next((key for key in source.values() if key is not None and not weights.floating(key)), None)
+    if unfit:  # quantized values need their scales (transformers' quantizers apply them)
+        return whole(f"{unfit} is stored as {weights.dtype(unfit)}")
     buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
     # Initialised from the global RNG (seeded alike on every rank), drawing what from_pretrained and the
     # policy would draw, in their order: the same values as when every rank loads the whole model.
@@ -214,6 +219,7 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     from_checkpoint.update({n: key for n, key in buffers.items() if key is not None})
 
     _shard_and_fill(strategy, model, weights, from_checkpoint, initial, copies)
+    adopt_generation_config(model, weights.folder)
     rank_zero_info(f"ftlab: fsdp: each rank read only its shards of the pretrained weights ({len(from_checkpoint)} "
                    f"tensors; {len(lacking) + len(created)} new ones initialised)")
     return model
@@ -254,13 +260,14 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     """A frozen pretrained model (a distillation teacher) sharded as the student is, each rank reading only
     its rows of the checkpoint: replicated, a 70B teacher would not fit beside a sharded student. Falls
     back to a whole load on each rank, sharded afterwards, where the weights are not plain safetensors."""
-    from ftlab.loading import PretrainedWeights, load_config, load_model
+    from ftlab.loading import PretrainedWeights, adopt_generation_config, load_config, load_model
 
     with torch.device("meta"):
         model = auto_class.from_config(load_config(path, gguf_file), dtype=dtype)
     weights = PretrainedWeights.find(path, gguf_file, None, getattr(model, "base_model_prefix", ""))
     source = {n: weights.key(n) for n, _ in model.named_parameters()} if weights else {}
-    if weights is None or None in source.values():
+    if weights is None or None in source.values() or not all(map(weights.floating, source.values())) or \
+            getattr(model.config, "quantization_config", None):
         rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
         model = load_model(auto_class, path, gguf_file, dtype=dtype).eval().requires_grad_(False)
         return strategy.shard_module(model, frozen=True)
@@ -272,6 +279,7 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     model.eval().requires_grad_(False)
     from_checkpoint = {**source, **{n: key for n, key in buffers.items() if key is not None}}
     _shard_and_fill(strategy, model, weights, from_checkpoint, frozen=True)
+    adopt_generation_config(model, weights.folder)
     local = sum(_local(p).numel() for p in model.parameters())
     rank_zero_info(f"ftlab: fsdp: {path} sharded, frozen: rank 0 read and holds {local:,} of "
                    f"{sum(p.numel() for p in model.parameters()):,} parameters")

@@ -41,6 +41,10 @@ def test_loading_ddp_grows_with_devices_fsdp_shrinks_with_ranks(args):
     assert fsdp4["load_bytes"] < fsdp1["load_bytes"] < ddp4["load_bytes"]  # each rank reads only its rows
     assert fsdp4["load_mapped_bytes"] * 4 == pytest.approx(fsdp1["load_mapped_bytes"], abs=4)
     assert "maps its rows" in fsdp1["load"] and fsdp1["offload_bytes"] == 0
+    # ZeRO-3: each rank its flat partition of each tensor, as FSDP's rows: the whole checkpoint over the ranks
+    _, zero3 = estimate(args, "--strategy", "deepspeed_stage_3", "--devices", "4", "--num-nodes", "1")
+    assert zero3["load_mapped_bytes"] == pytest.approx(fsdp1["load_mapped_bytes"], abs=4)
+    assert zero3["load_bytes"] < ddp4["load_bytes"] and "the rows its partition of each tensor spans" in zero3["load"]
 
 
 def test_offload_lives_in_host_memory(args):

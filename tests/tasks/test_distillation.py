@@ -101,6 +101,8 @@ def test_distillation_two_ranks_with_the_teacher_partitioned(tmp_path, teacher, 
             r"sharded, frozen: rank 0 read and holds ([\d,]+) of ([\d,]+) parameters", out.stderr).groups())
         assert total == sum(v.numel() for v in load_file(teacher / "export" / "model.safetensors").values())
         assert held < 0.6 * total
+    else:  # the student and the teacher: each rank filled its partitions of each from the checkpoint files
+        assert len(re.findall(r"each rank read only its partitions of the pretrained weights of", out.stderr)) == 2
     assert AutoModelForSequenceClassification.from_pretrained(run / "export").config.num_hidden_layers == 1
 
 
