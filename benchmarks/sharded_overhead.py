@@ -6,11 +6,11 @@ Held equal: the model and its weights, each rank's batches (ftlab's tokenised da
 of 2), fused AdamW with the same parameter groups, warmup + linear decay, clipping 1.0, and the sharding:
 - fsdp: the plain loop applies FSDP2's `fully_shard` to each decoder block, then to the root (the tied
   embedding stays in the root, as ftlab leaves it), and clips with `torch.nn.utils.clip_grad_norm_`.
-- deepspeed_stage_3: the plain loop calls `deepspeed.initialize` with the ZeRO-3 config Lightning's
-  `DeepSpeedStrategy(stage=3)` writes (ftlab's `deepspeed_stage_3`: the same bucket sizes), DeepSpeed's
-  clipping, and `engine.backward` / `engine.step`.
-What differs: ftlab loads its FSDP shards straight from the checkpoint (the plain loop loads the whole model
-on each rank, then shards it), ZeRO-3 weights through transformers' DeepSpeed integration, and runs Lightning's
+- deepspeed_stage_3: the plain loop calls `deepspeed.initialize` with the ZeRO-3 config ftlab's
+  `deepspeed_stage_3` uses (Lightning's `DeepSpeedStrategy(stage=3)` config, buffers sized by the model as
+  ftlab sizes them), DeepSpeed's clipping, and `engine.backward` / `engine.step`.
+What differs: ftlab loads its FSDP shards and ZeRO-3 partitions straight from the checkpoint (the plain loop
+loads the whole model on each rank, then shards it), and runs Lightning's
 loop with ftlab's callbacks and logging. Measured: rank 0's median time between step ends after 5 warm-up
 steps; the runs alternate ftlab, plain, ftlab, plain.
 """
@@ -77,9 +77,12 @@ def plain_loop(strategy: str, steps: int) -> list[float] | None:
             return plain_step(module, model, batch, opt, sched)
     else:
         import deepspeed
-        from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        ds_config = {**DeepSpeedStrategy(stage=3).config, "train_micro_batch_size_per_gpu": data.batch_size,
+        from ftlab.strategies import resolve_strategy
+
+        preset = resolve_strategy("deepspeed_stage_3")  # Lightning's ZeRO-3 config, buffers sized as ftlab sizes them
+        preset.size_buffers(model.config)
+        ds_config = {**preset.config, "train_micro_batch_size_per_gpu": data.batch_size,
                      "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
         opt, sched = module.optim.build(groups(model.named_parameters()), steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config,

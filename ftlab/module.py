@@ -18,7 +18,7 @@ from ftlab.loading import apply_config_overrides, download_pretrained, load_conf
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.quantization import Quantization, quantized_numels
-from ftlab.strategies import build_sharded, follow_trainable_change
+from ftlab.strategies import DeepSpeed, build_sharded, follow_trainable_change
 from ftlab.tasks import SequenceClassification, Task, chunked_loss
 
 # Lightning notes that the module's batch hook is used although a datamodule is passed: that is the intent
@@ -250,7 +250,10 @@ class FineTuneModule(L.LightningModule):
         self.task.check_data(data)
         check_attention(self.attn_implementation, self.trainer.strategy.root_device.type)
         check_packed_rows(self.attn_implementation, data)
-        self.policy.validate(self.skeleton(data), self.task)
+        skeleton = self.skeleton(data)
+        self.policy.validate(skeleton, self.task)
+        if isinstance(self.trainer.strategy, DeepSpeed):  # before its partitioned init reads the config
+            self.trainer.strategy.size_buffers(skeleton.config)
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -151,7 +151,9 @@ def resolve_strategy(strategy):
     if strategy == "fsdp":
         return FSDP()
     if isinstance(strategy, str) and strategy in _DEEPSPEED_NAMES:
-        return DeepSpeed(**_DEEPSPEED_NAMES[strategy])
+        named = DeepSpeed(**_DEEPSPEED_NAMES[strategy])
+        named.model_sized_buffers = True
+        return named
     return strategy
 
 

@@ -1,9 +1,11 @@
 """FSDP and ZeRO-3 load each rank's shards straight from the checkpoint files (FSDP: its rows of each
-tensor; ZeRO-3: transformers' partitioned init), and the model they build is the one a whole-model load
-builds: pretrained tensors bit for bit, new ones (task head, LoRA matrices, rotary and position buffers)
+tensor; ZeRO-3: its flat range of each, into the partitions transformers' zero.Init created), and the model
+they build is the one a whole-model load builds: pretrained tensors bit for bit, new ones (task head, LoRA matrices, rotary and position buffers)
 with the same values from the same seed. 2 ranks on CPU, launched by torchrun."""
 
+import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,9 @@ with gather:
              for n, t in [*model.named_parameters(), *model.named_buffers()]}
 if int(os.environ.get("RANK", 0)) == 0:
     torch.save(state, sys.argv[1])
+    if zero3:  # the buffers the named preset sized by the model
+        print("ZERO", {k: v for k, v in cli.trainer.strategy.config["zero_optimization"].items() if "bucket" in k},
+              "HIDDEN", model.config.hidden_size, file=sys.stderr)
 '''
 
 
@@ -53,8 +58,12 @@ def test_sharded_load_equals_the_whole_model_load(tmp_path, tiny_models, reviews
 
     whole, _ = loaded_model(tmp_path, "whole", args("ddp", "ddp", 1), 1)
     sharded, log = loaded_model(tmp_path, "sharded", args(strategy, strategy, 2), 2)
-    if strategy == "fsdp":
-        assert "each rank read only its shards of the pretrained weights" in log
+    assert ("each rank read only its shards of the pretrained weights" if strategy == "fsdp" else
+            "each rank read only its partitions of the pretrained weights") in log
+    if strategy == "deepspeed_stage_3":  # hidden^2 and 0.9 hidden^2 (the HF Trainer's auto), not Lightning's 2e8
+        zero, hidden = re.search(r"ZERO (\{.*\}) HIDDEN (\d+)", log).groups()
+        zero, hidden = ast.literal_eval(zero), int(hidden)
+        assert zero["reduce_bucket_size"] == hidden**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * hidden**2)
     assert whole.keys() == sharded.keys()
     for name, tensor in whole.items():
         assert torch.equal(sharded[name], tensor), name
