@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 from ftlab.errors import ConfigError, did_you_mean
 from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
-from ftlab.tasks.preference_losses import DEFAULT_BETA, LOSSES, NEEDS_REFERENCE, PairLoss, sequence_logps
-from ftlab.tasks.preference_reference import AdapterOff, FrozenCopy, Precomputed, Reference, as_pairs, model_inputs
+from ftlab.tasks.preference_losses import DEFAULT_BETA, LOSSES, NEEDS_REFERENCE, PairLoss
+from ftlab.tasks.preference_reference import AdapterOff, FrozenCopy, Precomputed, Reference, pair_logps
 
 METRICS = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
            "logps_rejected")
@@ -96,10 +96,11 @@ class Preference(Task):
         if self.loss_name not in NEEDS_REFERENCE:
             return
         adapter = _uses_adapter(module.model)
+        # the reference pass chunked as the trained model's: its full logits would be the peak the option avoids
         if self.precompute_reference:
-            self.reference = Precomputed(AdapterOff() if adapter else None)
+            self.reference = Precomputed(AdapterOff(self.chunked) if adapter else None, self.chunked)
         elif adapter:
-            self.reference = AdapterOff()
+            self.reference = AdapterOff(self.chunked)
         else:
             self.reference = self._frozen_copy(module)
 
@@ -113,7 +114,7 @@ class Preference(Task):
         frozen = build_frozen(module.trainer.strategy, self.auto_class, module.name_or_path, module.gguf_file,
                               module.frozen_dtype())
         module.reference = FrozenTeacher(frozen)  # a submodule: moved to the device and placed with the module
-        return FrozenCopy(module.reference)
+        return FrozenCopy(module.reference, self.chunked)
 
     def before_loop(self, module) -> None:
         if self.reference is not None:
@@ -122,10 +123,10 @@ class Preference(Task):
     # ---- loss
     def forward(self, model: nn.Module, batch: dict) -> Any:
         if self.chunked is None:
-            policy = as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
+            policy = pair_logps(model, batch)
         ref = self.reference.pair_logps(model, batch) if self.reference is not None else None
         if self.chunked is not None:  # after the reference: its forward of the same FSDP root would reshard the head
-            policy = as_pairs(*self.chunked.sequence_logps(model, model_inputs(batch), batch["labels"]))
+            policy = pair_logps(model, batch, self.chunked)
         result: PairLoss = LOSSES[self.loss_name](policy, ref, beta=self.beta, gamma=self.gamma,
                                                   label_smoothing=self.label_smoothing)
         return {"loss": result.losses.mean(), "pair_losses": result.losses,

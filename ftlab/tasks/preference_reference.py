@@ -39,8 +39,18 @@ def label_counts(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum(-1)
 
 
+def pair_logps(model: nn.Module, batch: dict, chunked=None) -> PairLogps:
+    """The summed log-probs of each response of a batch's pairs under `model`; with a `ChunkedLoss`
+    (`model.loss_chunk_size`) chunk by chunk, never holding the full logits (as the trained model's)."""
+    if chunked is None:
+        return as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
+    return as_pairs(*chunked.sequence_logps(model, model_inputs(batch), batch["labels"]))
+
+
 class Reference:
-    """The reference log-probs of a batch's pairs."""
+    """The reference log-probs of a batch's pairs. `chunked`: the task's `ChunkedLoss`, if its loss is chunked."""
+
+    chunked = None
 
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
         raise NotImplementedError
@@ -52,29 +62,36 @@ class Reference:
 class AdapterOff(Reference):
     """The trained model itself with its adapter disabled: the frozen base weights, the starting model."""
 
+    def __init__(self, chunked=None):
+        self.chunked = chunked
+
     @torch.no_grad()
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
         with model.disable_adapter():
-            logits = model(**model_inputs(batch)).logits
-        return as_pairs(*sequence_logps(logits, batch["labels"]))
+            return pair_logps(model, batch, self.chunked)
 
 
 class FrozenCopy(Reference):
     """A frozen copy of the starting model (a `FrozenTeacher`, which stays in eval mode and without grads)."""
 
-    def __init__(self, frozen: nn.Module):
+    def __init__(self, frozen: nn.Module, chunked=None):
         self.frozen = frozen
+        self.chunked = chunked
 
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
-        return as_pairs(*sequence_logps(self.frozen(**model_inputs(batch)), batch["labels"]))
+        if self.chunked is None:
+            return as_pairs(*sequence_logps(self.frozen(**model_inputs(batch)), batch["labels"]))
+        with torch.no_grad():  # the frozen model itself (FrozenTeacher hands back only its logits)
+            return pair_logps(self.frozen.model, batch, self.chunked)
 
 
 class Precomputed(Reference):
     """Reference log-probs looked up by each pair's `pair_index` in a table computed once, before training, by
     `source` (AdapterOff), or by the trained model itself while it is still the starting model (source None)."""
 
-    def __init__(self, source: Reference | None = None):
+    def __init__(self, source: Reference | None = None, chunked=None):
         self.source = source
+        self.chunked = chunked
         self.table: torch.Tensor | None = None  # [pairs of all splits, 2]: chosen, rejected
 
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
@@ -106,7 +123,7 @@ class Precomputed(Reference):
         if self.source is None and (module.global_step > 0 or trainer.ckpt_path):
             raise ConfigError(f"model.task.precompute_reference: the reference log-probs ({path}) are gone and the "
                               "model has trained since; they come from the starting model: rerun fit from the start")
-        table = compute_table(module, self.source)
+        table = compute_table(module, self.source, self.chunked)
         if trainer.local_rank == 0:  # each node's: with node-local caches, a resumed run on any node finds it
             tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"  # (on a shared cache: the same table, renamed)
             torch.save(table, tmp)
@@ -130,7 +147,7 @@ def rank_batches(lengths, batch_size: int, world_size: int, rank: int) -> list[t
     return mine + [([0], False)] * (busiest - len(mine))
 
 
-def compute_table(module, source: Reference | None) -> torch.Tensor:
+def compute_table(module, source: Reference | None, chunked=None) -> torch.Tensor:
     """Reference log-probs of every pair of the prepared splits (collective): each rank scores its share of
     the rows in evaluation batches, then the ranks gather all of them."""
     from torch.utils.data import DataLoader
@@ -153,7 +170,7 @@ def compute_table(module, source: Reference | None) -> torch.Tensor:
                     if source is not None:
                         logps = source.pair_logps(model, batch)
                     else:
-                        logps = as_pairs(*sequence_logps(model(**model_inputs(batch)).logits, batch["labels"]))
+                        logps = pair_logps(model, batch, chunked)
                 if scored:
                     rows.append(torch.stack([batch["pair_index"].double(), logps.chosen.double(),
                                              logps.rejected.double()], 1))

@@ -126,17 +126,22 @@ def test_preference_loss_and_gradients_equal_the_full_logits_path(loss):
     batch = _batch(rows=4)  # 2 pairs: chosen rows then rejected rows
 
     def task(chunk: bool) -> Preference:
-        t = Preference(loss=loss)
-        if loss == "dpo":  # a frozen reference copy, a little away from the trained model
+        t = _chunked(Preference(loss=loss)) if chunk else Preference(loss=loss)
+        if loss == "dpo":  # a frozen reference copy, a little away from the trained model; chunked as it is
             frozen = copy.deepcopy(model)
             with torch.no_grad():
                 for p in frozen.parameters():
                     p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.02)
-            t.reference = FrozenCopy(FrozenTeacher(frozen))
-        return _chunked(t) if chunk else t
+            t.reference = FrozenCopy(FrozenTeacher(frozen), t.chunked)
+            frozen.register_forward_hook(lambda m, args, out: widths.append(out.logits.shape[1]))
+        return t
+
+    widths: list[int] = []  # the positions the frozen reference computed logits for, per forward
 
     reference, chunked = _loss_and_grads(task(False), model, batch), _loss_and_grads(task(True), model, batch)
     _assert_same(reference, chunked)
+    if loss == "dpo":  # the reference pass is chunked too: its logits of one position only, not of all 24
+        assert widths == [24, 1]
     with torch.no_grad():
         a, b = task(False).forward(model, batch), task(True).forward(model, batch)
     for key in ("logps_chosen", "logps_rejected", "chosen_rewards", "rejected_rewards"):
