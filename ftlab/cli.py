@@ -128,6 +128,9 @@ class FtlabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.task.check_data_type(self.datamodule)  # before the data is read
+        # the splits this fit evaluates: the data module checks them against the ranks as it sets up
+        self.datamodule.fit_eval_splits = ("validation", "test") if self.config[self.subcommand].get(
+            "test_after_fit") else ("validation",)
         check_combination(self.trainer.strategy, self.model)
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))

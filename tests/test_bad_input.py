@@ -31,6 +31,10 @@ CASES = {
                                       "cannot run under DeepSpeed ZeRO"),
     "hybrid sharding without replicas": (["--trainer.strategy=ftlab.strategies.FSDP",
                                           "--trainer.strategy.sharding=hybrid"], "needs replicate_size"),
+    # refused by both ranks as the data is set up, before the model loads
+    "a validation split smaller than the ranks": (["--data.val_size=1", "--trainer.devices=2",
+                                                   "--trainer.strategy=ddp"],
+                                                  "the validation split of 1 row(s) cannot be shared by 2 ranks"),
 }
 
 
@@ -42,6 +46,7 @@ def test_user_error(name, tmp_path, tiny_bert, reviews_csv):
     assert expected in out.stderr, (name, out.stderr[-3000:])
     assert "Traceback" not in out.stderr + out.stdout, (name, out.stderr[-3000:])
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+    assert "ftlab: policy" not in out.stderr  # and before the model was built
 
 
 # More of the catalogue, run in-process through the same entry point (`ftlab.__main__.main`): each fails

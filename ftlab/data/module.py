@@ -352,6 +352,16 @@ class TextDataModule(L.LightningDataModule):
             self.meta = json.load(f)
         self.apply_meta(self.meta)
         self.splits = prepare.load_shards(path, self.meta["shards"])
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # refused here, before the model loads, not when the loader is first built
+            from ftlab.data.samplers import check_eval_rows
+
+            used = {"fit": getattr(self, "fit_eval_splits", ("validation", "test")), "validate": ("validation",),
+                    "test": ("test",)}.get(stage or "", ())
+            off = {"validation": trainer.limit_val_batches == 0, "test": trainer.limit_test_batches == 0}
+            for split in used:
+                if split in self.splits and not off[split]:
+                    check_eval_rows(f"the {split}", len(self.splits[split]), trainer.world_size)
 
     def _parallel(self, rows: int) -> int | None:
         """num_proc for datasets' filter/map on the raw rows: None (in this process) for small data, where

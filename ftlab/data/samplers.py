@@ -24,6 +24,14 @@ def lengths_of(ds) -> np.ndarray:
     return ds.select_columns(["length"]).with_format("numpy")[:]["length"]
 
 
+def check_eval_rows(split: str, n: int, world: int) -> None:
+    """Refuse an evaluation split with fewer rows than ranks (0 < n < world): each rank needs at least one row."""
+    if 0 < n < world:
+        raise ConfigError(f"data: {split} split of {n} row(s) cannot be shared by {world} ranks (each needs at "
+                          f"least one row, or sharded strategies hang); give it at least {world} rows or run it on "
+                          "fewer devices")
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Yields lists of indices (one batch each) for this rank.
 
@@ -104,10 +112,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
         ask for more batches than there are rows (a split of 3 rows in batches of 1 on 2 ranks), fewer,
         slightly larger batches: an empty batch on one rank would leave it out of the others' collectives."""
         n, w = len(self.lengths), self.num_replicas
-        if 0 < n < w:
-            raise ConfigError(f"data: an evaluation split of {n} row(s) cannot be shared by {w} ranks (each needs at "
-                              f"least one row, or sharded strategies hang); give it at least {w} rows or run it on "
-                              "fewer devices")
+        check_eval_rows("an evaluation", n, w)
         wanted = math.ceil(math.ceil(n / self.batch_size) / w) * w
         return wanted if wanted <= n else n // w * w
 
