@@ -77,7 +77,10 @@ def prepare(run: Run) -> list[str]:
     if run.resumable():
         args.append("--ckpt_path=last")
     else:
-        shutil.rmtree(run.run_dir, ignore_errors=True)  # a stale run with other settings
+        if os.path.exists(os.path.join(run.run_dir, PLAN_FILE)) and not run._same_plan():
+            # said, not silent: a rerun with other settings (a config edited since) replaces its results
+            print(f"{label(run)}: {run.run_dir} holds a run made with other settings; it is replaced", flush=True)
+        shutil.rmtree(run.run_dir, ignore_errors=True)  # a stale or unfinished run
     os.makedirs(run.run_dir, exist_ok=True)
     with open(os.path.join(run.run_dir, PLAN_FILE), "w") as f:
         json.dump({"variant": run.variant, "rows": run.rows, "seed": run.seed, "args": run.args}, f, indent=2)

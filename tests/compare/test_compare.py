@@ -56,6 +56,8 @@ def test_compare_reports_every_variant_and_reruns_only_what_failed(tmp_path, tin
     second = run_ftlab(*common, "--variants-file", str(variants(tmp_path, "0.01")), timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count("finished before, reused") == 4 and second.stdout.count(": done in") == 2
+    # the failed full runs were made at another learning rate: replaced, and said so
+    assert second.stdout.count("holds a run made with other settings; it is replaced") == 2
 
     report = json.loads((root / "report.json").read_text())
     assert report["metric"] == "test/accuracy" and list(report["variants"]) == ["head", "lora", "full"]
