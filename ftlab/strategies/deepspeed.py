@@ -179,7 +179,7 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
     """ZeRO-3: the model `build()` makes from its config, created partitioned as from_pretrained creates it
     (transformers' init contexts: zero.Init, no weight initialisation), then each rank copies its own
     partition of every pretrained tensor from the memory-mapped safetensors files, reading only the rows its
-    flat range spans: the weights go through no collective, and no rank reads the whole checkpoint.
+    flat range spans: the pretrained values go through no collective, and no rank reads the whole checkpoint.
     (transformers' own ZeRO-3 path has rank 0 map every checkpoint file into one state dict, which it holds
     to the end of loading, and gather, fill and broadcast module by module.)
 
