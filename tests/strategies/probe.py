@@ -85,3 +85,24 @@ class GatheredProbe(L.Callback):
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, f"gathered-rank{trainer.global_rank}.txt"), "w") as f:
             f.write(str(self.most))
+
+
+class TraceProbe(L.Callback):
+    """Writes `<folder>/trace-rank<r>.txt`: after each training batch, whether ZeRO-3's parameter coordinator
+    holds a complete module trace (what its prefetching and parameter reuse need). A trace is recorded in
+    the first step and complete from the second on, unless something re-enters the engine's root module mid-step
+    (each entry resets the trace)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.states: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        coordinator = trainer.strategy.deepspeed_engine.optimizer.parameter_offload.get_param_coordinator()
+        self.states.append("complete" if coordinator.is_complete_trace() else
+                           "recording" if coordinator.is_record_trace() else "invalid")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"trace-rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(" ".join(self.states))

@@ -50,7 +50,12 @@ def test_zero_checkpoint_resumes_at_another_world_size(tmp_path, tiny_models, re
     model = tiny_models["llama"]
     straight, moved, probes = tmp_path / "straight", tmp_path / "moved", tmp_path / "probes"
     two = [f"--trainer.strategy={strategy}"]
-    fit(straight, model, reviews_csv, 2, *two)
+    trace = ["--trainer.callbacks+=tests.strategies.probe.TraceProbe", f"--trainer.callbacks.folder={probes}"]
+    fit(straight, model, reviews_csv, 2, *two, *(trace if strategy == "deepspeed_stage_3" else []))
+    if strategy == "deepspeed_stage_3":  # ZeRO-3 keeps its module trace from the third step on (prefetch, reuse)
+        for rank in (0, 1):
+            states = (probes / f"trace-rank{rank}.txt").read_text().split()
+            assert len(states) == 10 and set(states[2:]) == {"complete"}, states
     fit(moved, model, reviews_csv, 2, *two, "--trainer.max_steps=3", *probe(probes))
     log = fit(moved, model, reviews_csv, 1, *two, "--trainer.accumulate_grad_batches=2", "--trainer.max_steps=6",
               "--ckpt_path=last", *probe(probes))
