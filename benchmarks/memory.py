@@ -298,7 +298,8 @@ def parts_section(records: list[dict], table, verdict) -> list[str]:
             ok = e is not None and (abs(e - r[key]) <= 0.15 * r[key] or abs(e - r[key]) < 1)
             close &= ok
             cells.append(f"{r[key]:,.0f} / {e:,.0f}" + ("" if ok else " **!**") if e is not None else f"{r[key]:,.0f}")
-        rows.append([r["row"], *cells, f"{r['step_peak_mb']:,.0f}", f"{r['base_weights_mb'] / r['base_fp32_mb']:.2f}x", ""])
+        base = f"{r['base_weights_mb'] / r['base_fp32_mb']:.2f}x" if r["base_fp32_mb"] else "-"  # full: no frozen base
+        rows.append([r["row"], *cells, f"{r['step_peak_mb']:,.0f}", base, ""])
 
     def ratio(row, key, base_row, base_key=None):
         if row in by and base_row in by:
