@@ -44,9 +44,9 @@ class DeepSpeed(DeepSpeedStrategy):
     def size_buffers(self, config) -> None:
         """The named presets size ZeRO's communication buffers by the model as the Hugging Face Trainer's `auto`
         values do: gradient reduce bucket hidden^2 elements, ZeRO-3 prefetch bucket 0.9 hidden^2. Lightning's
-        fixed 2e8-element reduce bucket is an 800 MB fp32 buffer on every rank whatever the model (on a 358M
-        Llama under ZeRO-3: 0.63x of one process's fit peak against 0.49x). Options given to
-        ftlab.strategies.DeepSpeed, and a user's own ds_config, are kept. Called before the model is built."""
+        fixed 2e8-element reduce bucket is an 800 MB fp32 buffer on every rank whatever the model. Options
+        given to ftlab.strategies.DeepSpeed, and a user's own ds_config, are kept. Called before the model is
+        built (zero.Init reads the config)."""
         hidden = getattr(config.get_text_config(), "hidden_size", None)
         if not self.model_sized_buffers or not isinstance(hidden, int):
             return
