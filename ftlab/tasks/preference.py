@@ -20,7 +20,7 @@ from ftlab.errors import ConfigError, did_you_mean
 from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
 from ftlab.tasks.preference_losses import DEFAULT_BETA, LOSSES, NEEDS_REFERENCE, PairLoss
-from ftlab.tasks.preference_reference import AdapterOff, FrozenCopy, Precomputed, Reference, pair_logps
+from ftlab.tasks.preference_reference import AdapterOff, FrozenCopy, Precomputed, Reference, model_pair_logps
 
 METRICS = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
            "logps_rejected")
@@ -123,10 +123,10 @@ class Preference(Task):
     # ---- loss
     def forward(self, model: nn.Module, batch: dict) -> Any:
         if self.chunked is None:
-            policy = pair_logps(model, batch)
+            policy = model_pair_logps(model, batch)
         ref = self.reference.pair_logps(model, batch) if self.reference is not None else None
         if self.chunked is not None:  # after the reference: its forward of the same FSDP root would reshard the head
-            policy = pair_logps(model, batch, self.chunked)
+            policy = model_pair_logps(model, batch, self.chunked)
         result: PairLoss = LOSSES[self.loss_name](policy, ref, beta=self.beta, gamma=self.gamma,
                                                   label_smoothing=self.label_smoothing)
         return {"loss": result.losses.mean(), "pair_losses": result.losses,

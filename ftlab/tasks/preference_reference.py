@@ -39,7 +39,7 @@ def label_counts(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum(-1)
 
 
-def pair_logps(model: nn.Module, batch: dict, chunked=None) -> PairLogps:
+def model_pair_logps(model: nn.Module, batch: dict, chunked=None) -> PairLogps:
     """The summed log-probs of each response of a batch's pairs under `model`; with a `ChunkedLoss`
     (`model.loss_chunk_size`) chunk by chunk, never holding the full logits (as the trained model's)."""
     if chunked is None:
@@ -68,7 +68,7 @@ class AdapterOff(Reference):
     @torch.no_grad()
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
         with model.disable_adapter():
-            return pair_logps(model, batch, self.chunked)
+            return model_pair_logps(model, batch, self.chunked)
 
 
 class FrozenCopy(Reference):
@@ -78,11 +78,10 @@ class FrozenCopy(Reference):
         self.frozen = frozen
         self.chunked = chunked
 
+    @torch.no_grad()
     def pair_logps(self, model: nn.Module, batch: dict) -> PairLogps:
-        if self.chunked is None:
-            return as_pairs(*sequence_logps(self.frozen(**model_inputs(batch)), batch["labels"]))
-        with torch.no_grad():  # the frozen model itself (FrozenTeacher hands back only its logits)
-            return pair_logps(self.frozen.model, batch, self.chunked)
+        # the frozen model itself (FrozenTeacher hands back only its logits; model_inputs turn its cache off too)
+        return model_pair_logps(self.frozen.model, batch, self.chunked)
 
 
 class Precomputed(Reference):
@@ -170,7 +169,7 @@ def compute_table(module, source: Reference | None, chunked=None) -> torch.Tenso
                     if source is not None:
                         logps = source.pair_logps(model, batch)
                     else:
-                        logps = pair_logps(model, batch, chunked)
+                        logps = model_pair_logps(model, batch, chunked)
                 if scored:
                     rows.append(torch.stack([batch["pair_index"].double(), logps.chosen.double(),
                                              logps.rejected.double()], 1))
