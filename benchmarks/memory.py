@@ -50,11 +50,12 @@ def measure(config: str) -> dict:
     positions = getattr(model_config, "max_position_embeddings", None)
     seq = min(data.max_length, positions) if isinstance(positions, int) else data.max_length
     b = data.batch_size
-    estimate = activation_bytes(module, model_config, b, seq, getattr(data, "max_target_length", seq))
+    packed = getattr(data, "packing", False)
+    estimate = activation_bytes(module, model_config, b, seq, getattr(data, "max_target_length", seq), packed=packed)
     model = module.build_model(data)
     module.model = model
     module.task.setup(module, data)
-    batch = probe_batch(module.task, model_config, b, seq, getattr(data, "max_target_length", seq))
+    batch = probe_batch(module.task, model_config, b, seq, getattr(data, "max_target_length", seq), packed)
     batch = module.task.transform_batch(batch, training=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     with torch.no_grad():  # a first forward allocates one-time buffers (~86 MB here: thread pools, kernel caches)
@@ -141,6 +142,15 @@ def _quant_state_tensors(model):
             qs = getattr(qs, "state2", None)
 
 
+def full_training_batch(data, batch_size: int, seq_len: int) -> dict:
+    """The first batch of the run's own training data that is batch_size x seq_len (packed chat rows: several
+    conversations per row, as the step sees them)."""
+    for batch in data.train_dataloader():
+        if tuple(batch["input_ids"].shape) == (batch_size, seq_len):
+            return batch
+    raise SystemExit(f"no {batch_size} x {seq_len} batch in the training data")
+
+
 def measure_parts(row: str) -> dict:
     """In this process: one SFT step of SmolLM2-135M at 4 x 1024 with the row's options; the bytes of each
     part from the objects themselves, the step's peak from VmHWM; and `ftlab estimate` of the same config."""
@@ -159,10 +169,11 @@ def measure_parts(row: str) -> dict:
     module.model = model
     module.task.setup(module, data)
     task = module.task
-    small = task.transform_batch(probe_batch(task, config, 1, 16, 16), training=True)
+    packed = getattr(data, "packing", False)
+    small = task.transform_batch(probe_batch(task, config, 1, 16, 16, packed), training=True)
     with torch.no_grad():  # one-time buffers (thread pools, kernel caches) before anything is measured
         task.forward(model, small)
-    batch = task.transform_batch(probe_batch(task, config, PARTS_BATCH, PARTS_SEQ, PARTS_SEQ), training=True)
+    batch = task.transform_batch(full_training_batch(data, PARTS_BATCH, PARTS_SEQ), training=True)
     optimizer = module.optim.optimizer(module.policy.param_groups(model, module.optim.lr, module.optim.weight_decay))
     trainable = [p for p in model.parameters() if p.requires_grad]
     packed = quantized_numels(model)

@@ -162,7 +162,8 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     # probes in the compute dtype (not autocast over fp32 weights: its cache of cast weights is no activation)
     act_dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else torch.float32
     acts = Activations(0, 0) if args.no_activations else \
-        activation_memory(module, config, data.batch_size, seq, target, act_dtype)
+        activation_memory(module, config, data.batch_size, seq, target, act_dtype,
+                          packed=getattr(data, "packing", False))
     mem = MemoryEstimate(strategy, world, params, grads, optim, acts.kept, total, trainable, acts.peak)
     outputs = cli.config_init["fit"].get("outputs")
     host = host_memory(strategy=strategy, world=world, devices=devices, ranks=ranks, total_params=total,

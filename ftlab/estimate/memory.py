@@ -207,13 +207,24 @@ def step_activations(model: nn.Module, task, batch: dict) -> Activations:
     return Activations(kept, max(live.peak, kept))
 
 
-def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int) -> dict:
-    """A synthetic batch of the task's shape (token ids drawn at random)."""
+def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int, packed: bool = False) -> dict:
+    """A synthetic batch of the task's shape (token ids drawn at random), laid out as the data module lays out
+    a real one, since that decides the attention path: `packed` rows hold two examples each (position_ids,
+    no attention mask: transformers builds a block-diagonal mask); other rows end in one padding token, as
+    a batch padded to its longest row does (a padded batch gets a materialised mask, and with it grouped KV
+    heads repeated for SDPA; only a batch of all-full rows skips both, and fake tensors cannot tell it is one)."""
     vocab = max(int(getattr(config, "vocab_size", 0) or 1000), 8)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab - 1, (batch_size, seq_len), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     name = getattr(getattr(task, "student", None), "name", task.name)
+    if packed:
+        half = seq_len // 2
+        positions = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(batch_size, -1)
+        batch = {"input_ids": ids, "position_ids": positions.contiguous()}
+    else:
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0 if seq_len > 1 else 1
+        batch = {"input_ids": ids, "attention_mask": mask}
     if name == "sequence-classification":
         batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
     elif name == "token-classification":
@@ -222,8 +233,10 @@ def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int) ->
         batch["labels"] = torch.randint(5, vocab - 1, (batch_size, target_len), generator=g)
     elif getattr(task, "objective", None) == "mlm":
         batch["labels"] = torch.where(torch.rand(ids.shape, generator=g) < task.mlm_probability, ids, -100)
-    else:  # causal LM; preference pairs (chosen rows, then rejected rows)
-        batch["labels"] = ids.clone()
+    else:  # causal LM; preference pairs (chosen rows, then rejected rows): padding and each example's first
+        labels = ids.clone()  # token unlabelled, as the data module labels them
+        labels[:, seq_len // 2 if packed else -1] = -100
+        batch["labels"] = labels
     return batch
 
 
@@ -282,14 +295,12 @@ from ftlab.tasks.preference_losses import NEEDS_REFERENCE  # noqa: E402 - the pr
 
 
 def _probe(module, task, config, blocks: int, seq_len: int, target_len: int, dtype: torch.dtype,
-           fake: bool, rows: int = 1) -> Activations:
+           fake: bool, rows: int = 1, packed: bool = False) -> Activations:
     """A training step of the architecture cut to `blocks` blocks, on `rows` examples, the policy applied,
     random weights in `dtype`; `fake`: on shape-only tensors (no memory, no compute: any model size)."""
     from ftlab.compute import enable_activation_checkpointing
 
-    batch = probe_batch(task, config, rows * rows_per_example(task), seq_len, target_len)  # (masked-LM labels too)
-    if fake:  # all ones: the model skips it, as it does for real tensors (on shapes it cannot see it may)
-        batch["attention_mask"] = None
+    batch = probe_batch(task, config, rows * rows_per_example(task), seq_len, target_len, packed)  # (MLM labels too)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode:
         torch.manual_seed(0)
@@ -328,17 +339,16 @@ class _ProbeReference:
 
 
 # Probes run on real tensors up to this many (probe parameters x tokens): a few seconds of CPU. Larger ones run
-# on fake tensors, where transformers (seeing a trace) builds the causal mask and repeats grouped KV heads
-# instead of leaving both to the attention kernel: a few percent more than a real step keeps.
+# on fake tensors, which take the same attention path (the probe batch is padded or packed, see probe_batch).
 REAL_PROBE_BUDGET = 5e10
 
 
 def activation_memory(module, config, batch_size: int, seq_len: int, target_len: int,
-                      dtype: torch.dtype = torch.float32) -> Activations:
+                      dtype: torch.dtype = torch.float32, packed: bool = False) -> Activations:
     """Activations of a training step, per device: probes with 1 and 2 blocks give the cost outside the
     blocks and per block (batch 1), scaled to the run's blocks and batch. Probes too large to run here
     run on fake tensors (shapes only), unless the model's code reads tensor values (a chunked loss picks its
-    labelled positions)."""
+    labelled positions). `packed`: the data packs several examples into each row (see probe_batch)."""
     # a distillation teacher runs without gradients: it keeps nothing for backward; the student's task runs
     task = getattr(module.task, "student", module.task)
     with torch.device("meta"):
@@ -349,11 +359,13 @@ def activation_memory(module, config, batch_size: int, seq_len: int, target_len:
     # one chunk's logits at a time, however long the batch)
     for blocks, rows in ((1, 1), (2, 1), (1, 2)):
         try:
-            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=fake, rows=rows))
+            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=fake, rows=rows,
+                                   packed=packed))
         except Exception:  # noqa: BLE001 - data-dependent code cannot run on shapes alone: run it
             if not fake:
                 raise
-            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=False, rows=rows))
+            measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=False, rows=rows,
+                                   packed=packed))
     trained = blocks_with_activations(module.policy, count_blocks(config))
 
     def scale(one: int, two: int, pair: int) -> int:
@@ -366,9 +378,9 @@ def activation_memory(module, config, batch_size: int, seq_len: int, target_len:
 
 
 def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: int,
-                     dtype: torch.dtype = torch.float32) -> int:
+                     dtype: torch.dtype = torch.float32, packed: bool = False) -> int:
     """Activations a training step keeps for backward, per device (see `activation_memory`)."""
-    return activation_memory(module, config, batch_size, seq_len, target_len, dtype).kept
+    return activation_memory(module, config, batch_size, seq_len, target_len, dtype, packed).kept
 
 
 # ---- host (CPU RAM) memory per node: loading, offloaded state, export

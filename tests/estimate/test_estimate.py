@@ -8,8 +8,15 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from ftlab.estimate import memory
 from ftlab.estimate.cli import estimate, parser
-from ftlab.estimate.memory import activation_bytes, probe_batch, saved_activation_bytes
+from ftlab.estimate.memory import (
+    activation_bytes,
+    activation_memory,
+    probe_batch,
+    saved_activation_bytes,
+    step_activations,
+)
 from ftlab.module import FineTuneModule
 from ftlab.policies import Adapter, Freeze, Full
 from ftlab.tasks import CausalLM, Seq2Seq, SequenceClassification
@@ -58,6 +65,26 @@ def test_activation_probe_matches_the_whole_model(tiny_models, kind, task, polic
     if isinstance(policy, Freeze) and not policy.top_k_layers:
         assert measured < 0.05 * activation_bytes(FineTuneModule(str(path), task=task, policy=Full()), config,
                                                    batch, seq, seq)  # a frozen backbone keeps next to nothing
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_fake_tensor_probes_take_the_attention_path_of_real_ones(tiny_models, monkeypatch, packed):
+    """Probes on fake tensors (how large models are probed) equal the same probes on real tensors and a step
+    of the whole model, for padded and packed batches of a grouped-KV Llama: whether SDPA gets a mask (and
+    the KV heads repeated) depends on the batch, which fake tensors cannot read."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0)
+    module = FineTuneModule(str(tiny_models["llama"]), task=CausalLM(), policy=Full())
+    real = activation_memory(module, config, 2, 256, 256, packed=packed)
+    monkeypatch.setattr(memory, "REAL_PROBE_BUDGET", 0)
+    fake = activation_memory(module, config, 2, 256, 256, packed=packed)
+    assert fake.kept == real.kept and fake.peak == pytest.approx(real.peak, rel=1e-3)
+    torch.manual_seed(0)
+    whole = step_activations(CausalLM.auto_class.from_config(config).train(), module.task,
+                             probe_batch(module.task, config, 2, 256, 256, packed))
+    assert real.kept == pytest.approx(whole.kept, rel=0.05) and real.peak == pytest.approx(whole.peak, rel=0.05)
 
 
 def test_seq2seq_probe_counts_encoder_and_decoder(tmp_path):
