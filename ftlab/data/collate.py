@@ -12,7 +12,9 @@ _PAD_ZERO = ("attention_mask", "token_type_ids", "position_ids")  # position 0 a
 
 
 class PadCollator:
-    """Stacks rows of token ids into padded tensors; `labels` lists are padded with -100 (ignored)."""
+    """Stacks rows of token ids into padded tensors; `labels` lists are padded with -100 (ignored). Rows
+    without an attention mask get one from their lengths (the cache does not store a column of ones),
+    except packed rows (position_ids): their examples are told apart by positions, not by a mask."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
         self.pad_token_id = pad_token_id
@@ -39,6 +41,11 @@ class PadCollator:
                 else:
                     out[i, : len(v)] = torch.tensor(v, dtype=torch.long)
             batch[key] = out
+        if "attention_mask" not in batch and "position_ids" not in batch:
+            lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+            columns = torch.arange(longest)
+            batch["attention_mask"] = (columns >= longest - lengths[:, None] if self.left else
+                                       columns < lengths[:, None]).long()
         return batch
 
 

@@ -180,7 +180,7 @@ class LanguageModelingData(TextDataModule):
         trained spans."""
         texts, all_spans = zip(*(self._chat_spans(m) for m in conversations)) if conversations else ((), ())
         enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                             max_length=self.max_length)
+                             max_length=self.max_length, **self.token_outputs())
         examples = []
         for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
             starts = [start for start, _ in offsets]  # ascending: a span's tokens are one slice
@@ -193,7 +193,7 @@ class LanguageModelingData(TextDataModule):
 
     def _text_examples(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         examples = []
-        for ids in self.tokenizer(texts)["input_ids"]:
+        for ids in self.tokenizer(texts, **self.token_outputs())["input_ids"]:
             examples += [(ids[k:k + self.max_length], ids[k:k + self.max_length])
                          for k in range(0, len(ids), self.max_length)]
         return examples
@@ -208,8 +208,7 @@ class LanguageModelingData(TextDataModule):
         examples = [(ids, labels) for ids, labels in examples if any(x != -100 for x in labels[1:])]
         if self.packing:
             return self._pack(examples)
-        return {"input_ids": [e[0] for e in examples], "attention_mask": [[1] * len(e[0]) for e in examples],
-                "labels": [e[1] for e in examples]}
+        return {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}
 
     def _pack(self, examples) -> dict:
         """First-fit decreasing bin packing of the examples into max_length rows (within each batch of 1,000

@@ -181,6 +181,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache_shared = cache_shared
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
+        self._single_segment_types: bool | None = None  # see token_outputs
         self._train_sampler: GroupedBatchSampler | None = None
         self._resume_at: tuple[int, int] | None = None
         self.splits: dict = {}
@@ -238,6 +239,17 @@ class TextDataModule(L.LightningDataModule):
                 tok.pad_token = tok.eos_token
             self._tokenizer = tok
         return self._tokenizer
+
+    def token_outputs(self, pair: bool = False) -> dict:
+        """Tokenizer kwargs that leave out what carries no information, so it is neither converted nor
+        stored: the attention mask (all ones before padding: the collator makes it) and, for single
+        segments, token type ids where this tokenizer makes them all zero (the model's default; not every
+        tokenizer does: XLNet's mark the last token)."""
+        if self._single_segment_types is None:
+            types = self.tokenizer("a b").get("token_type_ids")
+            self._single_segment_types = types is not None and any(types)
+        return {"return_attention_mask": False,
+                **({} if pair or self._single_segment_types else {"return_token_type_ids": False})}
 
     # ---- cache
     def _tokenizer_digest(self) -> str:
@@ -627,7 +639,8 @@ class TextClassificationData(TextDataModule):
 
     def encode(self, batch: dict) -> dict:
         pair = batch[self.text_pair_column] if self.text_pair_column else None
-        enc = self.tokenizer(batch[self.text_column], pair, truncation=True, max_length=self.max_length)
+        enc = self.tokenizer(batch[self.text_column], pair, truncation=True, max_length=self.max_length,
+                             **self.token_outputs(pair is not None))
         enc["labels"] = batch[self.label_column]
         return dict(enc)
 
@@ -638,7 +651,7 @@ class TextClassificationData(TextDataModule):
         """New rows: labels are optional (given, predictions show them as true_label)."""
         pair = batch[self.text_pair_column] if self.text_pair_column else None
         enc = dict(self.tokenizer([str(t) for t in batch[self.text_column]], pair, truncation=True,
-                                  max_length=self.max_length))
+                                  max_length=self.max_length, **self.token_outputs(pair is not None)))
         if self.label_column in batch:
             ids = {n: i for i, n in enumerate(self.label_names)}
             unknown = sorted({str(v) for v in batch[self.label_column]} - set(ids))

@@ -30,8 +30,8 @@ class PairCollator:
         self.pad = PadCollator(pad_token_id)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [{"input_ids": r[f"{side}input_ids"], "attention_mask": [1] * len(r[f"{side}input_ids"]),
-                      "labels": r[f"{side}labels"]} for side in ("", "rejected_") for r in rows]
+        sequences = [{"input_ids": r[f"{side}input_ids"], "labels": r[f"{side}labels"]}
+                     for side in ("", "rejected_") for r in rows]
         batch = self.pad(sequences)
         batch["pair_index"] = torch.tensor([r["pair_index"] for r in rows], dtype=torch.long)
         return batch
@@ -139,7 +139,7 @@ class PreferenceData(TextDataModule):
             raise ConfigError("data.chat_template: the prompt rendered with the generation prompt is not a prefix of "
                               "the prompt and answer rendered together, so the response tokens cannot be located; "
                               "use a template that renders each message in turn")
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, **self.token_outputs())
         in_prompt = sum(1 for start, _ in enc["offset_mapping"] if start < len(prompt_text))
         if in_prompt >= self.max_length - 1:  # not even one response token would be predicted
             return None

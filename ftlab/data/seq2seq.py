@@ -46,8 +46,8 @@ class Seq2SeqData(TextDataModule):
 
     def encode(self, batch: dict) -> dict:
         sources = [self.source_prefix + str(s) for s in batch[self.source_column]]
-        enc = self.tokenizer(sources, truncation=True, max_length=self.max_length)
+        enc = self.tokenizer(sources, truncation=True, max_length=self.max_length, **self.token_outputs())
         targets = self.tokenizer(text_target=[str(t) for t in batch[self.target_column]], truncation=True,
-                                 max_length=self.max_target_length)
+                                 max_length=self.max_target_length, **self.token_outputs())
         enc["labels"] = targets["input_ids"]
         return dict(enc)

@@ -85,7 +85,7 @@ class TokenClassificationData(TextDataModule):
             raise ConfigError(f"data.tokenizer={self.tokenizer_name!r} is a slow (Python) tokenizer; aligning word "
                               "tags needs a fast one (word_ids); use the model's tokenizer.json")
         enc = self.tokenizer(batch[self.tokens_column], is_split_into_words=True, truncation=True,
-                             max_length=self.max_length)
+                             max_length=self.max_length, **self.token_outputs())
         labels = []
         for i, tags in enumerate(batch[self.tags_column]):
             previous, row = None, []

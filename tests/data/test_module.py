@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ftlab.data import TextClassificationData
+from ftlab.data.collate import PadCollator
 from ftlab.errors import ConfigError
 from tests.conftest import make_rows, write_csv
 
@@ -26,6 +27,29 @@ def test_splits_labels_and_padding(reviews_csv, tiny_bert):
     assert set(batch["labels"].tolist()) <= {0, 1}
     # dynamic padding: the batch is as long as its longest row, not max_length
     assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max()) < dm.max_length
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_batches_equal_the_tokenizers_padded_output(reviews_csv, tmp_path, pair):
+    """The cache keeps only what carries information (no column of ones, no all-zero segment ids for one
+    text); the collated batch is still exactly what the tokenizer pads, masks and segments, left padding too.
+    MiniLM's BERT tokenizer: segment ids 1 on a pair's second text."""
+    import torch
+
+    kw = {"text_pair_column": "text"} if pair else {}
+    dm = data(reviews_csv, "all-MiniLM-L6-v2", batch_size=8, cache_dir=str(tmp_path), **kw)
+    dm.setup("fit")
+    stored = set(dm.splits["train"].column_names)
+    assert "attention_mask" not in stored and ("token_type_ids" in stored) == pair
+    rows = [dm.splits["train"][i] for i in range(8)]
+    sep = dm.tokenizer.sep_token_id  # each row is [CLS] text [SEP] (text [SEP]): the first segment, decoded
+    texts = [dm.tokenizer.decode(r["input_ids"][1:r["input_ids"].index(sep)]) for r in rows]
+    for side in ("right", "left"):
+        dm.tokenizer.padding_side = side
+        expected = dm.tokenizer(texts, texts if pair else None, padding=True, return_tensors="pt")
+        got = PadCollator(dm.tokenizer.pad_token_id, padding_side=side)(rows)
+        for key in expected:
+            torch.testing.assert_close(got.get(key, torch.zeros_like(expected[key])), expected[key], msg=key)
 
 
 def test_given_label_names_fix_the_id_order(reviews_csv, tiny_bert):
