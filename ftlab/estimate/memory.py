@@ -207,24 +207,27 @@ def step_activations(model: nn.Module, task, batch: dict) -> Activations:
     return Activations(kept, max(live.peak, kept))
 
 
-def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int, packed: bool = False) -> dict:
-    """A synthetic batch of the task's shape (token ids drawn at random), laid out as the data module lays out
-    a real one, since that decides the attention path: `packed` rows hold two examples each (position_ids,
-    no attention mask: transformers builds a block-diagonal mask); other rows end in one padding token, as
-    a batch padded to its longest row does (a padded batch gets a materialised mask, and with it grouped KV
-    heads repeated for SDPA; only a batch of all-full rows skips both, and fake tensors cannot tell it is one)."""
+def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int, layout: str = "padded") -> dict:
+    """A synthetic batch of the task's shape (token ids drawn at random), laid out as the run's batches are,
+    since that decides the attention path (`batch_layout`): `padded` rows end in one padding token (a mask is
+    materialised, and grouped KV heads are repeated for SDPA); `packed` rows hold two examples each
+    (position_ids, no attention mask: transformers builds a block-diagonal mask); `full` rows have neither
+    (no mask: SDPA's causal kernel with grouped heads as they are; on fake tensors transformers cannot see
+    that the positions are not packed and takes the masked path)."""
     vocab = max(int(getattr(config, "vocab_size", 0) or 1000), 8)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, vocab - 1, (batch_size, seq_len), generator=g)
     name = getattr(getattr(task, "student", None), "name", task.name)
-    if packed:
+    if layout == "packed":
         half = seq_len // 2
         positions = torch.cat([torch.arange(half), torch.arange(seq_len - half)]).expand(batch_size, -1)
         batch = {"input_ids": ids, "position_ids": positions.contiguous()}
-    else:
+    elif layout == "padded":
         mask = torch.ones_like(ids)
         mask[:, -1] = 0 if seq_len > 1 else 1
         batch = {"input_ids": ids, "attention_mask": mask}
+    else:
+        batch = {"input_ids": ids}
     if name == "sequence-classification":
         batch["labels"] = torch.zeros(batch_size, dtype=torch.long)
     elif name == "token-classification":
@@ -235,9 +238,18 @@ def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int, pa
         batch["labels"] = torch.where(torch.rand(ids.shape, generator=g) < task.mlm_probability, ids, -100)
     else:  # causal LM; preference pairs (chosen rows, then rejected rows): padding and each example's first
         labels = ids.clone()  # token unlabelled, as the data module labels them
-        labels[:, seq_len // 2 if packed else -1] = -100
+        if layout != "full":
+            labels[:, seq_len // 2 if layout == "packed" else -1] = -100
         batch["labels"] = labels
     return batch
+
+
+def batch_layout(module, batch_size: int, packed: bool) -> str:
+    """The probe batch layout (see probe_batch) of a run: flash attention never materialises a mask (packed
+    rows go through its variable-length kernel), nor does SDPA for a batch of one unpacked row."""
+    if getattr(module, "attn_implementation", None) == "flash_attention_2":
+        return "full"
+    return "packed" if packed else "padded" if batch_size > 1 else "full"
 
 
 def rows_per_example(task) -> int:
@@ -295,16 +307,20 @@ from ftlab.tasks.preference_losses import NEEDS_REFERENCE  # noqa: E402 - the pr
 
 
 def _probe(module, task, config, blocks: int, seq_len: int, target_len: int, dtype: torch.dtype,
-           fake: bool, rows: int = 1, packed: bool = False) -> Activations:
+           fake: bool, rows: int = 1, layout: str = "padded") -> Activations:
     """A training step of the architecture cut to `blocks` blocks, on `rows` examples, the policy applied,
     random weights in `dtype`; `fake`: on shape-only tensors (no memory, no compute: any model size)."""
     from ftlab.compute import enable_activation_checkpointing
 
-    batch = probe_batch(task, config, rows * rows_per_example(task), seq_len, target_len, packed)  # (MLM labels too)
+    batch = probe_batch(task, config, rows * rows_per_example(task), seq_len, target_len, layout)  # (MLM labels too)
+    # the run's kernel where it runs here (flash attention needs CUDA: SDPA without a mask stands for it)
+    kernel = getattr(module, "attn_implementation", None)
+    kernel = kernel if kernel in ("eager", "sdpa") else None
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode:
         torch.manual_seed(0)
-        model = task.auto_class.from_config(with_blocks(config, blocks), dtype=dtype)
+        model = task.auto_class.from_config(with_blocks(config, blocks), dtype=dtype,
+                                            **({"attn_implementation": kernel} if kernel else {}))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     # outside fake mode: peft moves the adapter it makes to its base layer's dtype, which a fake parameter
@@ -339,7 +355,7 @@ class _ProbeReference:
 
 
 # Probes run on real tensors up to this many (probe parameters x tokens): a few seconds of CPU. Larger ones run
-# on fake tensors, which take the same attention path (the probe batch is padded or packed, see probe_batch).
+# on fake tensors, which take the attention path of real ones for padded and packed batches (see probe_batch).
 REAL_PROBE_BUDGET = 5e10
 
 
@@ -348,24 +364,25 @@ def activation_memory(module, config, batch_size: int, seq_len: int, target_len:
     """Activations of a training step, per device: probes with 1 and 2 blocks give the cost outside the
     blocks and per block (batch 1), scaled to the run's blocks and batch. Probes too large to run here
     run on fake tensors (shapes only), unless the model's code reads tensor values (a chunked loss picks its
-    labelled positions). `packed`: the data packs several examples into each row (see probe_batch)."""
+    labelled positions). `packed`: the data packs several examples into each row (see batch_layout)."""
     # a distillation teacher runs without gradients: it keeps nothing for backward; the student's task runs
     task = getattr(module.task, "student", module.task)
     with torch.device("meta"):
         size = sum(p.numel() for p in task.auto_class.from_config(with_blocks(config, 2)).parameters())
     fake = size * seq_len * 2 * rows_per_example(task) > REAL_PROBE_BUDGET
+    layout = batch_layout(module, batch_size, packed)
     measured = []
     # (blocks, examples): the cost per block, per example outside the blocks, and fixed (a chunked loss holds
     # one chunk's logits at a time, however long the batch)
     for blocks, rows in ((1, 1), (2, 1), (1, 2)):
         try:
             measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=fake, rows=rows,
-                                   packed=packed))
+                                   layout=layout))
         except Exception:  # noqa: BLE001 - data-dependent code cannot run on shapes alone: run it
             if not fake:
                 raise
             measured.append(_probe(module, task, config, blocks, seq_len, target_len, dtype, fake=False, rows=rows,
-                                   packed=packed))
+                                   layout=layout))
     trained = blocks_with_activations(module.policy, count_blocks(config))
 
     def scale(one: int, two: int, pair: int) -> int:

@@ -13,6 +13,7 @@ from ftlab.estimate.cli import estimate, parser
 from ftlab.estimate.memory import (
     activation_bytes,
     activation_memory,
+    batch_layout,
     probe_batch,
     saved_activation_bytes,
     step_activations,
@@ -83,8 +84,28 @@ def test_fake_tensor_probes_take_the_attention_path_of_real_ones(tiny_models, mo
     assert fake.kept == real.kept and fake.peak == pytest.approx(real.peak, rel=1e-3)
     torch.manual_seed(0)
     whole = step_activations(CausalLM.auto_class.from_config(config).train(), module.task,
-                             probe_batch(module.task, config, 2, 256, 256, packed))
+                             probe_batch(module.task, config, 2, 256, 256, "packed" if packed else "padded"))
     assert real.kept == pytest.approx(whole.kept, rel=0.05) and real.peak == pytest.approx(whole.peak, rel=0.05)
+
+
+def test_probes_take_the_runs_attention_kernel_and_batch_layout(tiny_models):
+    """eager keeps each head's attention probabilities; SDPA on a padded batch a mask and repeated KV heads;
+    on a batch of one unpacked row neither: each estimate against a step of the whole model so run."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, pad_token_id=0)
+    per_row = {}
+    for kernel, batch in (("sdpa", 1), ("sdpa", 2), ("eager", 2)):
+        module = FineTuneModule(str(tiny_models["llama"]), task=CausalLM(), policy=Full(), attn_implementation=kernel)
+        est = activation_memory(module, config, batch, 128, 128)
+        torch.manual_seed(0)
+        whole = step_activations(CausalLM.auto_class.from_config(config, attn_implementation=kernel).train(),
+                                 module.task, probe_batch(module.task, config, batch, 128, 128,
+                                                          batch_layout(module, batch, packed=False)))
+        assert est.kept == pytest.approx(whole.kept, rel=0.05), (kernel, batch, est, whole)
+        per_row[kernel, batch] = est.kept / batch
+    assert per_row["eager", 2] > per_row["sdpa", 2] > per_row["sdpa", 1]
 
 
 def test_seq2seq_probe_counts_encoder_and_decoder(tmp_path):
