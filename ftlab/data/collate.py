@@ -22,9 +22,6 @@ class PadCollator:
         self.left = padding_side == "left"
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        if self.multiple:
-            longest = -(-longest // self.multiple) * self.multiple
         batch: dict[str, torch.Tensor] = {}
         for key in rows[0]:
             if key == "length":
@@ -33,6 +30,8 @@ class PadCollator:
             if not isinstance(values[0], list):
                 batch[key] = torch.tensor(values)
                 continue
+            # each column to its own longest row: a seq2seq target may be longer than every source
+            longest = self._padded(max(len(v) for v in values))
             fill = -100 if key == "labels" else 0 if key in _PAD_ZERO else self.pad_token_id
             out = torch.full((len(rows), longest), fill, dtype=torch.long)
             for i, v in enumerate(values):
@@ -43,10 +42,14 @@ class PadCollator:
             batch[key] = out
         if "attention_mask" not in batch and "position_ids" not in batch:
             lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+            longest = batch["input_ids"].shape[1]
             columns = torch.arange(longest)
             batch["attention_mask"] = (columns >= longest - lengths[:, None] if self.left else
                                        columns < lengths[:, None]).long()
         return batch
+
+    def _padded(self, length: int) -> int:
+        return -(-length // self.multiple) * self.multiple if self.multiple else length
 
 
 def batch_counts(batch: dict) -> tuple[int, int]:

@@ -181,7 +181,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache_shared = cache_shared
         self.trust_remote_code = trust_remote_code
         self._tokenizer = None
-        self._single_segment_types: bool | None = None  # see token_outputs
+        self._zero_segment_types: bool | None = None  # see token_outputs
         self._train_sampler: GroupedBatchSampler | None = None
         self._resume_at: tuple[int, int] | None = None
         self.splits: dict = {}
@@ -244,12 +244,13 @@ class TextDataModule(L.LightningDataModule):
         """Tokenizer kwargs that leave out what carries no information, so it is neither converted nor
         stored: the attention mask (all ones before padding: the collator makes it) and, for single
         segments, token type ids where this tokenizer makes them all zero (the model's default; not every
-        tokenizer does: XLNet's mark the last token)."""
-        if self._single_segment_types is None:
+        tokenizer does: XLNet's mark the last token). Asked only of a tokenizer that makes them: some take no
+        such option (transformers' Mistral backend refuses any it does not know)."""
+        if self._zero_segment_types is None:
             types = self.tokenizer("a b").get("token_type_ids")
-            self._single_segment_types = types is not None and any(types)
+            self._zero_segment_types = isinstance(types, list) and not any(types)
         return {"return_attention_mask": False,
-                **({} if pair or self._single_segment_types else {"return_token_type_ids": False})}
+                **({"return_token_type_ids": False} if self._zero_segment_types and not pair else {})}
 
     # ---- cache
     def _tokenizer_digest(self) -> str:

@@ -52,6 +52,13 @@ def test_batches_equal_the_tokenizers_padded_output(reviews_csv, tmp_path, pair)
             torch.testing.assert_close(got.get(key, torch.zeros_like(expected[key])), expected[key], msg=key)
 
 
+def test_seq2seq_targets_longer_than_every_source_pad_to_their_own_length():
+    rows = [{"input_ids": [5, 6], "labels": [7, 8, 9, 10]}, {"input_ids": [5], "labels": [7]}]
+    batch = PadCollator(0)(rows)
+    assert batch["labels"].tolist() == [[7, 8, 9, 10], [7, -100, -100, -100]]
+    assert batch["input_ids"].tolist() == [[5, 6], [5, 0]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
 def test_given_label_names_fix_the_id_order(reviews_csv, tiny_bert):
     dm = data(reviews_csv, tiny_bert, label_names=["pos", "neg"])
     dm.setup("fit")
