@@ -27,6 +27,8 @@ import socket
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from ftlab.errors import ConfigError
@@ -117,8 +119,18 @@ def encode_splits(dm: TextDataModule, splits: dict, meta: dict, folder: str, num
     worker.trainer = None
     payload = {"dm": worker, "meta": meta, "splits": splits}
     if procs > 1:
-        with _pool_context().Pool(procs, initializer=_init_worker, initargs=(payload,)) as pool:
-            results = list(pool.imap(_encode_shard, jobs))  # in job order: shards stay in row order
+        # an executor, not multiprocessing.Pool: a worker killed outright (the kernel's OOM killer) breaks it
+        # and the wait ends; Pool starts a new worker and waits forever for the lost shard
+        pool = ProcessPoolExecutor(procs, mp_context=_pool_context(), initializer=_init_worker, initargs=(payload,))
+        try:
+            results = list(pool.map(_encode_shard, jobs))  # in job order: shards stay in row order
+        except BrokenProcessPool as err:
+            # also raised when a worker cannot start (its payload fails to unpickle): that cause, when there is one
+            cause = f" ({str(err.__cause__).strip().splitlines()[-1][:300]})" if err.__cause__ else ""
+            raise ConfigError(f"data.num_proc={num_proc}: a worker tokenising the data died abruptly{cause}; killed "
+                              f"(out of memory, most often): lower data.num_proc or give the job more host memory") from err
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, the shards not yet started are dropped
     else:
         _WORKER.update(payload)
         try:

@@ -17,6 +17,7 @@ import pytest
 from ftlab.data import LanguageModelingData, Seq2SeqData, TextClassificationData, TokenClassificationData
 from ftlab.data.preference import PreferenceData
 from ftlab.data.prepare import MAP_BATCH, is_complete, shard_bounds
+from ftlab.errors import ConfigError
 from tests.conftest import FILLER, NEGATIVE, POSITIVE, REPO, fit_args, run_ftlab
 
 ROWS = 2600  # three encode batches: two processes get shards [0, 2000) and [2000, 2600)
@@ -74,6 +75,31 @@ def test_shards_start_at_encode_batches():
     bounds = shard_bounds(123_456, 2)
     assert bounds[0][0] == 0 and bounds[-1][1] == 123_456
     assert all(a % MAP_BATCH == 0 and a == prev for (a, _), (_, prev) in zip(bounds[1:], bounds))
+
+
+class _KilledInWorker(TextClassificationData):
+    """Encodes as usual in the parent; a worker is killed outright (SIGKILL, as the OOM killer does)."""
+
+    def encode(self, batch):
+        if os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode(batch)
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])  # spawn: a rank that has initialised CUDA
+def test_a_killed_worker_fails_the_preparation_instead_of_hanging(tmp_path, tiny_bert, monkeypatch, start):
+    import multiprocessing
+
+    from ftlab.data import prepare
+
+    monkeypatch.setattr(prepare, "_pool_context", lambda: multiprocessing.get_context(start))
+    dm = _KilledInWorker(str(_source("classification", tmp_path)), tokenizer=str(tiny_bert), val_size=300,
+                         test_size=300, num_proc=2, cache_dir=str(tmp_path / "cache"))
+    dm.parent = os.getpid()
+    with pytest.raises(ConfigError, match=r"data.num_proc=2: a worker tokenising the data died abruptly; killed"):
+        dm.prepare_data()
+    assert not is_complete(dm.cache_path)
+    assert os.path.exists(dm.cache_path + ".failed")  # ranks waiting on this preparation raise it too
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
