@@ -42,7 +42,7 @@ class PreferenceData(TextDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         prompt_column: str | None = "prompt",
         chosen_column: str = "chosen",
         rejected_column: str = "rejected",
@@ -51,7 +51,7 @@ class PreferenceData(TextDataModule):
     ):
         """
         Args:
-            source: See TextDataModule.
+            source: See TextDataModule (or give data.sources).
             prompt_column: Column of prompts: a user message (text) or a conversation so far (list of
                 `{role, content}`). None: the chosen and rejected conversations carry the prompt themselves.
             chosen_column: Column of preferred responses: text, or a conversation ending in the assistant's turn.

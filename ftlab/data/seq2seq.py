@@ -11,7 +11,7 @@ class Seq2SeqData(TextDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         source_column: str = "source",
         target_column: str = "target",
         max_target_length: int = 64,
@@ -20,7 +20,7 @@ class Seq2SeqData(TextDataModule):
     ):
         """
         Args:
-            source: See TextDataModule.
+            source: See TextDataModule (or give data.sources).
             source_column: Column of the input texts.
             target_column: Column of the texts to generate.
             max_target_length: Truncate targets to this many tokens (also the generation limit at evaluation).

@@ -15,7 +15,7 @@ class TokenClassificationData(TextDataModule):
 
     def __init__(
         self,
-        source: str | dict[str, str],
+        source: str | dict[str, str] | None = None,
         tokens_column: str = "tokens",
         tags_column: str = "tags",
         label_names: list[str | int | float | bool] | None = None,
@@ -23,8 +23,9 @@ class TokenClassificationData(TextDataModule):
     ):
         """
         Args:
-            source: See TextDataModule; `.conll`/`.iob`/`.bio` files (or `source_format: conll`) are read as
-                `token<TAB>tag` lines with a blank line between sentences; the named `wnut16-ner` is WNUT-16.
+            source: See TextDataModule (or give data.sources); `.conll`/`.iob`/`.bio` files (or
+                `source_format: conll`) are read as `token<TAB>tag` lines with a blank line between
+                sentences; the named `wnut16-ner` is WNUT-16.
             tokens_column: Column with each row's list of words.
             tags_column: Column with each row's list of tags (names, or ids into the dataset's tag names).
             label_names: The tag set, in id order. Every tag in the data must be one of them. Default:

@@ -186,3 +186,52 @@ def test_a_bad_mix_stops_the_cli_before_the_model_loads(tmp_path, two_sources, c
     err = capsys.readouterr().err
     assert "data.sources[1].weight=-1 must be a positive number (a relative share)" in err
     assert "/nonexistent/model" not in err and "Traceback" not in err  # the model was never looked for
+
+
+# each data class's columns, and the names another source gives them (mapped with `columns`)
+OTHER_COLUMNS = {
+    "token classification": {"tokens": "words", "tags": "ner"},
+    "seq2seq": {"source": "document", "target": "summary"},
+    "preference pairs": {"prompt": "question", "chosen": "good", "rejected": "bad"},
+}
+
+
+def _rows(kind: str, n: int, seed: int) -> list[dict]:
+    import random
+
+    from tests.conftest import FILLER, NEGATIVE, POSITIVE
+
+    rng = random.Random(seed)
+    words = lambda k: [rng.choice(FILLER + POSITIVE + NEGATIVE) for _ in range(k)]  # noqa: E731
+    if kind == "token classification":
+        rows = [words(rng.randint(2, 8)) for _ in range(n)]
+        return [{"tokens": w, "tags": ["B-x" if x in POSITIVE else "O" for x in w]} for w in rows]
+    if kind == "seq2seq":
+        return [{"source": " ".join(words(12)), "target": " ".join(words(3))} for _ in range(n)]
+    return [{"prompt": " ".join(words(4)), "chosen": " ".join(words(3)) + " good",
+             "rejected": " ".join(words(3)) + " bad"} for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", list(OTHER_COLUMNS))
+def test_every_data_class_takes_several_sources(tmp_path, tiny_bert, kind):
+    """Token classification, seq2seq and preference data read data.sources as the others do: a source whose
+    columns have other names, mapped with `columns`, beside one with the class's own; both in every split."""
+    from ftlab.data import Seq2SeqData, TokenClassificationData
+    from ftlab.data.preference import PreferenceData
+    from tests.data.test_prepare import TEMPLATE
+
+    mine, theirs = _rows(kind, 80, 1), _rows(kind, 40, 2)
+    renamed = [{OTHER_COLUMNS[kind][k]: v for k, v in row.items()} for row in theirs]
+    for name, rows in (("mine.jsonl", mine), ("theirs.jsonl", renamed)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries = [{"source": str(tmp_path / "mine.jsonl")},
+               {"source": str(tmp_path / "theirs.jsonl"), "columns": OTHER_COLUMNS[kind]}]
+    make = {"token classification": TokenClassificationData, "seq2seq": Seq2SeqData,
+            "preference pairs": lambda **kw: PreferenceData(chat_template=TEMPLATE, max_length=64, **kw)}[kind]
+    dm = make(sources=entries, tokenizer=str(tiny_bert), val_size=0.2, test_size=0.2, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    report = dm.meta["sources"]
+    assert [r["source"] for r in report] == ["mine.jsonl", "theirs.jsonl"]
+    assert sum(r["train_rows"] for r in report) == len(dm.splits["train"])
+    for r, total in zip(report, (80, 40)):
+        assert r["train_rows"] > 0 and r["train_rows"] + r["validation_rows"] + r["test_rows"] == total
