@@ -108,6 +108,17 @@ def test_probes_take_the_runs_attention_kernel_and_batch_layout(tiny_models):
     assert per_row["eager", 2] > per_row["sdpa", 2] > per_row["sdpa", 1]
 
 
+def test_a_preference_run_of_one_pair_a_batch_is_probed_padded(tiny_models):
+    """A pair is two rows of their own lengths, so its batch is padded even at one pair a batch (the
+    reference pass reads the mask)."""
+    from ftlab.tasks import Preference
+
+    module = FineTuneModule(str(tiny_models["llama"]), task=Preference(), policy=Adapter(r=4, dropout=0.0))
+    assert batch_layout(module, 1, packed=False) == "padded"
+    est = activation_memory(module, AutoConfig.from_pretrained(tiny_models["llama"]), 1, 32, 32)
+    assert est.peak >= est.kept > 0
+
+
 def test_seq2seq_probe_counts_encoder_and_decoder(tmp_path):
     from transformers import T5Config
 
