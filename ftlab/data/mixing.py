@@ -162,7 +162,7 @@ class Sources:
                 where = "data.source" if entry.option == "data" else f"{entry.option} ({entry.label})"
                 ds, entry.read_as = normalise(ds, entry.format, split, where)
                 if len(self.entries) > 1:
-                    ds = ds.select_columns([c for c in keep if c in ds.column_names])
+                    ds = _label_names(ds.select_columns([c for c in keep if c in ds.column_names]))
                     ds = ds.add_column(SOURCE_COLUMN, [i] * len(ds))
                 parts.setdefault(split, []).append((i, ds))
         return datasets.DatasetDict({split: self._combine(dss, split) for split, dss in parts.items()})
@@ -245,3 +245,30 @@ def _sampling(taken: int, have: int) -> str:
     if taken < have:
         return f"a random {taken} of {have} rows, without replacement"
     return f"upsampled x{taken / have:.2f}: every row {taken // have}x, {taken % have} drawn once more"
+
+
+def _label_names(ds):
+    """A source's class-label columns (ids into its own names, as hub datasets store labels and NER tags) as
+    the names: another source numbers its names otherwise, and a cast of the ids to the first source's
+    labels would keep the numbers and change what they mean."""
+    import datasets
+
+    for column, feature in ds.features.items():
+        inner = getattr(feature, "feature", None)  # Sequence / List of class labels (token tags)
+        names = feature if isinstance(feature, datasets.ClassLabel) else \
+            inner if isinstance(inner, datasets.ClassLabel) else None
+        if names is None:
+            continue
+        if names is feature:
+            ds = ds.map(lambda b, c=column, n=names: {c: [_name(n, v) for v in b[c]]}, batched=True,
+                        features=datasets.Features({**ds.features, column: datasets.Value("string")}),
+                        desc=f"{column} ids to names")
+        else:
+            ds = ds.map(lambda b, c=column, n=names: {c: [[_name(n, v) for v in row] for row in b[c]]},
+                        batched=True, desc=f"{column} ids to names",
+                        features=datasets.Features({**ds.features, column: datasets.Sequence(datasets.Value("string"))}))
+    return ds
+
+
+def _name(names, value):
+    return None if value is None or value < 0 else names.int2str(value)  # -1: an unlabelled row (hub test splits)

@@ -235,3 +235,27 @@ def test_every_data_class_takes_several_sources(tmp_path, tiny_bert, kind):
     assert sum(r["train_rows"] for r in report) == len(dm.splits["train"])
     for r, total in zip(report, (80, 40)):
         assert r["train_rows"] > 0 and r["train_rows"] + r["validation_rows"] + r["test_rows"] == total
+
+
+def test_sources_that_number_their_labels_differently_keep_each_labels_meaning(tmp_path, tiny_bert):
+    """Hub datasets store NER tags (and class labels) as ids into their own names: two sources whose ids mean
+    different tags are combined by name, never by number."""
+    import datasets
+
+    from ftlab.data import TokenClassificationData
+    from tests.conftest import FILLER
+
+    counts = Counter()
+    for name, tag_names, tag in (("loc", ["O", "B-LOC"], "B-LOC"), ("per", ["O", "B-PER"], "B-PER")):
+        rows = [FILLER[i % len(FILLER): i % len(FILLER) + 3] for i in range(60)]
+        tags = [[tag_names.index(tag)] + [0] * (len(r) - 1) for r in rows]
+        counts.update(t for r in tags for t in [tag_names[i] for i in r])
+        features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                      "tags": datasets.Sequence(datasets.ClassLabel(names=tag_names))})
+        datasets.Dataset.from_dict({"tokens": rows, "tags": tags}, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    dm = TokenClassificationData(sources=[{"source": str(tmp_path / "loc.parquet")}, {"source": str(tmp_path / "per.parquet")}],
+                                 tokenizer=str(tiny_bert), val_size=0.2, test_size=0.2, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    assert sorted(dm.label_names) == ["B-LOC", "B-PER", "O"]
+    seen = Counter(dm.label_names[t] for split in dm.splits.values() for row in split["labels"] for t in row if t >= 0)
+    assert seen == counts  # 60 B-LOC and 60 B-PER: with the ids kept, every B-PER would have read as B-LOC
