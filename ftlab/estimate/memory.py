@@ -247,11 +247,11 @@ def probe_batch(task, config, batch_size: int, seq_len: int, target_len: int, la
 def batch_layout(module, batch_size: int, packed: bool) -> str:
     """The probe batch layout (see probe_batch) of a run: flash attention never materialises a mask (packed
     rows go through its variable-length kernel), nor does SDPA for a batch of one unpacked row. A preference
-    pair is two rows of their own lengths: always padded."""
-    if rows_per_example(getattr(module.task, "student", module.task)) > 1:
-        return "padded"
+    pair is two rows of their own lengths: padded, even one pair a batch."""
     if getattr(module, "attn_implementation", None) == "flash_attention_2":
         return "full"
+    if rows_per_example(getattr(module.task, "student", module.task)) > 1:
+        return "padded"
     return "packed" if packed else "padded" if batch_size > 1 else "full"
 
 

@@ -26,7 +26,7 @@ from ftlab.tasks.preference_losses import PairLogps, sequence_logps
 
 def model_inputs(batch: dict) -> dict:
     """The fields a causal LM takes from a preference batch (pair_index and the labels stay out)."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
 
 
 def as_pairs(sums: torch.Tensor, counts: torch.Tensor) -> PairLogps:
