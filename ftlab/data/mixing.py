@@ -259,14 +259,12 @@ def _label_names(ds):
             inner if isinstance(inner, datasets.ClassLabel) else None
         if names is None:
             continue
-        if names is feature:
-            ds = ds.map(lambda b, c=column, n=names: {c: [_name(n, v) for v in b[c]]}, batched=True,
-                        features=datasets.Features({**ds.features, column: datasets.Value("string")}),
-                        desc=f"{column} ids to names")
-        else:
-            ds = ds.map(lambda b, c=column, n=names: {c: [[_name(n, v) for v in row] for row in b[c]]},
-                        batched=True, desc=f"{column} ids to names",
-                        features=datasets.Features({**ds.features, column: datasets.Sequence(datasets.Value("string"))}))
+        whole = names is feature  # one label a row, or a list of tags a row
+        as_names = (lambda v, n=names: _name(n, v)) if whole else (lambda row, n=names: [_name(n, v) for v in row])
+        string = datasets.Value("string")
+        ds = ds.map(lambda b, c=column, f=as_names: {c: [f(v) for v in b[c]]}, batched=True,
+                    features=datasets.Features({**ds.features, column: string if whole else datasets.Sequence(string)}),
+                    desc=f"{column} ids to names")
     return ds
 
 
