@@ -141,11 +141,43 @@ class TrainingPosition(L.Callback):
                           f"epoch(s), already at {limit}; raise it to train on, or start a new run without --ckpt_path")
 
 
+def leave_frozen_out(module: torch.nn.Module) -> None:
+    """`module`'s state dict (and so every checkpoint, under every strategy) leaves out the parameters that
+    are frozen when it is taken, and a state dict that lacks them loads without complaint, strict or not.
+
+    Why: a frozen weight never changes, so the pretrained model the run is rebuilt from at a resume (or an
+    export) already holds it. A LoRA run's base model, a distillation teacher and a preference run's
+    reference copy were written into every checkpoint (140 GB for a 70B base in bf16), as peft-aware trainers
+    do not. Trained weights, buffers and weights frozen later (gradual unfreezing only unfreezes: a weight
+    frozen at a save has never trained) are kept; a missing weight that trains is still an error."""
+
+    def frozen_names(root: torch.nn.Module) -> list[str]:
+        # every name of a shared (tied) parameter: state dicts hold each
+        return [n for n, p in root.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def drop(root, state_dict, prefix, local_metadata):
+        for name in frozen_names(root):
+            state_dict.pop(prefix + name, None)
+
+    def note(root, state_dict, prefix, *args):
+        root._ftlab_frozen_prefix = prefix  # where this module's names sit in the state dict being loaded
+
+    def forgive(root, incompatible_keys):
+        prefix = getattr(root, "_ftlab_frozen_prefix", "")
+        frozen = {prefix + n for n in frozen_names(root)}
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in frozen]
+
+    module._register_state_dict_hook(drop)
+    module._register_load_state_dict_pre_hook(note, with_module=True)
+    module.register_load_state_dict_post_hook(forgive)
+
+
 def checkpoint_bytes(pl_module) -> int:
-    """About the size of one checkpoint: fp32 weights, plus AdamW's two moments for trainable ones."""
+    """About the size of one checkpoint: fp32 trained weights and AdamW's two moments (frozen weights are
+    left out: leave_frozen_out)."""
     total = getattr(pl_module, "total_params", 0) or sum(p.numel() for p in pl_module.parameters())
     trainable = getattr(pl_module, "trainable_params", 0) or total
-    return 4 * total + 8 * trainable
+    return 12 * trainable
 
 
 def _gb(n: int) -> str:

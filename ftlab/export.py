@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -244,14 +245,18 @@ def trainer_gather(trainer, model: nn.Module) -> Gather:
 class DcpReader:
     """A `Gather` reading an FSDP sharded checkpoint (torch.distributed.checkpoint) without a process group:
     only the `state_dict.model.*` entries the blocks name, never the optimizer's, about `batch_bytes` at a
-    time (each load reads the checkpoint's metadata: one per block would be slow on big models)."""
+    time (each load reads the checkpoint's metadata: one per block would be slow on big models). Weights
+    the checkpoint leaves out (frozen ones: checkpoints.leave_frozen_out) are read from the pretrained files."""
 
-    def __init__(self, path: str, batch_bytes: int = 2**30, storage_reader=None):
+    def __init__(self, path: str, batch_bytes: int = 2**30, storage_reader=None, pretrained=None):
         """
         Args:
             path: The checkpoint folder (holds `.metadata`).
             batch_bytes: Tensor bytes per load, about: what this reader holds in memory at once.
             storage_reader: A torch.distributed.checkpoint StorageReader (default: FileSystemReader(path)).
+            pretrained: (loading.PretrainedWeights, {model name: (its key there, the model's dtype)}): where
+                the weights the checkpoint does not hold come from (a key of None, with a shape after the
+                dtype: zeros, for a weight that no export writes).
         """
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -259,25 +264,38 @@ class DcpReader:
         self.batch_bytes = batch_bytes
         self.storage_reader = storage_reader or FileSystemReader(path)
         self.entries = self.storage_reader.read_metadata().state_dict_metadata
+        self.weights, self.frozen = pretrained or (None, {})
 
     @staticmethod
     def key(name: str) -> str:
         """The checkpoint key of a model state-dict name (Lightning saves the LightningModule's `model.`)."""
         return f"state_dict.model.{name}"
 
-    def _entry(self, name: str):
-        entry = self.entries.get(self.key(name))
-        if not hasattr(entry, "size"):
-            raise ConfigError(f"--ckpt {self.path!r} has no tensor {self.key(name)!r}; was it written by this run's config?")
-        return entry
+    def _saved(self, name: str) -> bool:
+        if hasattr(self.entries.get(self.key(name)), "size"):
+            return True
+        if name in self.frozen:
+            return False
+        raise ConfigError(f"--ckpt {self.path!r} has no tensor {self.key(name)!r}; was it written by this run's config?")
 
     def _nbytes(self, name: str) -> int:
-        entry = self._entry(name)
+        if not self._saved(name):
+            key, dtype, *shape = self.frozen[name]
+            return math.prod(self.weights.shape(key) if key else shape[0]) * dtype.itemsize
+        entry = self.entries[self.key(name)]
         return entry.size.numel() * entry.properties.dtype.itemsize
 
     def empty(self, name: str) -> torch.Tensor:
-        entry = self._entry(name)
+        entry = self.entries[self.key(name)]
         return torch.empty(entry.size, dtype=entry.properties.dtype)
+
+    def _pretrained(self, name: str) -> torch.Tensor:
+        key, dtype, *shape = self.frozen[name]
+        if key is None:  # a placeholder for a weight no export writes (export_cli)
+            return torch.zeros(shape[0], dtype=dtype)
+        value = self.weights.read(key).to(dtype, copy=True)
+        self.weights.release()
+        return value
 
     def __call__(self, blocks: list[Block]):
         batch, size = [], 0
@@ -295,12 +313,14 @@ class DcpReader:
 
         import torch.distributed.checkpoint as dcp
 
-        state = {self.key(n): self.empty(n) for block in batch for n in block.names}
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": no process group, on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=self.storage_reader, no_dist=True)
+        state = {self.key(n): self.empty(n) for block in batch for n in block.names if self._saved(n)}
+        if state:
+            with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": no process group, on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, storage_reader=self.storage_reader, no_dist=True)
         for block in batch:
-            yield block, {n: state.pop(self.key(n)) for n in block.names}
+            yield block, {n: state.pop(self.key(n)) if self.key(n) in state else self._pretrained(n)
+                          for n in block.names}
 
 
 def is_dcp_checkpoint(path: str) -> bool:

@@ -45,13 +45,36 @@ def build_from_run(run_dir: str):
     return init.model, init.data
 
 
+def meta_model_and_pretrained(module: FineTuneModule, data):
+    """The run's model without weights (meta device, the policy applied), and where each of its pretrained
+    weights is in the pretrained files (PretrainedWeights or None, {name: (key, dtype)}): a checkpoint leaves
+    frozen weights out (checkpoints.leave_frozen_out), and they are read from there."""
+    from ftlab.loading import PretrainedWeights
+
+    model = module.empty_model(data)
+    weights = PretrainedWeights.find(module.name_or_path, module.gguf_file, module.revision,
+                                     getattr(model, "base_model_prefix", ""))
+    keys = {id(p): weights.key(n) for n, p in model.named_parameters()} if weights else {}
+    model = module.finish_model(model, data)  # the policy keeps the base's parameters (peft wraps their modules)
+    located = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if keys.get(id(p)) is not None:
+            located[n] = (keys[id(p)], p.dtype)
+        elif not p.requires_grad and ".original_module." in f".{n}":
+            # peft keeps a new head's untrained original beside its trained copy (modules_to_save): frozen, in no
+            # file, and never exported (merging keeps the copy); a placeholder stands in for it
+            located[n] = (None, p.dtype, tuple(p.shape))
+    return model, (weights, located)
+
+
 def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True, out: str | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
     """Export a checkpoint of the run in `run_dir`; returns {kind: folder}.
 
-    An FSDP sharded checkpoint holds every weight: the model is built without weights (meta device) for its
-    structure and names, and its tensors stream from the checkpoint a shard's worth at a time, the optimizer's
-    never read. Other checkpoints load into the pretrained model (they may leave frozen weights out).
+    An FSDP sharded checkpoint: the model is built without weights (meta device) for its structure and names,
+    and its tensors stream from the checkpoint a shard's worth at a time, the optimizer's never read (frozen
+    weights, which checkpoints leave out, from the pretrained files). Other checkpoints load into the
+    pretrained model.
     """
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     module, data = build_from_run(run_dir)
@@ -65,8 +88,8 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
                           "cannot read yet; use the export the fit wrote (<run>/export), or save checkpoints with "
                           "--trainer.strategy.state_dict_type full")
     if is_dcp_checkpoint(ckpt):
-        model = module.finish_model(module.empty_model(data), data)
-        gather = DcpReader(ckpt, batch_bytes=shard_bytes)
+        model, pretrained = meta_model_and_pretrained(module, data)
+        gather = DcpReader(ckpt, batch_bytes=shard_bytes, pretrained=pretrained)
     else:
         model = module.build_model(data)
         load_into(model, checkpoint_state(ckpt))

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from ftlab.checkpoints import leave_frozen_out
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
@@ -143,6 +144,7 @@ class FineTuneModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict()
         self.val_loss = MeanMetric()
         self.trainable_params = self.total_params = 0
+        leave_frozen_out(self)  # checkpoints hold what trains; frozen weights come back from the pretrained model
 
     # ---- building
     def _load_kwargs(self, data) -> dict:

@@ -166,3 +166,32 @@ def nudge_trainable(model) -> None:
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
 
+
+def saved_weights(ckpt) -> set[str]:
+    """The model tensors a checkpoint holds (any kind: Lightning file, FSDP sharded folder, DeepSpeed folder);
+    for DeepSpeed ZeRO-2/3 also every frozen weight's fragments it holds beside the module state."""
+    import torch
+
+    if ckpt.is_file():
+        return set(torch.load(ckpt, weights_only=True, mmap=True)["state_dict"])
+    if (ckpt / ".metadata").exists():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return {k.removeprefix("state_dict.") for k in FileSystemReader(ckpt).read_metadata().state_dict_metadata
+                if k.startswith("state_dict.")}
+    names = set()
+    for states in (ckpt / "checkpoint").glob("*model_states.pt"):
+        state = torch.load(states, weights_only=False)
+        names |= {k.removeprefix("_forward_module.") for k in state["module"]}
+        names |= {f"frozen fragment {k}" for k in state.get("frozen_param_fragments") or {}}
+    return names
+
+
+def assert_only_trained_weights(ckpt, policy):
+    """Frozen weights (a LoRA run's base model) are not in the checkpoint; the trained ones are."""
+    names = saved_weights(ckpt)
+    if policy == "Adapter":
+        assert not [n for n in names if "base_layer" in n or "frozen fragment" in n], sorted(names)[:10]
+        assert [n for n in names if "lora_A" in n], sorted(names)[:10]
+    else:
+        assert [n for n in names if "layers.0." in n or "layer.0." in n], sorted(names)[:10]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelFo
 from ftlab.callbacks import RunOutputs
 from ftlab.errors import ConfigError
 from ftlab.export import DcpReader, export_streamed, local_gather, state_blocks
-from ftlab.export_cli import build_from_run, export_run
+from ftlab.export_cli import build_from_run, export_run, meta_model_and_pretrained
 from ftlab.policies import Adapter
 from ftlab.tasks import SequenceClassification
 from tests.conftest import nudge_trainable, run_ftlab
@@ -144,14 +144,15 @@ class CountingReader(FileSystemReader):
         return super().read_data(plan, planner)
 
 
-def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tmp_path):
+def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tiny_models, tmp_path):
     ckpt = fsdp_adapter_run["dir"] / "checkpoints" / "last.ckpt"
     module, data = build_from_run(str(fsdp_adapter_run["dir"]))
     data.setup("fit")
-    model = module.finish_model(module.empty_model(data), data)
+    model, pretrained = meta_model_and_pretrained(module, data)
     reader = CountingReader(str(ckpt))
     tensors = {}
-    for _, state in DcpReader(str(ckpt), batch_bytes=20_000, storage_reader=reader)(state_blocks(model)):
+    for _, state in DcpReader(str(ckpt), batch_bytes=20_000, storage_reader=reader, pretrained=pretrained)(
+            state_blocks(model)):
         tensors.update(state)
 
     saved = reader.read_metadata().state_dict_metadata
@@ -162,7 +163,18 @@ def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tmp
     for index, item in reader.storage_data.items():
         stored[index.fqn] += item.length
     assert reader.read_bytes == sum(n for k, n in stored.items() if k in model_keys) < sum(stored.values())
-    assert tensors.keys() == {k.removeprefix("state_dict.model.") for k in model_keys}
+    # the checkpoint holds what trained; the frozen base comes from the pretrained files, as they are
+    trained = {k.removeprefix("state_dict.model.") for k in model_keys}
+    frozen_params = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    assert trained == set(model.state_dict()) - frozen_params
+    base = read_folder(tiny_models["llama"])
+    frozen = {n for n in tensors if n not in trained}
+    assert tensors.keys() == {e[0] for block in state_blocks(model) for e in block.entries}
+    assert any(n.endswith("q_proj.base_layer.weight") for n in frozen)
+    for name in frozen:
+        key = name.removeprefix("base_model.model.model.").replace(".base_layer.", ".")  # saved as a bare LlamaModel
+        if ".original_module." not in name:  # the new head's untrained original: in no file, exported nowhere
+            assert torch.equal(tensors[name], base[key]), name
 
 
 def test_export_command_streams_an_fsdp_checkpoint_without_a_temp_copy(fsdp_adapter_run, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import fit_args, run_ftlab
+from tests.conftest import assert_only_trained_weights, fit_args, run_ftlab
 
 _RUNS: dict = {}
 
@@ -169,15 +169,24 @@ def test_two_nodes_launched_by_torchrun_train_as_one_node(tmp_path_factory, tiny
 
 
 def test_resume_across_strategies_where_the_format_allows(tmp_path_factory, tiny_models, reviews_csv):
+    """FSDP full -> DDP -> FSDP: single files any strategy resumes, with the frozen backbone left out of them
+    (Freeze: the top block and the head train)."""
     run = tmp_path_factory.mktemp("fsdp-full")
-    common = fit_args(run, tiny_models["bert"], reviews_csv, "--trainer.devices=2", "--test_after_fit=false")
-    out = run_ftlab(*common, "--trainer.max_epochs=1", "--trainer.strategy=ftlab.strategies.FSDP",
-                    "--trainer.strategy.state_dict_type=full", timeout=600)
+    common = fit_args(run, tiny_models["bert"], reviews_csv, "--trainer.devices=2", "--test_after_fit=false",
+                      "--model.policy.top_k_layers=1", policy="Freeze")
+    fsdp_full = ["--trainer.strategy=ftlab.strategies.FSDP", "--trainer.strategy.state_dict_type=full"]
+    out = run_ftlab(*common, "--trainer.max_epochs=1", *fsdp_full, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (run / "checkpoints" / "last.ckpt").is_file()  # one full file
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()  # one full file
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert any(".layer.1." in n for n in saved) and not any(".layer.0." in n or "embeddings.word" in n for n in saved)
     out = run_ftlab(*common, "--trainer.max_epochs=2", "--trainer.strategy=ddp", "--ckpt_path=last", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
+    out = run_ftlab(*common, "--trainer.max_epochs=3", *fsdp_full, "--ckpt_path=last", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 15
 
 
 def test_resume_refused_where_the_format_does_not_allow(tmp_path_factory, tiny_models, reviews_csv):
@@ -277,6 +286,7 @@ def test_zero1_and_zero2_resume_on_the_same_ranks_and_continue(tmp_path_factory,
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 15 and summary["train_samples"] == 3 * 160  # 2 epochs before, 1 more now
+    assert_only_trained_weights(run / "checkpoints" / "last.ckpt", policy)  # a LoRA run's: no base weights
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

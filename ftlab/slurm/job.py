@@ -49,8 +49,8 @@ def checkpoint_lead(total_params: int, trainable_params: int, writers: int = 1) 
     size = checkpoint_bytes(SimpleNamespace(total_params=total_params, trainable_params=trainable_params))
     write = size / (WRITE_BYTES_PER_S_PER_NODE * writers)
     lead = max(MIN_LEAD_S, math.ceil(write + LEAD_MARGIN_S))
-    why = (f"checkpoint ~{size / 1e9:.1f} GB (fp32 weights of {total_params:,} params + AdamW moments of "
-           f"{trainable_params:,} trainable) written by {writers} node(s) at {WRITE_BYTES_PER_S_PER_NODE / 1e9:g} "
+    why = (f"checkpoint ~{size / 1e9:.1f} GB (fp32 weights and AdamW moments of {trainable_params:,} trained "
+           f"params; frozen ones are left out) written by {writers} node(s) at {WRITE_BYTES_PER_S_PER_NODE / 1e9:g} "
            f"GB/s each: {write:.0f} s + {LEAD_MARGIN_S} s margin, at least {MIN_LEAD_S} s")
     return lead, why
 

@@ -64,6 +64,9 @@ class DeepSpeed(DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
 
     def setup_environment(self) -> None:
+        # checkpoints leave frozen weights out (checkpoints.leave_frozen_out); ZeRO-2/3 would still write each
+        # frozen weight's fragments beside the module's state
+        self.exclude_frozen_parameters = True
         if self._on_cpu():
             DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses anything but CUDA here
         else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -76,6 +77,27 @@ class FSDP(ModelParallelStrategy):
         if str(self.precision_plugin.precision) == "bf16-mixed":
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         return MixedPrecisionPolicy()
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Checkpoints leave frozen weights out (checkpoints.leave_frozen_out). A sharded one loads as it is (the
+        model's state dict names what to read, and frozen weights are not among its names); a full file
+        Lightning loads parameter by parameter, failing strict on the first one absent: its names are checked
+        here instead (every trained weight there, nothing unknown), then it loads leniently."""
+        path = self.broadcast(str(checkpoint_path))
+        module = self.lightning_module
+        if not os.path.isfile(path) or not module.strict_loading:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        saved = set(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"])
+        known = {n for n, _ in module.named_parameters(remove_duplicate=False)} | set(module.state_dict())
+        missing, unexpected = sorted(set(module.state_dict()) - saved), sorted(saved - known)
+        if missing or unexpected:
+            raise ConfigError(f"ckpt_path={checkpoint_path}: the checkpoint does not match this run's model: missing "
+                              f"trained weights {missing[:3]}, unexpected {unexpected[:3]}; was it written by this config?")
+        module.strict_loading = False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            module.strict_loading = True
 
     def shard_module(self, model: nn.Module, frozen: bool = False) -> nn.Module:
         """Apply fully_shard to each transformer block, then to the root (called from configure_model).
