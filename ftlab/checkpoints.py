@@ -172,6 +172,43 @@ def leave_frozen_out(module: torch.nn.Module) -> None:
     module.register_load_state_dict_post_hook(forgive)
 
 
+def base_files(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> dict:
+    """What the frozen weights a checkpoint leaves out are rebuilt from: the weight files `from_pretrained` reads
+    for the base model (names and sizes) and, where they are a hub snapshot, its commit. Written into every
+    checkpoint, compared at the resume (check_same_base)."""
+    from ftlab.loading import resolve_pretrained
+
+    folder = resolve_pretrained(name_or_path, gguf_file, revision=revision)
+    if not os.path.isdir(folder):  # a hub id: prepare_data has fetched it into the hub cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(folder, revision=revision, local_files_only=True)
+        except OSError:
+            return {}
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")))
+    found = {"files": {n: os.path.getsize(os.path.join(folder, n)) for n in names}}
+    if os.path.basename(os.path.dirname(folder)) == "snapshots":
+        found["commit"] = os.path.basename(folder)
+    return found
+
+
+def check_same_base(saved: dict | None, now: dict, name_or_path: str) -> None:
+    """Refuse a resume whose base model is not the one the checkpoint was written against: the frozen weights the
+    checkpoint leaves out would silently come from other weights (a hub repository updated while the job was
+    queued, a local folder overwritten)."""
+    if not saved or not now:
+        return
+    if saved.get("commit") and now.get("commit") and saved["commit"] != now["commit"]:
+        raise ConfigError(f"model.name_or_path={name_or_path!r} now resolves to commit {now['commit']}, but the checkpoint "
+                          f"was written against {saved['commit']}, whose frozen weights it leaves out; resume with "
+                          f"--model.revision {saved['commit']}")
+    if saved.get("files") != now.get("files"):
+        raise ConfigError(f"model.name_or_path={name_or_path!r}: its weight files are not those the checkpoint was "
+                          f"written against ({saved.get('files')} then, {now.get('files')} now), and the checkpoint "
+                          "leaves the frozen weights out; resume with the base model the run started from")
+
+
 def checkpoint_bytes(pl_module) -> int:
     """About the size of one checkpoint: fp32 trained weights and AdamW's two moments (frozen weights are
     left out: leave_frozen_out)."""

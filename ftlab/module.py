@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ftlab.checkpoints import leave_frozen_out
+from ftlab.checkpoints import base_files, check_same_base, leave_frozen_out
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
@@ -343,6 +343,19 @@ class FineTuneModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.task.before_loop(self)
+
+    # ---- checkpoints: they leave frozen weights out (checkpoints.leave_frozen_out), rebuilt from this base
+    def _base_files(self) -> dict:
+        if not hasattr(self, "_base_files_found"):
+            self._base_files_found = base_files(self.name_or_path, self.gguf_file, self.revision)
+        return self._base_files_found
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ftlab_base"] = self._base_files()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if any(not p.requires_grad for p in self.model.parameters()):
+            check_same_base(checkpoint.get("ftlab_base"), self._base_files(), self.name_or_path)
 
     def on_validation_start(self) -> None:
         self.task.before_loop(self)

@@ -169,3 +169,21 @@ def test_fsdp_checkpoint_of_two_ranks_continues_on_one_in_the_same_global_order(
     assert a["train_samples"] == b["train_samples"] == 160 * 2  # every row of both epochs once, none twice
     for name, tensor in weights(straight, "Full").items():
         torch.testing.assert_close(weights(moved, "Full")[name], tensor, rtol=0, atol=2e-5)
+
+
+def test_a_resume_refuses_a_base_model_other_than_the_one_its_frozen_weights_came_from(tmp_path, tiny_models,
+                                                                                       reviews_csv):
+    """A LoRA checkpoint leaves the base out: resumed over other base weights (a local folder overwritten, a hub
+    repository updated), it would train on without a word. Refused in one line instead; the same base resumes."""
+    import shutil
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(tiny_models["bert"], base)
+    common = ["--test_after_fit=false", "--model.policy.dropout=0"]
+    out = run_ftlab(*fit_args(run, base, reviews_csv, *common, "--trainer.max_epochs=1", policy="Adapter"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    shutil.copytree(tiny_models["llama"], base, dirs_exist_ok=True)  # other weights in the same folder
+    out = run_ftlab(*fit_args(run, base, reviews_csv, *common, "--ckpt_path=last", policy="Adapter"))
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "its weight files are not those the checkpoint was written against" in last and str(base) in last, last
