@@ -142,34 +142,44 @@ class TrainingPosition(L.Callback):
 
 
 def leave_frozen_out(module: torch.nn.Module) -> None:
-    """`module`'s state dict (and so every checkpoint, under every strategy) leaves out the parameters that
-    are frozen when it is taken, and a state dict that lacks them loads without complaint, strict or not.
+    """`module`'s state dict (and so every checkpoint, under every strategy) leaves out the parameters its
+    `left_out_of_checkpoints()` names, and a state dict that lacks them loads without complaint, strict or not.
 
-    Why: a frozen weight never changes, so the pretrained model the run is rebuilt from at a resume (or an
-    export) already holds it. A LoRA run's base model, a distillation teacher and a preference run's
-    reference copy were written into every checkpoint (140 GB for a 70B base in bf16), as peft-aware trainers
-    do not. Trained weights, buffers and weights frozen later (gradual unfreezing only unfreezes: a weight
-    frozen at a save has never trained) are kept; a missing weight that trains is still an error."""
+    Why: a frozen weight the pretrained files hold never changes, so the pretrained model the run is rebuilt
+    from at a resume (or an export) already holds it. A LoRA run's base model, a distillation teacher and a
+    preference run's reference copy were written into every checkpoint (140 GB for a 70B base in bf16), as
+    peft-aware trainers do not. What the module names must be the same at the save and at the load (the
+    sharded loads read what the state dict names): FineTuneModule.left_out_of_checkpoints. The hooks are
+    module-level functions: a module is pickled whole by spawned ranks (ddp_spawn)."""
+    module._register_state_dict_hook(_drop_left_out)
+    module._register_load_state_dict_pre_hook(_note_prefix, with_module=True)
+    module.register_load_state_dict_post_hook(_forgive_left_out)
 
-    def frozen_names(root: torch.nn.Module) -> list[str]:
-        # every name of a shared (tied) parameter: state dicts hold each
-        return [n for n, p in root.named_parameters(remove_duplicate=False) if not p.requires_grad]
 
-    def drop(root, state_dict, prefix, local_metadata):
-        for name in frozen_names(root):
-            state_dict.pop(prefix + name, None)
+def _drop_left_out(root, state_dict, prefix, local_metadata) -> None:
+    for name in root.left_out_of_checkpoints():
+        state_dict.pop(prefix + name, None)
 
-    def note(root, state_dict, prefix, *args):
-        root._ftlab_frozen_prefix = prefix  # where this module's names sit in the state dict being loaded
 
-    def forgive(root, incompatible_keys):
-        prefix = getattr(root, "_ftlab_frozen_prefix", "")
-        frozen = {prefix + n for n in frozen_names(root)}
-        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in frozen]
+def _note_prefix(root, state_dict, prefix, *args) -> None:
+    root._ftlab_load_prefix = prefix  # where the module's names sit in the state dict being loaded
 
-    module._register_state_dict_hook(drop)
-    module._register_load_state_dict_pre_hook(note, with_module=True)
-    module.register_load_state_dict_post_hook(forgive)
+
+def _forgive_left_out(root, incompatible_keys) -> None:
+    prefix = getattr(root, "_ftlab_load_prefix", "")
+    left_out = {prefix + n for n in root.left_out_of_checkpoints()}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in left_out]
+
+
+def pretrained_held(model: torch.nn.Module, name_or_path: str, gguf_file: str | None, revision: str | None) -> set[int]:
+    """ids of `model`'s parameters that the pretrained safetensors files hold (by any of their names: a tied
+    head is held through its embedding); empty where the files cannot be read as safetensors."""
+    from ftlab.loading import PretrainedWeights
+
+    weights = PretrainedWeights.find(name_or_path, gguf_file, revision, getattr(model, "base_model_prefix", ""))
+    if weights is None:
+        return set()
+    return {id(p) for n, p in model.named_parameters(remove_duplicate=False) if weights.key(n) is not None}
 
 
 def base_files(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> dict:

@@ -255,8 +255,7 @@ class DcpReader:
             batch_bytes: Tensor bytes per load, about: what this reader holds in memory at once.
             storage_reader: A torch.distributed.checkpoint StorageReader (default: FileSystemReader(path)).
             pretrained: (loading.PretrainedWeights, {model name: (its key there, the model's dtype)}): where
-                the weights the checkpoint does not hold come from (a key of None, with a shape after the
-                dtype: zeros, for a weight that no export writes).
+                the weights the checkpoint does not hold come from.
         """
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -278,10 +277,22 @@ class DcpReader:
             return False
         raise ConfigError(f"--ckpt {self.path!r} has no tensor {self.key(name)!r}; was it written by this run's config?")
 
+    def lacking(self, blocks: list[Block]) -> list[str]:
+        """The names of `blocks` that neither the checkpoint nor the pretrained files can give."""
+        return [n for block in blocks for n in block.names
+                if not hasattr(self.entries.get(self.key(n)), "size") and n not in self.frozen]
+
+    def saved_model_state(self) -> dict[str, torch.Tensor]:
+        """Every model tensor the checkpoint holds, at once, `model.`-prefixed (as checkpoint_state gives them)."""
+        names = [k.removeprefix("state_dict.model.") for k, e in self.entries.items()
+                 if k.startswith("state_dict.model.") and hasattr(e, "size")]
+        blocks = [Block(prefix="", module=None, entries=tuple((n, None, "", False) for n in names))]
+        return {f"model.{n}": t for _, state in self._load(blocks) for n, t in state.items()}
+
     def _nbytes(self, name: str) -> int:
         if not self._saved(name):
-            key, dtype, *shape = self.frozen[name]
-            return math.prod(self.weights.shape(key) if key else shape[0]) * dtype.itemsize
+            key, dtype = self.frozen[name]
+            return math.prod(self.weights.shape(key)) * dtype.itemsize
         entry = self.entries[self.key(name)]
         return entry.size.numel() * entry.properties.dtype.itemsize
 
@@ -290,9 +301,7 @@ class DcpReader:
         return torch.empty(entry.size, dtype=entry.properties.dtype)
 
     def _pretrained(self, name: str) -> torch.Tensor:
-        key, dtype, *shape = self.frozen[name]
-        if key is None:  # a placeholder for a weight no export writes (export_cli)
-            return torch.zeros(shape[0], dtype=dtype)
+        key, dtype = self.frozen[name]
         value = self.weights.read(key).to(dtype, copy=True)
         self.weights.release()
         return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import yaml
 from jsonargparse import ArgumentParser
@@ -21,6 +22,7 @@ from ftlab.export import (
     load_into,
     local_gather,
     parse_size,
+    state_blocks,
 )
 from ftlab.module import FineTuneModule
 
@@ -46,24 +48,23 @@ def build_from_run(run_dir: str):
 
 
 def meta_model_and_pretrained(module: FineTuneModule, data):
-    """The run's model without weights (meta device, the policy applied), and where each of its pretrained
-    weights is in the pretrained files (PretrainedWeights or None, {name: (key, dtype)}): a checkpoint leaves
-    frozen weights out (checkpoints.leave_frozen_out), and they are read from there."""
+    """The run's model without weights (meta device, the policy applied), and where the frozen weights that
+    checkpoints leave out (FineTuneModule.frozen_pretrained) are in the pretrained files: (PretrainedWeights,
+    {name: (key, the model's dtype)}), with only those that can be read as they are (plain floats)."""
     from ftlab.loading import PretrainedWeights
 
     model = module.empty_model(data)
     weights = PretrainedWeights.find(module.name_or_path, module.gguf_file, module.revision,
                                      getattr(model, "base_model_prefix", ""))
-    keys = {id(p): weights.key(n) for n, p in model.named_parameters()} if weights else {}
-    model = module.finish_model(model, data)  # the policy keeps the base's parameters (peft wraps their modules)
-    located = {}
+    keys = {}
     for n, p in model.named_parameters(remove_duplicate=False):
-        if keys.get(id(p)) is not None:
-            located[n] = (keys[id(p)], p.dtype)
-        elif not p.requires_grad and ".original_module." in f".{n}":
-            # peft keeps a new head's untrained original beside its trained copy (modules_to_save): frozen, in no
-            # file, and never exported (merging keeps the copy); a placeholder stands in for it
-            located[n] = (None, p.dtype, tuple(p.shape))
+        key = weights.key(n) if weights else None
+        if key is not None and weights.floating(key):
+            keys.setdefault(id(p), key)
+    model = module.finish_model(model, data)  # the policy keeps the base's parameters (peft wraps their modules)
+    frozen = module.frozen_pretrained(model)
+    located = {n: (keys[id(p)], p.dtype) for n, p in model.named_parameters(remove_duplicate=False)
+               if n in frozen and id(p) in keys}
     return model, (weights, located)
 
 
@@ -90,6 +91,14 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
     if is_dcp_checkpoint(ckpt):
         model, pretrained = meta_model_and_pretrained(module, data)
         gather = DcpReader(ckpt, batch_bytes=shard_bytes, pretrained=pretrained)
+        lacking = gather.lacking(state_blocks(model))
+        if lacking:  # frozen weights the pretrained files cannot give one by one (not safetensors, not cached here)
+            print(f"ftlab: {len(lacking)} frozen weights (e.g. {lacking[0]}) are not in {ckpt} nor readable one by one "
+                  f"from {module.name_or_path}: loading the whole pretrained model, the checkpoint's tensors over it",
+                  file=sys.stderr)
+            model = module.build_model(data)
+            load_into(model, gather.saved_model_state())
+            gather = local_gather
     else:
         model = module.build_model(data)
         load_into(model, checkpoint_state(ckpt))

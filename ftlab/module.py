@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ftlab.checkpoints import base_files, check_same_base, leave_frozen_out
+from ftlab.checkpoints import base_files, check_same_base, leave_frozen_out, pretrained_held
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
@@ -222,6 +222,7 @@ class FineTuneModule(L.LightningModule):
 
     def finish_model(self, model: torch.nn.Module, data) -> torch.nn.Module:
         """A freshly built model made ready to train: padding id, train mode, the policy applied."""
+        held = pretrained_held(model, self.name_or_path, self.gguf_file, self.revision)
         tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # decoder heads find the last real token by it
@@ -229,6 +230,8 @@ class FineTuneModule(L.LightningModule):
         if self.quantization is not None:  # peft's k-bit preparation, before the adapter goes on
             model = self.quantization.prepare(model)
         model = self.policy.apply(model, self.task)
+        # by name (sharding swaps the parameter objects): what the pretrained files hold, wrapped by the policy
+        self._pretrained_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in held}
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
             rank_zero_info("ftlab: activation checkpointing: each block recomputes its activations in backward")
@@ -345,6 +348,23 @@ class FineTuneModule(L.LightningModule):
         self.task.before_loop(self)
 
     # ---- checkpoints: they leave frozen weights out (checkpoints.leave_frozen_out), rebuilt from this base
+    def frozen_pretrained(self, model: torch.nn.Module) -> set[str]:
+        """Names of `model`'s parameters that a rebuild reproduces from the pretrained files: frozen, never to
+        train in this run (gradual unfreezing), held by those files (not a new head, random at each build),
+        and left as loaded by the policy. The same at a save and at the resume."""
+        if self.policy.changes_frozen_weights:
+            return set()
+        held = getattr(self, "_pretrained_names", set())
+        return {n for n, p in model.named_parameters(remove_duplicate=False)
+                if not p.requires_grad and n in held and not self.policy.will_train(n)}
+
+    def left_out_of_checkpoints(self) -> set[str]:
+        """This module's parameters that checkpoints leave out: the model's `frozen_pretrained`, and every
+        frozen parameter beside it (a distillation teacher, a preference reference: rebuilt from their files)."""
+        inner = {f"model.{n}" for n in self.frozen_pretrained(self.model)} if self.model is not None else set()
+        return inner | {n for n, p in self.named_parameters(remove_duplicate=False)
+                        if not p.requires_grad and not n.startswith("model.")}
+
     def _base_files(self) -> dict:
         if not hasattr(self, "_base_files_found"):
             self._base_files_found = base_files(self.name_or_path, self.gguf_file, self.revision)
@@ -352,6 +372,8 @@ class FineTuneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ftlab_base"] = self._base_files()
+        if self.policy.changes_trainable_set:  # for restore_trainable_set
+            checkpoint["ftlab_trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if any(not p.requires_grad for p in self.model.parameters()):
@@ -365,6 +387,16 @@ class FineTuneModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+    def restore_trainable_set(self, checkpoint: dict) -> None:
+        """Before `checkpoint` loads: what gradual unfreezing had unfrozen when it was written trains again (FSDP's
+        loads restore the optimizer state of training parameters only)."""
+        names = set(checkpoint.get("ftlab_trainable") or ())
+        changed = [n for n, p in self.model.named_parameters() if n in names and not p.requires_grad]
+        for name in changed:
+            self.model.get_parameter(name).requires_grad_(True)
+        if changed:
+            rank_zero_info(f"ftlab: {len(changed)} parameter tensors train again, as when the checkpoint was written")
 
     def on_train_epoch_start(self) -> None:
         changed = self.policy.on_epoch_start(self.model, self.current_epoch)

@@ -187,3 +187,14 @@ def test_a_resume_refuses_a_base_model_other_than_the_one_its_frozen_weights_cam
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "its weight files are not those the checkpoint was written against" in last and str(base) in last, last
+
+
+def test_the_module_with_its_checkpoint_hooks_pickles_as_spawned_ranks_need(tiny_bert):
+    """ddp_spawn pickles the LightningModule to each rank: hooks that are closures cannot be pickled."""
+    import pickle
+
+    from ftlab.module import FineTuneModule
+    from ftlab.policies import Adapter
+
+    module = pickle.loads(pickle.dumps(FineTuneModule(str(tiny_bert), policy=Adapter())))
+    assert module._state_dict_hooks and module._load_state_dict_post_hooks  # the hooks came along

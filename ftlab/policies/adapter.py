@@ -152,6 +152,12 @@ class Adapter(Policy):
         except ValueError as err:  # peft's own checks (e.g. targets of a type it cannot adapt)
             raise ConfigError(f"policy: peft could not apply {self.method}: {err}") from None
 
+    @property
+    def changes_frozen_weights(self) -> bool:
+        # PiSSA, OLoRA, CorDA, LoftQ...: the adapter starts as a part of the base weight, which peft subtracts
+        # from the (frozen) base (peft/tuners/lora/layer.py); only the plain inits leave the base as loaded
+        return self.method == "lora" and self.options.get("init_lora_weights", True) not in (True, False, "gaussian")
+
     def meta_init_blocker(self) -> str | None:
         init = self.options.get("init_lora_weights", True)
         if self.method != "lora" or self.options.get("use_dora"):

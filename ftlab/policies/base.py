@@ -63,6 +63,12 @@ class Policy(ABC):
         """Hook for schedules (gradual unfreezing); returns names of parameters that changed."""
         return []
 
+    @property
+    def changes_frozen_weights(self) -> bool:
+        """Whether `apply` changes weights it leaves frozen (then they are not the pretrained ones, and
+        checkpoints must hold them: checkpoints.leave_frozen_out)."""
+        return False
+
     def meta_init_blocker(self) -> str | None:
         """Why the parameters `apply` creates cannot be initialised before the pretrained weights are loaded
         (they are computed from them), or None. Sharded loading applies the policy to a weightless model."""

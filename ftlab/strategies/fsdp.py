@@ -79,12 +79,18 @@ class FSDP(ModelParallelStrategy):
         return MixedPrecisionPolicy()
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
-        """Checkpoints leave frozen weights out (checkpoints.leave_frozen_out). A sharded one loads as it is (the
+        """Gradual unfreezing: the parameters unfrozen when the checkpoint was written train again first (FSDP's
+        loads restore the optimizer state of training parameters only: those unfrozen since were left at none).
+        Checkpoints leave frozen weights out (checkpoints.leave_frozen_out). A sharded one loads as it is (the
         model's state dict names what to read, and frozen weights are not among its names); a full file
         Lightning loads parameter by parameter, failing strict on the first one absent: its names are checked
         here instead (every trained weight there, nothing unknown), then it loads leniently."""
         path = self.broadcast(str(checkpoint_path))
         module = self.lightning_module
+        if module.trainer.state.fn == "fit" and hasattr(module, "restore_trainable_set"):
+            # Lightning's metadata file beside the shards, or the full file (memory-mapped: nothing else is read)
+            meta = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
+            module.restore_trainable_set(torch.load(meta, map_location="cpu", mmap=True, weights_only=True))
         if not os.path.isfile(path) or not module.strict_loading:
             return super().load_checkpoint(checkpoint_path, weights_only)
         saved = set(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"])
