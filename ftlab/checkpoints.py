@@ -184,39 +184,66 @@ def pretrained_held(model: torch.nn.Module, name_or_path: str, gguf_file: str | 
 
 def base_files(name_or_path: str, gguf_file: str | None = None, revision: str | None = None) -> dict:
     """What the frozen weights a checkpoint leaves out are rebuilt from: the weight files `from_pretrained` reads
-    for the base model (names and sizes) and, where they are a hub snapshot, its commit. Written into every
-    checkpoint, compared at the resume (check_same_base)."""
-    from ftlab.loading import resolve_pretrained
+    for the base model (a GGUF source: the GGUF file), each by its content where the hub cache names it (a
+    snapshot's files link to blobs named by their sha256) and by its size elsewhere, and the hub commit. Taken
+    when the model is built; written into every checkpoint, compared at the resume (base_mismatch)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
 
-    folder = resolve_pretrained(name_or_path, gguf_file, revision=revision)
-    if not os.path.isdir(folder):  # a hub id: prepare_data has fetched it into the hub cache
-        from huggingface_hub import snapshot_download
+    from ftlab.data.sources import model_location
 
-        try:
-            folder = snapshot_download(folder, revision=revision, local_files_only=True)
-        except OSError:
-            return {}
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".gguf", ".pt", ".pth")))
-    found = {"files": {n: os.path.getsize(os.path.join(folder, n)) for n in names}}
+    path, extra = model_location(name_or_path, gguf_file)
+    try:
+        if extra:
+            names = [extra["gguf_file"]]
+            folder = path if os.path.isdir(path) else os.path.dirname(
+                hf_hub_download(path, names[0], revision=revision, local_files_only=True))
+        else:
+            folder = path if os.path.isdir(path) else snapshot_download(path, revision=revision, local_files_only=True)
+            names = _weight_files(folder)
+    except OSError:  # not in this machine's hub cache
+        return {}
+    files = {}
+    for name in names:
+        full = os.path.join(folder, name)
+        if os.path.exists(full):
+            real = os.path.realpath(full)
+            blob = os.path.islink(full) and os.path.basename(os.path.dirname(real)) == "blobs"
+            files[name] = os.path.basename(real) if blob else os.path.getsize(full)
+    found = {"files": files}
     if os.path.basename(os.path.dirname(folder)) == "snapshots":
         found["commit"] = os.path.basename(folder)
     return found
 
 
-def check_same_base(saved: dict | None, now: dict, name_or_path: str) -> None:
-    """Refuse a resume whose base model is not the one the checkpoint was written against: the frozen weights the
-    checkpoint leaves out would silently come from other weights (a hub repository updated while the job was
-    queued, a local folder overwritten)."""
-    if not saved or not now:
-        return
-    if saved.get("commit") and now.get("commit") and saved["commit"] != now["commit"]:
-        raise ConfigError(f"model.name_or_path={name_or_path!r} now resolves to commit {now['commit']}, but the checkpoint "
-                          f"was written against {saved['commit']}, whose frozen weights it leaves out; resume with "
-                          f"--model.revision {saved['commit']}")
-    if saved.get("files") != now.get("files"):
-        raise ConfigError(f"model.name_or_path={name_or_path!r}: its weight files are not those the checkpoint was "
-                          f"written against ({saved.get('files')} then, {now.get('files')} now), and the checkpoint "
-                          "leaves the frozen weights out; resume with the base model the run started from")
+def _weight_files(folder: str) -> list[str]:
+    """The weight files from_pretrained reads in `folder`: safetensors (sharded: the index's), else PyTorch's."""
+    import json
+
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.exists(os.path.join(folder, index)):
+            with open(os.path.join(folder, index)) as f:
+                return sorted(set(json.load(f)["weight_map"].values()))
+        if os.path.exists(os.path.join(folder, single)):
+            return [single]
+    return []
+
+
+def base_mismatch(saved: dict | None, now: dict, name_or_path: str) -> str | None:
+    """Why a resume must not go on over this base model (None: it may): the frozen weights the checkpoint leaves
+    out would silently come from other weights (a hub repository updated while the job was queued, a local
+    folder replaced)."""
+    if not saved or not now or saved.get("files") == now.get("files"):
+        return None
+    fix = (f"resume with --model.revision {saved['commit']}" if saved.get("commit") else
+           "resume with the base model the run started from")
+    return (f"model.name_or_path={name_or_path!r}: its weight files are not those the checkpoint was written against "
+            f"({_short(saved.get('files'))} then, {_short(now.get('files'))} now), and the checkpoint leaves the "
+            f"frozen weights out; {fix}")
+
+
+def _short(files: dict | None) -> str:
+    return ", ".join(f"{n}: {str(v)[:12]}" for n, v in (files or {}).items()) or "none found"
 
 
 def checkpoint_bytes(pl_module) -> int:

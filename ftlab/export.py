@@ -255,7 +255,8 @@ class DcpReader:
             batch_bytes: Tensor bytes per load, about: what this reader holds in memory at once.
             storage_reader: A torch.distributed.checkpoint StorageReader (default: FileSystemReader(path)).
             pretrained: (loading.PretrainedWeights, {model name: (its key there, the model's dtype)}): where
-                the weights the checkpoint does not hold come from.
+                the weights the checkpoint does not hold come from (a key of None, a shape after the dtype:
+                zeros, for a weight no export writes).
         """
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -291,8 +292,8 @@ class DcpReader:
 
     def _nbytes(self, name: str) -> int:
         if not self._saved(name):
-            key, dtype = self.frozen[name]
-            return math.prod(self.weights.shape(key)) * dtype.itemsize
+            key, dtype, *shape = self.frozen[name]
+            return math.prod(self.weights.shape(key) if key else shape[0]) * dtype.itemsize
         entry = self.entries[self.key(name)]
         return entry.size.numel() * entry.properties.dtype.itemsize
 
@@ -301,7 +302,9 @@ class DcpReader:
         return torch.empty(entry.size, dtype=entry.properties.dtype)
 
     def _pretrained(self, name: str) -> torch.Tensor:
-        key, dtype = self.frozen[name]
+        key, dtype, *shape = self.frozen[name]
+        if key is None:  # a placeholder for a weight no export writes (export_cli.meta_model_and_pretrained)
+            return torch.zeros(shape[0], dtype=dtype)
         value = self.weights.read(key).to(dtype, copy=True)
         self.weights.release()
         return value

@@ -63,8 +63,12 @@ def meta_model_and_pretrained(module: FineTuneModule, data):
             keys.setdefault(id(p), key)
     model = module.finish_model(model, data)  # the policy keeps the base's parameters (peft wraps their modules)
     frozen = module.frozen_pretrained(model)
-    located = {n: (keys[id(p)], p.dtype) for n, p in model.named_parameters(remove_duplicate=False)
-               if n in frozen and id(p) in keys}
+    located = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n in frozen and id(p) in keys:
+            located[n] = (keys[id(p)], p.dtype)
+        elif n in frozen and ".original_module." in f".{n}":  # peft's untrained original of a new head: in no file,
+            located[n] = (None, p.dtype, tuple(p.shape))      # written by no export (merging keeps the trained copy)
     return model, (weights, located)
 
 

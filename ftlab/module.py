@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from ftlab.checkpoints import base_files, check_same_base, leave_frozen_out, pretrained_held
+from ftlab.checkpoints import base_files, base_mismatch, leave_frozen_out, pretrained_held
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
@@ -144,6 +144,8 @@ class FineTuneModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict()
         self.val_loss = MeanMetric()
         self.trainable_params = self.total_params = 0
+        self._base_files: dict = {}  # checkpoints.base_files of the base the model was built from
+        self._pretrained_names: set[str] = set()  # the model's parameters the pretrained files hold (finish_model)
         leave_frozen_out(self)  # checkpoints hold what trains; frozen weights come back from the pretrained model
 
     # ---- building
@@ -230,8 +232,11 @@ class FineTuneModule(L.LightningModule):
         if self.quantization is not None:  # peft's k-bit preparation, before the adapter goes on
             model = self.quantization.prepare(model)
         model = self.policy.apply(model, self.task)
-        # by name (sharding swaps the parameter objects): what the pretrained files hold, wrapped by the policy
-        self._pretrained_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in held}
+        # by name (sharding swaps the parameter objects): what the pretrained files hold, wrapped by the policy; and
+        # what peft keeps of a new head beside its trained copy (modules_to_save), which nothing ftlab exports or
+        # runs reads (merging keeps the copy) and a seeded rebuild reproduces anyway
+        self._pretrained_names = {n for n, p in model.named_parameters(remove_duplicate=False)
+                                  if id(p) in held or ".original_module." in f".{n}"}
         if self.activation_checkpointing:
             enable_activation_checkpointing(model)
             rank_zero_info("ftlab: activation checkpointing: each block recomputes its activations in backward")
@@ -265,6 +270,7 @@ class FineTuneModule(L.LightningModule):
             return
         data = self.trainer.datamodule
         self.model = build_sharded(self.trainer.strategy, self, data)
+        self._base_files = base_files(self.name_or_path, self.gguf_file, self.revision)  # what it was built from
         self.task.setup(self, data)
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
@@ -350,13 +356,13 @@ class FineTuneModule(L.LightningModule):
     # ---- checkpoints: they leave frozen weights out (checkpoints.leave_frozen_out), rebuilt from this base
     def frozen_pretrained(self, model: torch.nn.Module) -> set[str]:
         """Names of `model`'s parameters that a rebuild reproduces from the pretrained files: frozen, never to
-        train in this run (gradual unfreezing), held by those files (not a new head, random at each build),
-        and left as loaded by the policy. The same at a save and at the resume."""
+        train in this run (gradual unfreezing), held by those files (not a new head, random at each build; peft's
+        untrained original of a trained head aside), and left as loaded by the policy. The same at a save and at
+        the resume."""
         if self.policy.changes_frozen_weights:
             return set()
-        held = getattr(self, "_pretrained_names", set())
         return {n for n, p in model.named_parameters(remove_duplicate=False)
-                if not p.requires_grad and n in held and not self.policy.will_train(n)}
+                if not p.requires_grad and n in self._pretrained_names and not self.policy.will_train(n)}
 
     def left_out_of_checkpoints(self) -> set[str]:
         """This module's parameters that checkpoints leave out: the model's `frozen_pretrained`, and every
@@ -365,19 +371,19 @@ class FineTuneModule(L.LightningModule):
         return inner | {n for n, p in self.named_parameters(remove_duplicate=False)
                         if not p.requires_grad and not n.startswith("model.")}
 
-    def _base_files(self) -> dict:
-        if not hasattr(self, "_base_files_found"):
-            self._base_files_found = base_files(self.name_or_path, self.gguf_file, self.revision)
-        return self._base_files_found
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ftlab_base"] = self._base_files()
+        checkpoint["ftlab_base"] = self._base_files  # taken when the model was built (configure_model)
         if self.policy.changes_trainable_set:  # for restore_trainable_set
             checkpoint["ftlab_trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if any(not p.requires_grad for p in self.model.parameters()):
-            check_same_base(checkpoint.get("ftlab_base"), self._base_files(), self.name_or_path)
+        """Refuse, on every rank alike (ranks read node-local caches), a base model other than the one the
+        checkpoint's left-out frozen weights came from."""
+        why = (base_mismatch(checkpoint.get("ftlab_base"), self._base_files, self.name_or_path)
+               if self.left_out_of_checkpoints() else None)
+        if not self.trainer.strategy.reduce_boolean_decision(why is None, all=True):
+            raise ConfigError(why or f"model.name_or_path={self.name_or_path!r}: another rank found other weight files "
+                                     "than those the checkpoint was written against (its error says which)")
 
     def on_validation_start(self) -> None:
         self.task.before_loop(self)

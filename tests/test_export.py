@@ -163,16 +163,14 @@ def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tin
     for index, item in reader.storage_data.items():
         stored[index.fqn] += item.length
     assert reader.read_bytes == sum(n for k, n in stored.items() if k in model_keys) < sum(stored.values())
-    # the checkpoint holds what trained (and the new head's frozen original, which no file holds); the frozen
-    # base comes from the pretrained files, as they are
+    # the checkpoint holds what trained; the frozen base comes from the pretrained files, as they are
     saved_names = {k.removeprefix("state_dict.model.") for k in model_keys}
     frozen = module.frozen_pretrained(model)
     assert saved_names == set(model.state_dict()) - frozen
-    assert any(n.endswith("score.original_module.weight") for n in saved_names)
     assert any(n.endswith("q_proj.base_layer.weight") for n in frozen)
     assert tensors.keys() == {e[0] for block in state_blocks(model) for e in block.entries}
     base = read_folder(tiny_models["llama"])
-    for name in frozen:
+    for name in frozen - {n for n in frozen if ".original_module." in n}:  # peft's untrained head: zeros, unused
         key = name.removeprefix("base_model.model.model.").replace(".base_layer.", ".")  # saved as a bare LlamaModel
         assert torch.equal(tensors[name], base[key]), name
 

@@ -64,9 +64,6 @@ class DeepSpeed(DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank) if device.type == "cpu" else device
 
     def setup_environment(self) -> None:
-        # checkpoints leave frozen weights out (checkpoints.leave_frozen_out); ZeRO-2/3 would still write each
-        # frozen weight's fragments beside the module's state
-        self.exclude_frozen_parameters = True
         if self._on_cpu():
             DDPStrategy.setup_environment(self)  # Lightning's DeepSpeed refuses anything but CUDA here
         else:
@@ -111,6 +108,18 @@ class DeepSpeed(DeepSpeedStrategy):
             # DeepSpeed's mixed precision: bf16/fp16 module, fp32 master weights and optimizer state in its
             # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
             self.config.setdefault("communication_data_type", "fp32")
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Checkpoints leave out the frozen weights a rebuild reproduces (checkpoints.leave_frozen_out: the module
+        state the engine saves goes through the module's hook). ZeRO-2/3 also write every frozen weight's
+        fragments beside it, or, told to exclude frozen parameters, none and drop them all from the module
+        state: excluded only when every frozen weight is left out anyway (else those kept, a new head's
+        untrained original or a base PiSSA rewrote, would be missing at the load)."""
+        module = self.lightning_module
+        frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        left_out = getattr(module, "left_out_of_checkpoints", set)()
+        self.exclude_frozen_parameters = bool(frozen) and frozen <= left_out
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         # Lightning's automatic optimization already divides the loss by accumulate_grad_batches; DeepSpeed's
