@@ -187,21 +187,24 @@ def base_files(name_or_path: str, gguf_file: str | None = None, revision: str | 
     for the base model (a GGUF source: the GGUF file), each by its content where the hub cache names it (a
     snapshot's files link to blobs named by their sha256) and by its size elsewhere, and the hub commit. Taken
     when the model is built; written into every checkpoint, compared at the resume (base_mismatch)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download
 
     from ftlab.data.sources import model_location
+    from ftlab.loading import cached_snapshot
 
     path, extra = model_location(name_or_path, gguf_file)
-    try:
-        if extra:
-            names = [extra["gguf_file"]]
+    if extra:
+        names = [extra["gguf_file"]]
+        try:
             folder = path if os.path.isdir(path) else os.path.dirname(
                 hf_hub_download(path, names[0], revision=revision, local_files_only=True))
-        else:
-            folder = path if os.path.isdir(path) else snapshot_download(path, revision=revision, local_files_only=True)
-            names = _weight_files(folder)
-    except OSError:  # not in this machine's hub cache
-        return {}
+        except OSError:  # not in this machine's hub cache
+            return {}
+    else:
+        folder = path if os.path.isdir(path) else cached_snapshot(path, revision)
+        if folder is None:
+            return {}
+        names = _weight_files(folder)
     files = {}
     for name in names:
         full = os.path.join(folder, name)

@@ -74,6 +74,22 @@ def resolve_pretrained(name_or_path: str, gguf_file: str | None = None, **kwargs
 _SIDE_FILES = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
+def cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
+    """The folder of a hub repository in this machine's hub cache (what prepare_data fetched), or None where it
+    is not there. A snapshot holding only what from_pretrained reads counts: snapshot_download(local_files_only)
+    refuses it once it has cached the repository's file list (IncompleteSnapshotError: no README, no other
+    formats), which made every hub model look absent to the sharded loaders."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except IncompleteSnapshotError as err:
+        return err.snapshot_path
+    except (OSError, ValueError):  # not cached; not a repository id
+        return None
+
+
 def download_pretrained(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
                         trust_remote_code: bool = False) -> None:
     """Fetch into the Hugging Face cache the files `from_pretrained` reads for a hub id: configs, tokenizer and
@@ -233,11 +249,8 @@ class PretrainedWeights:
         cached dequantized folder is); None for other formats."""
         folder = resolve_pretrained(name_or_path, gguf_file, revision=revision)
         if not os.path.isdir(folder):  # a hub id: prepare_data has fetched it into the hub cache
-            from huggingface_hub import snapshot_download
-
-            try:
-                folder = snapshot_download(folder, revision=revision, local_files_only=True)
-            except OSError:
+            folder = cached_snapshot(folder, revision)
+            if folder is None:
                 return None
         if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
             return None

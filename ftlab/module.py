@@ -271,6 +271,7 @@ class FineTuneModule(L.LightningModule):
         data = self.trainer.datamodule
         self.model = build_sharded(self.trainer.strategy, self, data)
         self._base_files = base_files(self.name_or_path, self.gguf_file, self.revision)  # what it was built from
+        self._check_ranks_agree_on_the_base()
         self.task.setup(self, data)
         for split in ("val", "test"):
             self.metrics[f"{split}_"] = self.task.metrics()  # trailing _: ModuleDict keys may not shadow methods
@@ -371,6 +372,19 @@ class FineTuneModule(L.LightningModule):
         return inner | {n for n, p in self.named_parameters(remove_duplicate=False)
                         if not p.requires_grad and not n.startswith("model.")}
 
+    def _check_ranks_agree_on_the_base(self) -> None:
+        """Every rank built from the same base files, and leaves the same frozen weights out of checkpoints: ranks
+        read node-local caches (a hub branch fetched on two nodes at different times), and sharded saves and
+        loads plan what each rank writes and reads by names every rank must share."""
+        import json
+
+        strategy = self.trainer.strategy
+        mine = json.dumps([self._base_files, sorted(self._pretrained_names)], sort_keys=True)
+        if not strategy.reduce_boolean_decision(strategy.broadcast(mine) == mine, all=True):
+            raise ConfigError(f"model.name_or_path={self.name_or_path!r}: the ranks found different weight files "
+                              "(node-local caches of different commits?); give model.revision a commit, or one shared "
+                              "cache (HF_HUB_CACHE)")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ftlab_base"] = self._base_files  # taken when the model was built (configure_model)
         if self.policy.changes_trainable_set:  # for restore_trainable_set
@@ -381,6 +395,10 @@ class FineTuneModule(L.LightningModule):
         checkpoint's left-out frozen weights came from."""
         why = (base_mismatch(checkpoint.get("ftlab_base"), self._base_files, self.name_or_path)
                if self.left_out_of_checkpoints() else None)
+        if self._trainer is None:  # load_from_checkpoint: one process, no ranks to agree with
+            if why:
+                raise ConfigError(why)
+            return
         if not self.trainer.strategy.reduce_boolean_decision(why is None, all=True):
             raise ConfigError(why or f"model.name_or_path={self.name_or_path!r}: another rank found other weight files "
                                      "than those the checkpoint was written against (its error says which)")

@@ -99,3 +99,42 @@ def test_each_node_downloads_hub_weights_once_for_all_its_ranks(tmp_path, tiny_b
     # the weights came down once, from prepare_data (ftlab's download), before any rank's from_pretrained
     [agent] = hub.requests("GET", "model.safetensors")
     assert agent.startswith("ftlab/"), agent
+
+
+def test_a_hub_model_in_the_cache_as_prepare_data_fetches_it_is_found(tmp_path, tiny_models, monkeypatch):
+    """prepare_data fetches only what from_pretrained reads. Once huggingface_hub has cached the repository's
+    file list, snapshot_download(local_files_only) refuses such a snapshot (no README...), and every hub model
+    looked absent: FSDP and ZeRO-3 fell back to whole loads on every rank, checkpoints kept the frozen base."""
+    import hashlib
+    import os
+
+    from huggingface_hub import constants
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    from ftlab.checkpoints import base_files
+    from ftlab.estimate.memory import read_checkpoint
+    from ftlab.loading import PretrainedWeights
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / "models--ftlab-test--tiny-llama"
+    snapshot, entries = storage / "snapshots" / commit, {}
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir()
+    for source in sorted(tiny_models["llama"].iterdir()):
+        data = source.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (storage / "blobs" / sha).write_bytes(data)
+        os.symlink(f"../../blobs/{sha}", snapshot / source.name)
+        entries[source.name] = TreeCacheEntry(size=len(data), blob_id=sha[:40], lfs_sha256=sha, lfs_size=len(data))
+    entries["README.md"] = TreeCacheEntry(size=10, blob_id="f" * 40)  # in the repository, never fetched
+    write_tree_cache(str(storage), commit, entries)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    weights = PretrainedWeights.find("ftlab-test/tiny-llama", None, None, "model")
+    assert weights is not None and weights.key("model.norm.weight") == "norm.weight"
+    assert read_checkpoint("ftlab-test/tiny-llama").folder == str(snapshot)
+    found = base_files("ftlab-test/tiny-llama")
+    sha = hashlib.sha256((tiny_models["llama"] / "model.safetensors").read_bytes()).hexdigest()
+    assert found == {"files": {"model.safetensors": sha}, "commit": commit}  # by content, the weights alone

@@ -454,11 +454,10 @@ def read_checkpoint(name_or_path: str, gguf_file: str | None = None, revision: s
         return Checkpoint(None, {})
     folder = name_or_path
     if not os.path.isdir(folder):
-        try:
-            from huggingface_hub import snapshot_download
+        from ftlab.loading import cached_snapshot
 
-            folder = snapshot_download(name_or_path, revision=revision, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not in the cache, offline, not a hub id: unknown
+        folder = cached_snapshot(name_or_path, revision)
+        if folder is None:  # not in the cache, offline, not a hub id: unknown
             return Checkpoint(None, {})
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
