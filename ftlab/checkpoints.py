@@ -232,6 +232,22 @@ def _weight_files(folder: str) -> list[str]:
     return []
 
 
+def recorded_base(path: str) -> dict | None:
+    """The base files a checkpoint (a Lightning file, an FSDP sharded folder, a DeepSpeed folder) records
+    (FineTuneModule.on_save_checkpoint), read without loading its tensors; None where it records none."""
+    import glob
+
+    if os.path.isdir(path):
+        meta = os.path.join(path, "meta.pt")  # Lightning's, beside FSDP's shards
+        path = meta if os.path.exists(meta) else next(iter(sorted(glob.glob(os.path.join(path, "checkpoint",
+                                                                                        "*model_states.pt")))), "")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint, or one of pickled objects a weights-only load refuses
+        return None
+    return state.get("ftlab_base") if isinstance(state, dict) else None
+
+
 def base_mismatch(saved: dict | None, now: dict, name_or_path: str) -> str | None:
     """Why a resume must not go on over this base model (None: it may): the frozen weights the checkpoint leaves
     out would silently come from other weights (a hub repository updated while the job was queued, a local

@@ -10,7 +10,7 @@ import sys
 import yaml
 from jsonargparse import ArgumentParser
 
-from ftlab.checkpoints import last_checkpoint
+from ftlab.checkpoints import base_files, base_mismatch, last_checkpoint, recorded_base
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
 from ftlab.export import (
@@ -88,6 +88,11 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
         raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
     data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
     module.task.check_data(data)
+    if module.frozen_pretrained(module.finish_model(module.empty_model(data), data)):  # weightless: cheap
+        why = base_mismatch(recorded_base(ckpt), base_files(module.name_or_path, module.gguf_file, module.revision),
+                            module.name_or_path)
+        if why:  # the frozen weights the checkpoint leaves out would come from other files
+            raise ConfigError(why.replace("; resume with", "; export with"))
     if is_dcp_checkpoint(ckpt) and module.quantization is not None:
         raise ConfigError(f"--ckpt {ckpt!r} is an FSDP sharded checkpoint of a quantized (QLoRA) run, which `ftlab export` "
                           "cannot read yet; use the export the fit wrote (<run>/export), or save checkpoints with "

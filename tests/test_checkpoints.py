@@ -182,11 +182,13 @@ def test_a_resume_refuses_a_base_model_other_than_the_one_its_frozen_weights_cam
     common = ["--test_after_fit=false", "--model.policy.dropout=0"]
     out = run_ftlab(*fit_args(run, base, reviews_csv, *common, "--trainer.max_epochs=1", policy="Adapter"))
     assert out.returncode == 0, out.stderr[-3000:]
-    shutil.copytree(tiny_models["llama"], base, dirs_exist_ok=True)  # other weights in the same folder
+    shutil.copy(tiny_models["llama"] / "model.safetensors", base)  # other weights in the same folder
     out = run_ftlab(*fit_args(run, base, reviews_csv, *common, "--ckpt_path=last", policy="Adapter"))
     assert out.returncode == 2, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert "its weight files are not those the checkpoint was written against" in last and str(base) in last, last
+    out = run_ftlab("export", f"--run={run}", f"--out={tmp_path / 'export'}")  # the export reads the base too
+    assert out.returncode == 2 and "export with the base model the run started from" in out.stderr, out.stderr[-2000:]
 
 
 def test_the_module_with_its_checkpoint_hooks_pickles_as_spawned_ranks_need(tiny_bert):

@@ -113,7 +113,14 @@ def test_qlora_fit_through_the_cli(tmp_path, tiny_models, reviews_csv):
 
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any("base_layer.weight" in k for k in checkpoint["state_dict"])  # the 4-bit base is rebuilt, not saved
+    assert not any("embed_tokens" in k or "norm" in k for k in checkpoint["state_dict"])  # nor the frozen rest
     cli.model.load_state_dict(checkpoint["state_dict"], strict=True)  # as a resume loads it
+    # `ftlab export` of the checkpoint rebuilds the quantized base and merges into it as the fit's export did
+    out = run_ftlab("export", f"--run={run}", f"--out={tmp_path / 'again'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "again" / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS, attention_mask=MASK).logits, trained, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
