@@ -248,14 +248,14 @@ def recorded_base(path: str) -> dict | None:
     return state.get("ftlab_base") if isinstance(state, dict) else None
 
 
-def base_mismatch(saved: dict | None, now: dict, name_or_path: str) -> str | None:
-    """Why a resume must not go on over this base model (None: it may): the frozen weights the checkpoint leaves
-    out would silently come from other weights (a hub repository updated while the job was queued, a local
-    folder replaced)."""
+def base_mismatch(saved: dict | None, now: dict, name_or_path: str, action: str = "resume") -> str | None:
+    """Why a resume (or an export: `action`) must not go on over this base model (None: it may): the frozen
+    weights the checkpoint leaves out would silently come from other weights (a hub repository updated while
+    the job was queued, a local folder replaced)."""
     if not saved or not now or saved.get("files") == now.get("files"):
         return None
-    fix = (f"resume with --model.revision {saved['commit']}" if saved.get("commit") else
-           "resume with the base model the run started from")
+    fix = (f"{action} with --model.revision {saved['commit']}" if saved.get("commit") else
+           f"{action} with the base model the run started from")
     return (f"model.name_or_path={name_or_path!r}: its weight files are not those the checkpoint was written against "
             f"({_short(saved.get('files'))} then, {_short(now.get('files'))} now), and the checkpoint leaves the "
             f"frozen weights out; {fix}")
@@ -268,8 +268,7 @@ def _short(files: dict | None) -> str:
 def checkpoint_bytes(pl_module) -> int:
     """About the size of one checkpoint: fp32 trained weights and AdamW's two moments (frozen weights are
     left out: leave_frozen_out)."""
-    total = getattr(pl_module, "total_params", 0) or sum(p.numel() for p in pl_module.parameters())
-    trainable = getattr(pl_module, "trainable_params", 0) or total
+    trainable = getattr(pl_module, "trainable_params", 0) or sum(p.numel() for p in pl_module.parameters())
     return 12 * trainable
 
 

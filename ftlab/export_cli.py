@@ -88,17 +88,17 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
         raise ConfigError(f"--ckpt {ckpt!r} does not exist; give a checkpoint of this run (see {run_dir}/checkpoints)")
     data.setup("fit")  # label names and tokenizer (from the tokenisation cache when it is there)
     module.task.check_data(data)
-    if module.frozen_pretrained(module.finish_model(module.empty_model(data), data)):  # weightless: cheap
+    model, pretrained = meta_model_and_pretrained(module, data)  # weightless: cheap
+    if module.frozen_pretrained(model):  # the checkpoint leaves them out: they must come from the same files
         why = base_mismatch(recorded_base(ckpt), base_files(module.name_or_path, module.gguf_file, module.revision),
-                            module.name_or_path)
-        if why:  # the frozen weights the checkpoint leaves out would come from other files
-            raise ConfigError(why.replace("; resume with", "; export with"))
+                            module.name_or_path, action="export")
+        if why:
+            raise ConfigError(why)
     if is_dcp_checkpoint(ckpt) and module.quantization is not None:
         raise ConfigError(f"--ckpt {ckpt!r} is an FSDP sharded checkpoint of a quantized (QLoRA) run, which `ftlab export` "
                           "cannot read yet; use the export the fit wrote (<run>/export), or save checkpoints with "
                           "--trainer.strategy.state_dict_type full")
     if is_dcp_checkpoint(ckpt):
-        model, pretrained = meta_model_and_pretrained(module, data)
         gather = DcpReader(ckpt, batch_bytes=shard_bytes, pretrained=pretrained)
         lacking = gather.lacking(state_blocks(model))
         if lacking:  # frozen weights the pretrained files cannot give one by one (not safetensors, not cached here)
