@@ -271,8 +271,11 @@ class DcpReader:
         """The checkpoint key of a model state-dict name (Lightning saves the LightningModule's `model.`)."""
         return f"state_dict.model.{name}"
 
+    def _holds(self, name: str) -> bool:
+        return hasattr(self.entries.get(self.key(name)), "size")  # a tensor entry (not some other object's)
+
     def _saved(self, name: str) -> bool:
-        if hasattr(self.entries.get(self.key(name)), "size"):
+        if self._holds(name):
             return True
         if name in self.frozen:
             return False
@@ -280,13 +283,12 @@ class DcpReader:
 
     def lacking(self, blocks: list[Block]) -> list[str]:
         """The names of `blocks` that neither the checkpoint nor the pretrained files can give."""
-        return [n for block in blocks for n in block.names
-                if not hasattr(self.entries.get(self.key(n)), "size") and n not in self.frozen]
+        return [n for block in blocks for n in block.names if not self._holds(n) and n not in self.frozen]
 
     def saved_model_state(self) -> dict[str, torch.Tensor]:
         """Every model tensor the checkpoint holds, at once, `model.`-prefixed (as checkpoint_state gives them)."""
-        names = [k.removeprefix("state_dict.model.") for k, e in self.entries.items()
-                 if k.startswith("state_dict.model.") and hasattr(e, "size")]
+        names = [k.removeprefix("state_dict.model.") for k in self.entries if k.startswith("state_dict.model.")]
+        names = [n for n in names if self._holds(n)]
         blocks = [Block(prefix="", module=None, entries=tuple((n, None, "", False) for n in names))]
         return {f"model.{n}": t for _, state in self._load(blocks) for n, t in state.items()}
 

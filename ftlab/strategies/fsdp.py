@@ -87,15 +87,16 @@ class FSDP(ModelParallelStrategy):
         here instead (every trained weight there, nothing unknown), then it loads leniently."""
         path = self.broadcast(str(checkpoint_path))
         module = self.lightning_module
+        # Lightning's metadata file beside the shards, or the full file (memory-mapped: no tensor is read)
+        meta = torch.load(os.path.join(path, "meta.pt") if os.path.isdir(path) else path, map_location="cpu",
+                          mmap=True, weights_only=True)
         if module.trainer.state.fn == "fit" and hasattr(module, "restore_trainable_set"):
-            # Lightning's metadata file beside the shards, or the full file (memory-mapped: nothing else is read)
-            meta = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
-            module.restore_trainable_set(torch.load(meta, map_location="cpu", mmap=True, weights_only=True))
+            module.restore_trainable_set(meta)
         if not os.path.isfile(path) or not module.strict_loading:
             return super().load_checkpoint(checkpoint_path, weights_only)
-        saved = set(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["state_dict"])
-        known = {n for n, _ in module.named_parameters(remove_duplicate=False)} | set(module.state_dict())
-        missing, unexpected = sorted(set(module.state_dict()) - saved), sorted(saved - known)
+        saved, expected = set(meta["state_dict"]), set(module.state_dict())
+        known = {n for n, _ in module.named_parameters(remove_duplicate=False)} | expected
+        missing, unexpected = sorted(expected - saved), sorted(saved - known)
         if missing or unexpected:
             raise ConfigError(f"ckpt_path={checkpoint_path}: the checkpoint does not match this run's model: missing "
                               f"trained weights {missing[:3]}, unexpected {unexpected[:3]}; was it written by this config?")
