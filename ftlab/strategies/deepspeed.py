@@ -109,6 +109,10 @@ class DeepSpeed(DeepSpeedStrategy):
             # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
             self.config.setdefault("communication_data_type", "fp32")
 
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        _cast_unpartitioned(model, self.config)
+        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Checkpoints leave out the frozen weights a rebuild reproduces (checkpoints.leave_frozen_out: the module
         state the engine saves goes through the module's hook). ZeRO-2/3 also write every frozen weight's
@@ -150,6 +154,20 @@ class DeepSpeed(DeepSpeedStrategy):
 
 
 # ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
+
+def _cast_unpartitioned(model: nn.Module, config: dict) -> None:
+    """ZeRO-3 in bf16/fp16: parameters created after the partitioned build (peft's adapters, which peft keeps in
+    fp32) take the module's dtype, as zero.Init gave every other one. DeepSpeed casts only a model with no
+    partitioned parameter; with both dtypes its optimizer stops on one flat buffer per group (`defragment`)."""
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else \
+        torch.float16 if config.get("fp16", {}).get("enabled") else None
+    params = list(model.parameters())
+    if dtype is None or not any(hasattr(p, "ds_id") for p in params):
+        return
+    for param in params:
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)  # the same Parameter: the optimizer built already still holds it
+
 
 def _cannot_fill(strategy) -> str | None:
     """Why ZeRO-3's partitions cannot be filled from the checkpoint files here (None: they can): layouts other
@@ -202,7 +220,7 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
     plain ZeRO-3): the caller then loads through from_pretrained."""
     import deepspeed
     from transformers.initialization import no_init_weights
-    from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+    from transformers.integrations import deepspeed as hf_deepspeed
     from transformers.modeling_utils import set_zero3_state
 
     from ftlab.loading import adopt_generation_config
@@ -217,8 +235,11 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
                        f"fill ({reason or 'another rank cannot read its partitions'})")
         return None
     del skeleton
-    with no_init_weights(), prevent_arange_dtype_change(), \
-            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+    # newer transformers keep RoPE's torch.arange out of zero.Init's dtype cast; older ones have no such guard
+    # (nor does their own from_pretrained): the same build as theirs
+    keep_arange_dtype = getattr(hf_deepspeed, "prevent_arange_dtype_change", contextlib.nullcontext)
+    with no_init_weights(), keep_arange_dtype(), \
+            deepspeed.zero.Init(config_dict_or_path=hf_deepspeed.deepspeed_config()), set_zero3_state():
         model = build()  # each parameter partitioned as it is created; nothing initialised
     model.tie_weights()  # from_pretrained ties after loading (a shared Parameter: no data moves)
     loaded = 0
