@@ -252,6 +252,18 @@ def test_bf16_mixed_precision_under_sharding(tmp_path_factory, tiny_models, revi
     assert len(diffs) == 10 and max(diffs) <= 2e-2 and max(diffs) > 0  # bf16 rounding, not another run
 
 
+def test_bf16_mixed_zero3_trains_an_adapter_and_a_new_head(tmp_path_factory, tiny_models, reviews_csv):
+    """ZeRO-3 builds the model partitioned in bf16; peft's adapters come after, in fp32. DeepSpeed's optimizer
+    then stopped on a parameter group of two dtypes (AssertionError in `defragment`): every LoRA run in bf16."""
+    ddp = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "ddp", "Adapter")
+    run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "deepspeed_stage_3", "Adapter",
+                          "--trainer.precision=bf16-mixed")
+    dtypes = run["summary"]["dtypes"]
+    assert (dtypes["params"], dtypes["master_params"], dtypes["grads"]) == ("bfloat16", "float32", "bfloat16")
+    diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
+    assert len(diffs) == 10 and max(diffs) <= 2e-2 and max(diffs) > 0  # bf16 rounding, not another run
+
+
 @pytest.mark.parametrize("strategy,expected", [
     ("fsdp", {"params": "bfloat16", "master_params": "bfloat16", "grads": "bfloat16", "optimizer_state": "bfloat16",
               "reduce": "bfloat16"}),

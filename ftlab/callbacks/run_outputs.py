@@ -166,7 +166,9 @@ class RunOutputs(L.Callback):
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        # not on_fit_end: Lightning's teardown, before on_fit_end, has moved the module and the optimizers to
+        # the host, and the export's collectives (ZeRO's master gathers) then hand NCCL CPU tensors
         if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
             return
         tokens, samples = self._global_counts(trainer)

@@ -109,6 +109,13 @@ class DeepSpeed(DeepSpeedStrategy):
             # optimizer; gradients are reduced in the module's dtype unless told otherwise. fp32, as FSDP.
             self.config.setdefault("communication_data_type", "fp32")
 
+    def init_deepspeed(self) -> None:
+        if self.zero_stage_3 and not self._on_cpu():
+            # DeepSpeed moves no part of a model built partitioned (zero.Init) to the device: the module's other
+            # state (metric states, adapters and buffers made after the build) would stay on the host
+            self.model_to_device()
+        super().init_deepspeed()
+
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         _cast_unpartitioned(model, self.config)
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
