@@ -59,6 +59,7 @@ class RunOutputs(L.Callback):
         self.train_tokens = 0  # this rank's, since this process started
         self.train_samples = 0
         self._restored = (0, 0)  # all ranks' (tokens, samples) before the checkpoint this run resumed from
+        self._finished = False  # this fit's summary written
         self._trainer = None
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
@@ -85,6 +86,7 @@ class RunOutputs(L.Callback):
                               "choose a run directory you can write to") from None
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._finished = False
         # summary.json describes one run: a new run (no checkpoint resumed) starts it afresh, dropping what an
         # earlier `validate` in this folder wrote
         path = os.path.join(self.run_dir(trainer), "summary.json")
@@ -167,14 +169,23 @@ class RunOutputs(L.Callback):
                 logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # not on_fit_end: Lightning's teardown, before on_fit_end, has moved the module and the optimizers to
-        # the host, and the export's collectives (ZeRO's master gathers) then hand NCCL CPU tensors
+        # here, not in on_fit_end: Lightning's teardown, before on_fit_end, moves the module and the optimizers
+        # to the host, and the export's collectives (ZeRO's master gathers) would then hand NCCL CPU tensors
+        self._finish(trainer, pl_module, export=self.export)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._finished:  # a skipped loop (max_steps 0) has no on_train_end: the summary still says so
+            self._finish(trainer, pl_module, export=False)
+
+    def _finish(self, trainer, pl_module, export: bool) -> None:
+        """The run's summary.json (with its counts, collective) and its export (collective when sharded)."""
+        self._finished = True
         if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
             return
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
         stats = sharding_stats(trainer, pl_module.model)
-        folders = self._export(trainer, pl_module) if self.export else None  # collective when sharded
+        folders = self._export(trainer, pl_module) if export else None
         if trainer.is_global_zero:
             extra = {
                 "steps": trainer.global_step,

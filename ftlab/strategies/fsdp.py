@@ -56,6 +56,22 @@ class FSDP(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    @property
+    def offloads(self) -> bool:
+        """cpu_offload in effect: on an accelerator (CPU ranks hold their parameters in host memory anyway)."""
+        return self.cpu_offload and self.root_device.type != "cpu"
+
+    def model_to_device(self) -> None:
+        if not self.offloads:
+            return super().model_to_device()
+        from torch.distributed.tensor import DTensor
+
+        # FSDP keeps offloaded shards on the host and copies each to the device as it gathers it; the whole
+        # module's .to(device) put them on the device, and FSDP refused them at the first forward. The rest
+        # (metric states, buffers, what FSDP does not manage) moves as usual.
+        self.model._apply(lambda t: t if isinstance(t, DTensor) else t.to(self.root_device))
+        self.lightning_module._device = self.root_device  # what .to() records (module.device)
+
     def _mesh(self):
         if self.sharding != "hybrid":
             return self.device_mesh["data_parallel"]
@@ -121,7 +137,7 @@ class FSDP(ModelParallelStrategy):
             from ftlab.compute import enable_activation_checkpointing
 
             enable_activation_checkpointing(model)
-        offload = self.cpu_offload and self.root_device.type != "cpu"
+        offload = self.offloads
         if self.cpu_offload and not offload:
             # the same config must run on a laptop: on CPU ranks the parameters already live in host
             # memory (and torch's offload policy needs an accelerator)
@@ -206,7 +222,7 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     blocker = module.policy.meta_init_blocker()
     if blocker:
         return whole(blocker)
-    if strategy.cpu_offload and strategy.root_device.type != "cpu":
+    if strategy.offloads:
         # offloaded shards must be materialised on the host, buffers on the device: not verified on a GPU yet
         return whole("cpu_offload")
     model = module.empty_model(data)
@@ -298,8 +314,10 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     weights = PretrainedWeights.find(path, gguf_file, revision, getattr(model, "base_model_prefix", ""))
     source = {n: weights.key(n) for n, _ in model.named_parameters()} if weights else {}
     if weights is None or None in source.values() or not all(map(weights.floating, source.values())) or \
-            getattr(model.config, "quantization_config", None):
-        rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
+            getattr(model.config, "quantization_config", None) or strategy.offloads:
+        # cpu_offload: as load_sharded, the whole load (_shard_and_fill materialises the shards on the device)
+        why = "cpu_offload" if strategy.offloads else "not plain safetensors"
+        rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it ({why})")
         model = load_model(auto_class, path, gguf_file, dtype=dtype, **extra).eval().requires_grad_(False)
         return strategy.shard_module(model, frozen=True)
     buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
