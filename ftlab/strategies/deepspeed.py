@@ -114,11 +114,8 @@ class DeepSpeed(DeepSpeedStrategy):
             # DeepSpeed moves no part of a model built partitioned (zero.Init) to the device: the module's other
             # state (metric states, adapters and buffers made after the build) would stay on the host
             self.model_to_device()
+        _cast_unpartitioned(self.model, self.config)  # training and inference engines alike
         super().init_deepspeed()
-
-    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        _cast_unpartitioned(model, self.config)
-        return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Checkpoints leave out the frozen weights a rebuild reproduces (checkpoints.leave_frozen_out: the module
