@@ -63,6 +63,7 @@ class RunOutputs(L.Callback):
         self._trainer = None
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
+        self._start_step = 0
         self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
         self.val_history: list[dict] = []  # each validation of the fit: step, wall time, metrics
         self.dtypes: dict[str, str] = {}  # what the run trains in, read off the first optimizer step
@@ -95,6 +96,7 @@ class RunOutputs(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+        self._start_step = trainer.global_step
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.dtypes and self._grads_dtype is None:
@@ -104,7 +106,8 @@ class RunOutputs(L.Callback):
         samples, tokens = batch_counts(batch)
         self.train_samples += samples
         self.train_tokens += tokens
-        if not self.dtypes and self._grads_dtype is not None:  # the first optimizer step has run
+        # the first optimizer step has run (DeepSpeed counts its accumulation in steps that do not step)
+        if not self.dtypes and self._grads_dtype is not None and trainer.global_step > self._start_step:
             self.dtypes = precision_report(trainer, pl_module.model, trainer.optimizers[0], self._grads_dtype)
             pure = " (bf16-true: no fp32 copy of the weights)" if self.dtypes.get("master_params") == "bfloat16" else ""
             rank_zero_info(f"ftlab: {trainer.precision} trains in: " + ", ".join(
