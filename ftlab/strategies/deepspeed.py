@@ -129,6 +129,28 @@ class DeepSpeed(DeepSpeedStrategy):
         self.exclude_frozen_parameters = bool(frozen) and frozen <= left_out
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        # Lightning places the optimizer steps, as under every other strategy: every accumulate_grad_batches
+        # batches and at the epoch's last batch; DeepSpeed is told each boundary (training_step). Left to
+        # DeepSpeed, its micro-step count ran across epochs while Lightning counted steps within each: with 5
+        # batches an epoch and accumulation 2, 2 epochs took 5 DeepSpeed updates, Lightning counted 4 steps
+        # (global_step, schedule, max_steps) and DDP took 6.
+        return False
+
+    def training_step(self, *args, **kwargs):
+        if self.lightning_module.automatic_optimization:
+            # before the forward, as DeepSpeed asks: whether this batch's backward ends an accumulation
+            self.deepspeed_engine.set_gradient_accumulation_boundary(
+                not self.lightning_module.trainer.fit_loop._should_accumulate())
+        return super().training_step(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def block_backward_sync(self):
+        # Lightning's accumulation batches: DeepSpeed defers its reduction by the boundary set above (the
+        # engine's no_sync refuses ZeRO-2/3's partitioned gradients)
+        yield None
+
     def backward(self, closure_loss, optimizer, *args, **kwargs):
         # Lightning's automatic optimization already divides the loss by accumulate_grad_batches; DeepSpeed's
         # engine divided it again, so that k accumulated batches trained on 1/k of the gradient: not the
