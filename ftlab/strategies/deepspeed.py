@@ -139,16 +139,18 @@ class DeepSpeed(DeepSpeedStrategy):
         return False
 
     def training_step(self, *args, **kwargs):
-        if self.lightning_module.automatic_optimization:
+        engine = self.deepspeed_engine
+        # a ds_config with managed_gradient_accumulation false makes each engine.step() the boundary already
+        managed = getattr(engine, "managed_gradient_accumulation", lambda: True)()
+        if self.lightning_module.automatic_optimization and managed:
             # before the forward, as DeepSpeed asks: whether this batch's backward ends an accumulation
-            self.deepspeed_engine.set_gradient_accumulation_boundary(
-                not self.lightning_module.trainer.fit_loop._should_accumulate())
+            engine.set_gradient_accumulation_boundary(not self.lightning_module.trainer.fit_loop._should_accumulate())
         return super().training_step(*args, **kwargs)
 
     @contextlib.contextmanager
     def block_backward_sync(self):
-        # Lightning's accumulation batches: DeepSpeed defers its reduction by the boundary set above (the
-        # engine's no_sync refuses ZeRO-2/3's partitioned gradients)
+        # Lightning's accumulation batches: DeepSpeed defers its reduction by the boundary set above. Lightning
+        # would enter the engine's no_sync (it matches Lightning's DDP protocol), which ZeRO-2/3 refuse.
         yield None
 
     def backward(self, closure_loss, optimizer, *args, **kwargs):
