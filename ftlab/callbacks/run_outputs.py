@@ -185,6 +185,8 @@ class RunOutputs(L.Callback):
         self._finished = True
         if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
             return
+        if hasattr(trainer.strategy, "reshard_model"):  # FSDP: a last validation may have left units gathered
+            trainer.strategy.reshard_model()
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
         stats = sharding_stats(trainer, pl_module.model)

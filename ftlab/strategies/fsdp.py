@@ -61,6 +61,16 @@ class FSDP(ModelParallelStrategy):
         """cpu_offload in effect: on an accelerator (CPU ranks hold their parameters in host memory anyway)."""
         return self.cpu_offload and self.root_device.type != "cpu"
 
+    def reshard_model(self) -> None:
+        """Every unit back to its shards (local, no collective). grad-op leaves a unit gathered after a forward
+        that no backward follows (a validation at the end of training) until the next backward, which at the
+        end of a fit never comes: the end-of-run counts and the export read the model here."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def model_to_device(self) -> None:
         if not self.offloads:
             return super().model_to_device()
