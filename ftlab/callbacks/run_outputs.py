@@ -17,7 +17,7 @@ from ftlab.data.collate import batch_counts
 from ftlab.errors import ConfigError
 from ftlab.export import DEFAULT_MAX_SHARD_SIZE, export_streamed, parse_size, trainer_gather
 from ftlab.slurm.preemption import was_preempted
-from ftlab.strategies import grads_dtype, precision_report, sharding_stats
+from ftlab.strategies import grads_dtype, precision_report, settle_for_reading, sharding_stats
 from ftlab.tracking import log_export_artifact
 
 
@@ -185,8 +185,7 @@ class RunOutputs(L.Callback):
         self._finished = True
         if was_preempted(trainer):  # stopped to requeue: the run is not finished, nothing to export yet
             return
-        if hasattr(trainer.strategy, "reshard_model"):  # FSDP: a last validation may have left units gathered
-            trainer.strategy.reshard_model()
+        settle_for_reading(trainer.strategy)
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
         stats = sharding_stats(trainer, pl_module.model)

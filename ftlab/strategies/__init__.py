@@ -32,7 +32,7 @@ from ftlab.strategies.fsdp import FSDP
 
 __all__ = ["FSDP", "DeepSpeed", "check_combination", "check_resume", "checkpoint_kind", "follow_trainable_change",
            "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
-           "build_sharded", "shard_model", "sharding_stats", "split_cpu_threads"]
+           "build_sharded", "settle_for_reading", "shard_model", "sharding_stats", "split_cpu_threads"]
 
 
 def split_cpu_threads(trainer) -> None:
@@ -162,6 +162,13 @@ def follow_trainable_change(strategy) -> None:
     (see ddp.rewrap_after_trainable_change). FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is
     refused up front (check_combination)."""
     ddp.rewrap_after_trainable_change(strategy)
+
+
+def settle_for_reading(strategy) -> None:
+    """At the run's end, before its counts and its export read the model: FSDP's grad-op leaves units gathered
+    after a last validation (see FSDP.reshard_model); the other strategies hold nothing transient."""
+    if isinstance(strategy, FSDP):
+        strategy.reshard_model()
 
 
 def build_sharded(strategy, module, data) -> nn.Module:
