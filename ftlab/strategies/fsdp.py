@@ -61,6 +61,13 @@ class FSDP(ModelParallelStrategy):
         """cpu_offload in effect: on an accelerator (CPU ranks hold their parameters in host memory anyway)."""
         return self.cpu_offload and self.root_device.type != "cpu"
 
+    def _get_process_group_backend(self) -> str:
+        backend = super()._get_process_group_backend()
+        # Offloaded shards and their gradients live on the host: the gradient norm (clipping, the logged norm)
+        # all-reduces host tensors, which NCCL refuses ("No backend type associated with device type cpu").
+        # gloo takes the host's collectives, NCCL the device's (as torchtitan and torchtune do for offload).
+        return "cuda:nccl,cpu:gloo" if self.offloads and backend == "nccl" else backend
+
     def reshard_model(self) -> None:
         """Every unit back to its shards (local, no collective). grad-op leaves a unit gathered after a forward
         that no backward follows (a validation at the end of training) until the next backward, which at the
