@@ -143,7 +143,7 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     base_names = {n: p.numel() for n, p in skeleton.named_parameters()}  # what the checkpoint holds
     base_prefix = getattr(skeleton, "base_model_prefix", "")
     checkpoint = read_checkpoint(module.name_or_path, module.gguf_file, module.revision)
-    whole_reason = (_fsdp_whole_load(module, skeleton, checkpoint, offload["fsdp_offload"]) if strategy == "fsdp" else
+    whole_reason = (_fsdp_whole_load(module, skeleton, checkpoint) if strategy == "fsdp" else
                     _names_differ(skeleton, checkpoint) if strategy == "deepspeed_stage_3" else None)
     lacking = sum(n for name, n in base_names.items()
                   if checkpoint.found and not checkpoint_key(name, checkpoint.tensors, base_prefix))
@@ -247,14 +247,12 @@ def _quantization_text(module) -> str | None:
     return "LLM.int8" if quant.bits == 8 else f"{quant.type} 4-bit" + (", double-quantized scales" * quant.double_quant)
 
 
-def _fsdp_whole_load(module, skeleton, checkpoint, cpu_offload: bool) -> str | None:
+def _fsdp_whole_load(module, skeleton, checkpoint) -> str | None:
     """Why fsdp.load_sharded would have every rank load the whole model (its checks, in its order, for GPU
     ranks), or None where each rank reads only its shards."""
     blocker = module.policy.meta_init_blocker()
     if blocker:
         return blocker
-    if cpu_offload:
-        return "cpu_offload"
     return _names_differ(skeleton, checkpoint)
 
 

@@ -413,7 +413,7 @@ def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: 
 # - DDP, ZeRO-1/2, and FSDP where it falls back to a whole load (fsdp.load_sharded): every rank calls
 #   from_pretrained: private copies of the converted tensors and of the new ones (a head), the checkpoint mapped.
 # - FSDP sharded loading: each rank maps its dim-0 rows of each tensor and copies them to its device (one
-#   tensor's rows converted at a time); what the checkpoint lacks and what the policy creates (LoRA matrices)
+#   tensor's rows converted at a time), or with cpu_offload into its shards in host memory; what the checkpoint lacks and what the policy creates (LoRA matrices)
 #   are initialised whole on the host, on every rank.
 # - ZeRO-3 (strategies.deepspeed.load_partitioned): each rank maps the rows its flat partition of each tensor
 #   spans and copies them into its partition (one tensor at a time); a new head is initialised on the device.
@@ -589,6 +589,9 @@ def host_memory(*, strategy: str, world: int, devices: int, ranks: list, total_p
                     for r in range(devices)]
         private, mapped = sum(per_rank), mapped_total * devices // world
         load = "each rank maps its rows of each tensor and copies them to its device, one at a time"
+        if fsdp_offload:  # the shards are filled where they live: pinned host memory
+            private += sum(p.bytes for p, _, _ in local)
+            load = "each rank maps its rows of each tensor and copies them into its host shards (cpu_offload)"
     elif strategy == "deepspeed_stage_3":
         if whole_reason is None:  # each rank its flat range of each tensor: the rows it spans
             private = devices * max((_flat_bytes(sh, load_size, world) for sh, _, c in shapes if c), default=0)

@@ -239,9 +239,6 @@ def load_sharded(strategy: FSDP, module, data) -> nn.Module | None:
     blocker = module.policy.meta_init_blocker()
     if blocker:
         return whole(blocker)
-    if strategy.offloads:
-        # offloaded shards must be materialised on the host, buffers on the device: not verified on a GPU yet
-        return whole("cpu_offload")
     model = module.empty_model(data)
     weights = PretrainedWeights.find(module.name_or_path, module.gguf_file, module.revision,
                                      getattr(model, "base_model_prefix", ""))
@@ -297,7 +294,10 @@ def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: 
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     on_host = {n: _local(t).detach().clone() for n, t in tensors.items() if not t.is_meta}
-    model.to_empty(device=strategy.root_device)
+    # Offloaded shards live on the host: materialised there (FSDP pins them as it takes them back), they never
+    # pass through the device, where the rank's whole share of the model may not fit (torchtitan does the
+    # same). Buffers follow to the device in FSDP.model_to_device.
+    model.to_empty(device="cpu" if strategy.offloads else strategy.root_device)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     with torch.no_grad():
@@ -331,10 +331,8 @@ def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dt
     weights = PretrainedWeights.find(path, gguf_file, revision, getattr(model, "base_model_prefix", ""))
     source = {n: weights.key(n) for n, _ in model.named_parameters()} if weights else {}
     if weights is None or None in source.values() or not all(map(weights.floating, source.values())) or \
-            getattr(model.config, "quantization_config", None) or strategy.offloads:
-        # cpu_offload: as load_sharded, the whole load (_shard_and_fill materialises the shards on the device)
-        why = "cpu_offload" if strategy.offloads else "not plain safetensors"
-        rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it ({why})")
+            getattr(model.config, "quantization_config", None):
+        rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
         model = load_model(auto_class, path, gguf_file, dtype=dtype, **extra).eval().requires_grad_(False)
         return strategy.shard_module(model, frozen=True)
     buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
