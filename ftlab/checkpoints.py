@@ -52,7 +52,7 @@ class RngState(L.Callback):
         state = self._local_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             states: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(states, state)  # on the current device under NCCL
+            torch.distributed.all_gather_object(states, state)  # via the device under NCCL alone, via gloo where there is one
             return {"per_rank": states}
         return {"per_rank": [state]}
 

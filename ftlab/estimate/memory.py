@@ -613,7 +613,8 @@ def host_memory(*, strategy: str, world: int, devices: int, ranks: list, total_p
     offload_bytes, offload = 0, None
     if fsdp_offload:
         offload_bytes = sum(p.bytes + g.bytes + o.bytes for p, g, o in local)
-        offload = "FSDP cpu_offload: each rank's parameter, gradient and AdamW shards"
+        # the parameter shards are pinned: CUDA's host allocator may round each up to a power of two (not counted)
+        offload = "FSDP cpu_offload: each rank's parameter, gradient and AdamW shards (pinned ones may round up)"
     elif offload_optimizer and strategy.startswith("deepspeed"):
         # fp32 master weights and fp32 gradients of the partition AdamW steps on, beside its two states
         offload_bytes = sum(o.bytes + 2 * (o.numel // ADAM_STATES) * 4 for _, _, o in local)

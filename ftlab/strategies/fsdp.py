@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Literal
 
@@ -13,6 +14,14 @@ from torch import nn
 
 from ftlab.errors import ConfigError
 from ftlab.policies.layers import find_parts
+
+
+OFFLOAD_BACKEND = "cuda:nccl,cpu:gloo"
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class FSDP(ModelParallelStrategy):
@@ -55,6 +64,9 @@ class FSDP(ModelParallelStrategy):
         # Pure data parallelism over every rank ("auto" in Lightning means one group per node).
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        if self._process_group_backend == OFFLOAD_BACKEND:
+            # Lightning tears down only a plain "nccl" group at exit (NCCL warns of one left undestroyed)
+            atexit.register(_destroy_process_group)
 
     @property
     def offloads(self) -> bool:
@@ -66,7 +78,7 @@ class FSDP(ModelParallelStrategy):
         # Offloaded shards and their gradients live on the host: the gradient norm (clipping, the logged norm)
         # all-reduces host tensors, which NCCL refuses ("No backend type associated with device type cpu").
         # gloo takes the host's collectives, NCCL the device's (as torchtitan and torchtune do for offload).
-        return "cuda:nccl,cpu:gloo" if self.offloads and backend == "nccl" else backend
+        return OFFLOAD_BACKEND if self.offloads and backend == "nccl" else backend
 
     def reshard_model(self) -> None:
         """Every unit back to its shards (local, no collective). grad-op leaves a unit gathered after a forward
