@@ -28,10 +28,11 @@ class Run:
         return os.path.join(self.run_dir, "summary.json")
 
     def _same_plan(self) -> bool:
-        """This run directory was made for these very arguments."""
+        """This run directory was made for these very arguments. Its own location is not a setting: a
+        comparison moved as a whole (from scratch space to project storage) is still the same one."""
         try:
             with open(os.path.join(self.run_dir, PLAN_FILE)) as f:
-                return json.load(f)["args"] == self.args
+                return _settings(json.load(f)["args"]) == _settings(self.args)
         except (OSError, ValueError, KeyError):
             return False
 
@@ -41,6 +42,11 @@ class Run:
 
     def resumable(self) -> bool:
         return self._same_plan() and os.path.exists(os.path.join(self.run_dir, "checkpoints", "last.ckpt"))
+
+
+def _settings(args: list[str]) -> list[str]:
+    """A run's arguments without its own directory (`plan` always sets it to the run directory)."""
+    return [a for a in args if not a.startswith("--trainer.default_root_dir=")]
 
 
 def size_args(rows: str | None) -> list[str]:

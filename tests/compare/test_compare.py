@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 
 import yaml
@@ -80,6 +81,15 @@ def test_compare_reports_every_variant_and_reruns_only_what_failed(tmp_path, tin
     for png in ("metric_vs_trainable_params.png", "metric_vs_wall_time.png", "validation_curves.png",
                 "peak_memory.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"src='{png}'" in html
+
+    # the comparison moved as a whole (scratch space to project storage): every run still counts as finished
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    moved = run_ftlab(*common[:-1], str(tmp_path / "moved"), "--variants-file", str(variants(tmp_path, "0.01")),
+                      timeout=300)
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert moved.stdout.count("finished before, reused") == 6 and ": running" not in moved.stdout
+    again = json.loads((tmp_path / "moved" / "compare-task" / "report.json").read_text())["variants"]
+    assert {n: v["metric_mean"] for n, v in again.items()} == {n: v["metric_mean"] for n, v in report["variants"].items()}
 
 
 def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_bert, reviews_csv):
