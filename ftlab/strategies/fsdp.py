@@ -15,7 +15,6 @@ from torch import nn
 from ftlab.errors import ConfigError
 from ftlab.policies.layers import find_parts
 
-
 OFFLOAD_BACKEND = "cuda:nccl,cpu:gloo"
 
 
