@@ -413,8 +413,9 @@ def activation_bytes(module, config, batch_size: int, seq_len: int, target_len: 
 # - DDP, ZeRO-1/2, and FSDP where it falls back to a whole load (fsdp.load_sharded): every rank calls
 #   from_pretrained: private copies of the converted tensors and of the new ones (a head), the checkpoint mapped.
 # - FSDP sharded loading: each rank maps its dim-0 rows of each tensor and copies them to its device (one
-#   tensor's rows converted at a time), or with cpu_offload into its shards in host memory; what the checkpoint lacks and what the policy creates (LoRA matrices)
-#   are initialised whole on the host, on every rank.
+#   tensor's rows converted at a time), or with cpu_offload into its shards in host memory; what the
+#   checkpoint lacks and what the policy creates (LoRA matrices) are initialised whole on the host, on
+#   every rank.
 # - ZeRO-3 (strategies.deepspeed.load_partitioned): each rank maps the rows its flat partition of each tensor
 #   spans and copies them into its partition (one tensor at a time); a new head is initialised on the device.
 #   Where that loader falls back (names the checkpoint does not hold): transformers 5 maps the whole
