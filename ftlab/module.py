@@ -169,6 +169,24 @@ class FineTuneModule(L.LightningModule):
         precision = str(trainer.precision) if trainer is not None else "32-true"
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
+    def _settle_weight_dtypes(self, model: torch.nn.Module) -> None:
+        """Under a mixed precision, what trains (now, or later by gradual unfreezing) is stored in fp32: the
+        master copy AdamW updates (a bf16 weight loses updates under ~1/256 of itself; fp16 gradients GradScaler
+        refuses). Frozen weights stay in the dtype they load in (`model.dtype`: no fp32 copy of what never
+        changes), peft's k-bit preparation's upcast of every non-quantized weight included. peft makes its
+        adapter matrices fp32 itself, but not the trained copy of a head (`modules_to_save`), nor does the Freeze
+        policy its trained blocks. DeepSpeed keeps fp32 master partitions of its own (and converts the module)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not str(trainer.precision).endswith("-mixed") or isinstance(trainer.strategy, DeepSpeed):
+            return
+        frozen, quantized = self.weight_dtype(), quantized_numels(model)
+        for name, p in model.named_parameters():
+            if id(p) in quantized or not p.is_floating_point():
+                continue
+            dtype = torch.float32 if p.requires_grad or self.policy.will_train(name) else frozen
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
     def frozen_dtype(self) -> torch.dtype:
         """The dtype of a frozen model beside this one (a distillation teacher, a preference reference): never
         updated, it needs no fp32 master copy: the compute dtype of a mixed precision, else `weight_dtype`."""
@@ -232,6 +250,7 @@ class FineTuneModule(L.LightningModule):
         if self.quantization is not None:  # peft's k-bit preparation, before the adapter goes on
             model = self.quantization.prepare(model)
         model = self.policy.apply(model, self.task)
+        self._settle_weight_dtypes(model)
         # by name (sharding swaps the parameter objects): what the pretrained files hold, wrapped by the policy; and
         # what peft keeps of a new head beside its trained copy (modules_to_save), which nothing ftlab exports or
         # runs reads (merging keeps the copy) and a seeded rebuild reproduces anyway
@@ -349,7 +368,10 @@ class FineTuneModule(L.LightningModule):
         self.log("val/loss", self.val_loss.compute(), sync_dist=True)
         self.val_loss.reset()
         self._log_metrics("val")
-        self.task.validation_end(self)
+        # in the steps' precision (autocast under *-mixed): a hook runs outside it, and a model holding a bf16
+        # frozen base beside fp32 trained weights (model.dtype) computes only under autocast
+        with self.trainer.precision_plugin.forward_context():
+            self.task.validation_end(self)
 
     def on_fit_start(self) -> None:
         self.task.before_loop(self)

@@ -53,3 +53,41 @@ def test_ddp_precision_and_reduce_dtype(tmp_path, bf16_llama, reviews_csv, preci
     assert summary["steps"] == 3 and summary["dtypes"] == expected and summary["replicas_in_sync"]
     assert f"{precision} trains in: params {expected['params']}" in out.stderr
 
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param(["--model.policy=Adapter"], id="lora-trained-head"),
+    pytest.param(["--model.policy=Adapter", "--model.quantization.bits=4"], id="qlora-trained-head"),
+    pytest.param(["--model.policy=Freeze", "--model.policy.init_args.top_k_layers=0",
+                  "--model.policy.init_args.unfreeze_every=1", "--model.policy.init_args.unfreeze_max_layers=1"],
+                 id="freeze-gradual-unfreezing"),
+])
+def test_mixed_precision_trains_fp32_over_a_base_loaded_in_bf16(tmp_path, bf16_llama, reviews_csv, extra):
+    # the recipes' `model.dtype: bfloat16` under bf16-mixed: the frozen base in bf16 (no fp32 copy of it), and
+    # what trains in fp32. The trained head (peft's modules_to_save copy) and the blocks unfrozen later were left
+    # in bf16, AdamW stepping on bf16 weights; the summary's dtypes read only the first trained tensor
+    import torch
+
+    from ftlab.quantization import quantized_numels
+
+    cli = run_cli(fit_args(tmp_path, bf16_llama, reviews_csv, "--trainer.precision=bf16-mixed", "--model.dtype=bfloat16",
+                           "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--test_after_fit=false", *extra))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["dtypes"] == FP32
+    model = cli.model.model
+    quantized = quantized_numels(model)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and id(p) not in quantized}
+    assert any(".layers.1." in n or "score" in n for n in trained)  # a head, or the block unfrozen at epoch 1
+    assert set(trained.values()) == {torch.float32}, trained
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen  # QLoRA: peft's fp32 upcast undone too
+    assert len(quantized) == (14 if "--model.quantization.bits=4" in extra else 0)
+    # `ftlab estimate` on the run's own config counts each weight in the dtype the run keeps it in
+    from ftlab.estimate.cli import estimate, parser
+    from ftlab.estimate.memory import quantized_weight_bytes
+
+    layers = {id(m.weight): m for m in model.modules() if id(getattr(m, "weight", None)) in quantized}
+    real = sum(quantized_weight_bytes(quantized[id(p)], 4, True, layers[id(p)].out_features)
+               if id(p) in quantized else p.numel() * p.element_size() for p in model.parameters())
+    est = estimate(parser().parse_args(["--config", str(tmp_path / "config.yaml"), "--no-activations"]), [])
+    assert est["params"]["bytes"] == real

@@ -323,3 +323,17 @@ def test_gradual_unfreezing_trains_the_unfrozen_blocks_on_every_rank(tmp_path_fa
         run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "fsdp", "Freeze", *unfreeze)
         assert len(run["losses"]) == len(ddp["losses"]) == 15
         assert max(abs(a - b) for a, b in zip(ddp["losses"], run["losses"])) <= 1e-5
+
+
+def test_bf16_base_under_mixed_precision_trains_fp32_adapters_under_fsdp_as_ddp(tmp_path_factory, tiny_models,
+                                                                                reviews_csv):
+    """The recipes' `model.dtype: bfloat16` under bf16-mixed with LoRA and a trained head: FSDP2 units hold the
+    frozen bf16 base beside fp32 adapters and head (FSDP2 needs one dtype among a unit's trained parameters: the
+    head was left in bf16), and train as DDP trains them."""
+    bf16_base = ("--trainer.precision=bf16-mixed", "--model.dtype=bfloat16")
+    ddp = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "ddp", "Adapter", *bf16_base)
+    run = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "fsdp", "Adapter", *bf16_base)
+    assert ddp["summary"]["dtypes"] == run["summary"]["dtypes"] == MIXED["fsdp"]
+    assert run["summary"]["steps"] == ddp["summary"]["steps"] == 10
+    diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
+    assert len(diffs) == 10 and max(diffs) <= 2e-2

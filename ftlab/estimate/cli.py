@@ -138,8 +138,6 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     skeleton = _skeleton(module, data, args.architecture) if args.architecture else module.skeleton(data)
     config = skeleton.config
     weight_bytes = _quantized_weights(module, skeleton)
-    # peft's k-bit preparation keeps every weight it does not quantize (and the adapter) in fp32
-    state_bytes = 4 if weight_bytes else param_bytes
     base_names = {n: p.numel() for n, p in skeleton.named_parameters()}  # what the checkpoint holds
     base_prefix = getattr(skeleton, "base_model_prefix", "")
     checkpoint = read_checkpoint(module.name_or_path, module.gguf_file, module.revision)
@@ -148,9 +146,11 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     lacking = sum(n for name, n in base_names.items()
                   if checkpoint.found and not checkpoint_key(name, checkpoint.tensors, base_prefix))
     model = module.policy.apply(skeleton, module.task)
+    stored, grad_bytes = _unquantized_bytes(module, model, precision, strategy, param_bytes, weight_bytes)
+    weight_bytes.update(stored)
     # the optimizer's own groups, as the policy makes them for the run (lr scale x weight decay)
     groups = [sum(p.numel() for p in g["params"]) for g in module.policy.param_groups(model, 1.0, 0.0)]
-    ranks = [state_per_rank(model, groups, strategy, world, r, state_bytes, optimizer=module.optim.name,
+    ranks = [state_per_rank(model, groups, strategy, world, r, param_bytes, grad_bytes, optimizer=module.optim.name,
                             weight_bytes=weight_bytes) for r in range(world)]
     params, grads, optim = ranks[0]
     total = sum(p.numel() for p in model.parameters())
@@ -238,6 +238,23 @@ def _quantized_weights(module, skeleton) -> dict[int, int]:
             out[id(layer.weight)] = quantized_weight_bytes(layer.weight.numel(), quant.bits, quant.double_quant,
                                                            layer.out_features)
     return out
+
+
+def _unquantized_bytes(module, model, precision: str, strategy: str, load_bytes: int,
+                       quantized: dict[int, int]) -> tuple[dict[int, int], int]:
+    """({id(weight): its bytes} for the weights not stored in the load dtype, bytes of a gradient), as
+    FineTuneModule._settle_weight_dtypes and peft's k-bit preparation leave them. Under a mixed precision (not
+    DeepSpeed, which converts the module and keeps fp32 partitions itself): what trains (or will, by gradual
+    unfreezing) in fp32, frozen weights in the load dtype. Otherwise a quantized base's other weights are fp32
+    (peft's upcast), and the rest is in the load dtype."""
+    mixed = precision.endswith("-mixed") and not strategy.startswith("deepspeed")
+    out = {}
+    for name, p in model.named_parameters():
+        if id(p) in quantized:
+            continue
+        if (p.requires_grad or module.policy.will_train(name)) if mixed else bool(quantized):
+            out[id(p)] = p.numel() * 4
+    return out, 4 if mixed or quantized else load_bytes
 
 
 def _quantization_text(module) -> str | None:

@@ -274,6 +274,12 @@ def _dtype_name(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _dtypes_name(tensors) -> str | None:
+    """The dtype of every tensor, or each of them joined by "+" where they differ (a trained head left in bf16
+    beside fp32 LoRA matrices: one tensor alone would not show it)."""
+    return "+".join(sorted({_dtype_name(t) for t in tensors})) or None
+
+
 def reduce_dtype(strategy, model: nn.Module) -> str | None:
     """The dtype gradients are averaged across ranks in."""
     if isinstance(strategy, ModelParallelStrategy):
@@ -293,7 +299,7 @@ def grads_dtype(trainer, optimizer) -> str | None:
     if engine is not None:  # ZeRO keeps them in its own buffers, in the dtype it accumulates them in
         return _dtype_name(torch.empty(0, dtype=engine.get_data_types()[1]))
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return _dtype_name(grads[0]) if grads else None
+    return _dtypes_name(grads)
 
 
 def precision_report(trainer, model: nn.Module, optimizer, grads: str | None) -> dict[str, str]:
@@ -307,8 +313,8 @@ def precision_report(trainer, model: nn.Module, optimizer, grads: str | None) ->
     state = [v for per in inner.state.values() for v in per.values() if torch.is_tensor(v) and v.dim() > 0]
     trainable = [p for p in model.parameters() if p.requires_grad]
     report = {
-        "params": _dtype_name(trainable[0]) if trainable else None,
-        "master_params": _dtype_name(stepped[0]) if stepped else None,
+        "params": _dtypes_name(trainable),
+        "master_params": _dtypes_name(stepped),
         "grads": grads,
         "optimizer_state": _dtype_name(state[0]) if state else None,
         "reduce": reduce_dtype(trainer.strategy, model) if torch.distributed.is_initialized() else None,

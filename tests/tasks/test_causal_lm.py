@@ -156,3 +156,21 @@ def test_prompt_response_columns_train_on_the_response_only(tmp_path, tiny_model
         assert trained[-2:] == ["superb", "[SEP]"] and trained[0] in POSITIVE and len(trained) == 3
     with pytest.raises(Exception, match="prompt_column and data.response_column go together"):
         LanguageModelingData(str(path), prompt_column="question")
+
+
+def test_sample_generations_run_in_the_steps_precision(tmp_path, tiny_models, chat_file):
+    """LoRA SFT with the recipes' bf16 frozen base (`model.dtype: bfloat16`) under bf16-mixed: the trained weights
+    are fp32, so the model computes only under autocast. The sample generations at each validation run in a hook,
+    outside the steps' autocast: they stopped the run ("expected m1 and m2 to have the same dtype")."""
+    from ftlab.cli import run_cli
+
+    run = tmp_path / "run"
+    run_cli(task_args(run, tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
+                      f"--data.chat_template={CHAT_TEMPLATE}", "--data.max_length=64", "--data.batch_size=8",
+                      "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--model.task.max_new_tokens=3",
+                      "--trainer.precision=bf16-mixed", "--model.dtype=bfloat16", "--test_after_fit=false",
+                      policy="Adapter"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["dtypes"]["params"] == "float32"
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all("generated" in s for s in samples)
