@@ -8,6 +8,7 @@ import warnings
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -177,7 +178,8 @@ class FineTuneModule(L.LightningModule):
         adapter matrices fp32 itself, but not the trained copy of a head (`modules_to_save`), nor does the Freeze
         policy its trained blocks. DeepSpeed keeps fp32 master partitions of its own (and converts the module)."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is None or not str(trainer.precision).endswith("-mixed") or isinstance(trainer.strategy, DeepSpeed):
+        if trainer is None or not str(trainer.precision).endswith("-mixed") or isinstance(trainer.strategy,
+                                                                                         DeepSpeedStrategy):
             return
         frozen, quantized = self.weight_dtype(), quantized_numels(model)
         for name, p in model.named_parameters():

@@ -337,3 +337,20 @@ def test_bf16_base_under_mixed_precision_trains_fp32_adapters_under_fsdp_as_ddp(
     assert run["summary"]["steps"] == ddp["summary"]["steps"] == 10
     diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
     assert len(diffs) == 10 and max(diffs) <= 2e-2
+
+
+def test_gradual_unfreezing_under_bf16_mixed_with_a_bf16_base_trains_as_ddp(tmp_path_factory, tiny_models,
+                                                                            reviews_csv):
+    """Gradual unfreezing under bf16-mixed over a bf16 base: the blocks to unfreeze are fp32 from the start. FSDP2
+    settles a unit's gradient dtypes at its first forward, from what trains then: a unit unfrozen later got bf16
+    gradients for its fp32 shards and the first backward after the unfreeze failed."""
+    unfreeze = ("--trainer.max_epochs=3", "--model.policy.unfreeze_every=1", "--trainer.precision=bf16-mixed",
+                "--model.dtype=bfloat16")
+    ddp = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "ddp", "Freeze", *unfreeze)
+    run = distributed_fit(tmp_path_factory, tiny_models["bert"], reviews_csv, "fsdp", "Freeze", *unfreeze)
+    for r in (ddp, run):
+        assert r["summary"]["steps"] == 15 and r["summary"]["dtypes"]["params"] == "float32"
+        assert r["stderr"].count("unfroze") == 2  # epochs 1 and 2
+    assert ddp["summary"]["replicas_in_sync"] is True
+    diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
+    assert len(diffs) == 15 and max(diffs) <= 2e-2

@@ -159,9 +159,11 @@ def resolve_strategy(strategy):
 
 def follow_trainable_change(strategy) -> None:
     """Called after parameters started training mid-run (gradual unfreezing): DDP must wrap the model again
-    (see ddp.rewrap_after_trainable_change). FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is
-    refused up front (check_combination)."""
+    (see ddp.rewrap_after_trainable_change), FSDP2 settle its units' gradient dtypes again (see
+    FSDP.follow_trainable_change); DeepSpeed is refused up front (check_combination)."""
     ddp.rewrap_after_trainable_change(strategy)
+    if isinstance(strategy, FSDP):
+        strategy.follow_trainable_change()
 
 
 def settle_for_reading(strategy) -> None:

@@ -9,7 +9,7 @@ def rewrap_after_trainable_change(strategy) -> None:
     """Called after parameters started training mid-run (gradual unfreezing). DDP registers its gradient
     all-reduce only for the parameters that required grad when it wrapped the model: newly unfrozen ones
     would train on each rank's own gradients and the replicas drift apart. So DDP wraps the model again.
-    FSDP2 re-reads `requires_grad` at every unshard; DeepSpeed is refused up front (check_combination)."""
+    (FSDP: see FSDP.follow_trainable_change; DeepSpeed is refused up front: check_combination.)"""
     from torch.nn.parallel import DistributedDataParallel
 
     if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.model, DistributedDataParallel):

@@ -89,6 +89,21 @@ class FSDP(ModelParallelStrategy):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
+    def follow_trainable_change(self) -> None:
+        """After parameters started training mid-run (gradual unfreezing). FSDP2 re-reads `requires_grad` at
+        every unshard, but settles a unit's gradient dtypes (the one its trained parameters are stored in, the
+        one it reduces in) once, at its first forward, from the parameters training then: a unit wholly frozen
+        then keeps none. Under bf16-mixed its newly trained fp32 shards then got bf16 gradients, reduced in
+        bf16 and never cast back, and the first backward failed ("assign a gradient with dtype BFloat16 to a
+        tensor with grad_dtype Float"). torch has no public call for this; its lazy init's own step (meant to
+        run again when parameters change) is used here."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+            if group is not None:
+                group._init_mp_dtypes()
+
     def model_to_device(self) -> None:
         if not self.offloads:
             return super().model_to_device()
