@@ -29,10 +29,10 @@ def test_case_passes_with_one_line_and_a_closing_count(tmp_path):
 
 def test_exit_0_without_training_and_a_refused_option_are_failures(tmp_path):
     # max_steps=0: ftlab exits 0 having trained nothing, the worst failure; 16-mixed is skipped on CPU
-    out = gpu_check(tmp_path, "--cases", "^ddp .*bert-lora$", "--fit-arg=--trainer.max_steps=0")
+    out = gpu_check(tmp_path, "--cases", "^ddp .*bert-lora(\\+fp16base)?$", "--fit-arg=--trainer.max_steps=0")
     assert out.returncode == 1, out.stdout + out.stderr[-3000:]
     assert re.search(r"^FAIL ddp bf16-mixed bert-lora steps=0 .*trained 0 of 8 steps", out.stdout, re.MULTILINE), out.stdout
-    assert re.search(r"^SKIP ddp 16-mixed bert-lora", out.stdout, re.MULTILINE), out.stdout
+    assert re.search(r"^SKIP ddp 16-mixed bert-lora\+fp16base", out.stdout, re.MULTILINE), out.stdout
     assert out.stdout.splitlines()[-1] == "gpu-check: 0 passed, 1 failed, 1 skipped"
 
     out = gpu_check(tmp_path, "--cases", "^ddp bf16-mixed bert-lora$", "--fit-arg=--trainer.precision=bogus")
