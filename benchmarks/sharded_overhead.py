@@ -129,6 +129,7 @@ def main() -> None:
             plain_medians.append(median(json.loads(line.split(" ", 1)[1])))
         emit({"benchmark": "sharded_overhead", "strategy": strategy, "ranks": 2, "steps": args.steps, "rounds": args.rounds,
               "ftlab_step_s": median(ftlab_medians), "plain_step_s": median(plain_medians),
+              "ftlab_round_s": ftlab_medians, "plain_round_s": plain_medians,
               "ratios": [p / f for f, p in zip(ftlab_medians, plain_medians)],
               "ftlab_speed_vs_plain": median([p / f for f, p in zip(ftlab_medians, plain_medians)])})
 
