@@ -187,10 +187,15 @@ class FSDP(ModelParallelStrategy):
             rank_zero_info("ftlab: fsdp cpu_offload has no effect on CPU ranks; ignored")
         kwargs = {
             "mesh": self._mesh(),
-            "reshard_after_forward": frozen or self.sharding != "grad-op",
             "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
             "mp_policy": self.mixed_precision_policy(),
         }
+        # `full` leaves it to torch: every unit resharded after forward except the root, whose parameters
+        # backward needs at once (a tied embedding lives there). Passing True turns that exception off (torch
+        # 2.13: the root gathered again in backward, 0.93x a plain FSDP2 loop on a tied-embedding Llama).
+        # A frozen model has no backward to reshard it: every unit, the root included, reshards after forward.
+        if frozen or self.sharding == "grad-op":
+            kwargs["reshard_after_forward"] = frozen
         for module in model.modules():
             if isinstance(module, parts.block_class):
                 fully_shard(module, **kwargs)
