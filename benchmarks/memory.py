@@ -325,7 +325,8 @@ def parts_section(records: list[dict], table, verdict) -> list[str]:
             "quantized_layers_fp32_mb"]
         goals.append(f"QLoRA's base weights <= 0.2x of their fp32 bytes: the quantized layers {layers:.3f}x "
                      f"({verdict(layers <= 0.2)}); the whole base {whole:.2f}x ({verdict(whole <= 0.2)}: the tied "
-                     "49,152 x 576 embedding, 21% of SmolLM2-135M's weights, stays fp32, as transformers leaves it)")
+                     "49,152 x 576 embedding, 21% of SmolLM2-135M's weights, is fp32 in these fp32 rows; under a mixed "
+                     "precision with model.dtype bfloat16 ftlab keeps it in bf16: about 0.21x by its bytes, not measured)")
     for text, value, goal in (
             ("activation checkpointing keeps <= 0.35x of the activations (kept for backward, QLoRA rows)",
              ratio("+ activation checkpointing", "activations_kept_mb", "QLoRA-4bit"), 0.35),

@@ -56,6 +56,13 @@ def summarize_trainable(model: torch.nn.Module) -> tuple[int, int, list[str]]:
     return trainable, total, names
 
 
+def keeps_fp32_masters(precision: str, deepspeed: bool) -> bool:
+    """Whether ftlab itself keeps what trains in fp32 and frozen weights in the load dtype
+    (FineTuneModule._settle_weight_dtypes; `ftlab estimate` counts by the same rule): under a `*-mixed`
+    precision, except under DeepSpeed, which converts the module and keeps fp32 master partitions itself."""
+    return precision.endswith("-mixed") and not deepspeed
+
+
 class FineTuneModule(L.LightningModule):
     """A pretrained Hugging Face model, a task and a policy."""
 
@@ -178,8 +185,8 @@ class FineTuneModule(L.LightningModule):
         adapter matrices fp32 itself, but not the trained copy of a head (`modules_to_save`), nor does the Freeze
         policy its trained blocks. DeepSpeed keeps fp32 master partitions of its own (and converts the module)."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is None or not str(trainer.precision).endswith("-mixed") or isinstance(trainer.strategy,
-                                                                                         DeepSpeedStrategy):
+        if trainer is None or not keeps_fp32_masters(str(trainer.precision), isinstance(trainer.strategy,
+                                                                                         DeepSpeedStrategy)):
             return
         frozen, quantized = self.weight_dtype(), quantized_numels(model)
         for name, p in model.named_parameters():

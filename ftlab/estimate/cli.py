@@ -247,7 +247,9 @@ def _unquantized_bytes(module, model, precision: str, strategy: str, load_bytes:
     DeepSpeed, which converts the module and keeps fp32 partitions itself): what trains (or will, by gradual
     unfreezing) in fp32, frozen weights in the load dtype. Otherwise a quantized base's other weights are fp32
     (peft's upcast), and the rest is in the load dtype."""
-    mixed = precision.endswith("-mixed") and not strategy.startswith("deepspeed")
+    from ftlab.module import keeps_fp32_masters
+
+    mixed = keeps_fp32_masters(precision, strategy.startswith("deepspeed"))
     out = {}
     for name, p in model.named_parameters():
         if id(p) in quantized:
