@@ -25,8 +25,13 @@ quickstart: install
 	  echo "  $(PY) -m ftlab generate --run runs/quickstart \"a sharp, moving film\""; \
 	else $(PY) -m ftlab fit --config configs/quickstart.yaml; fi
 
+# Two tests at a time: most of a test's time is one process importing torch and Lightning on one core. One
+# thread per process, so that two tests, or a 2-rank test beside another, do not oversubscribe the 2 cores.
+# The Slurm tests share this machine's one local cluster: they run after, one at a time. Both parts always run.
 test: install
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --ignore=tests/slurm; rest=$$?; \
+	$(PY) -m pytest tests/slurm; slurm=$$?; \
+	test $$rest -eq 0 -a $$slurm -eq 0
 
 lint: install
 	$(VENV)/bin/ruff check ftlab tests benchmarks
