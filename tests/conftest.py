@@ -100,10 +100,13 @@ def tiny_bert(tiny_models) -> Path:
     return tiny_models["bert"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own tokenisation cache (never the user's ~/.cache)."""
-    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "ftlab-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Each test session (each xdist worker) gets its own tokenisation cache, never the user's ~/.cache nor
+    CI's: session-scoped, so that module-scoped fixtures' runs use it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "ftlab-cache"))
+        yield
 
 
 def fit_args(run_dir: Path, model: Path, data: Path, *extra: str, policy: str = "Full") -> list[str]:

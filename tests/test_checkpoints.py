@@ -64,8 +64,14 @@ def kill_one_rank_at_a_random_step(proc, checkpoints):
 
 def kill_the_job_while_a_checkpoint_is_written(proc, checkpoints):
     wait_for(checkpoints / "last.ckpt", proc)
-    while not list(checkpoints.glob("*.partial")):
+    while True:
         assert proc.poll() is None, "the run ended before a save could be interrupted"
+        if list(checkpoints.glob("*.partial")):
+            # stopped first: a save that ended between the look and the kill would leave nothing half-written
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if list(checkpoints.glob("*.partial")):
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.001)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)

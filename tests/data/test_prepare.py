@@ -270,7 +270,7 @@ def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tmp_path, t
     from ftlab.cli import parse_fit_config
 
     args = fit_args(tmp_path / "run", tiny_bert, reviews_csv, "--trainer.max_epochs=1", "--trainer.strategy=ddp",
-                    "--trainer.devices=2", "--collective_timeout=25", "--data.cache_shared=true",
+                    "--trainer.devices=2", "--collective_timeout=60", "--data.cache_shared=true",
                     f"--data.cache_dir={tmp_path / 'cache'}", "--test_after_fit=false")
     path = parse_fit_config(args[1:]).datamodule.cache_path
     with FileLock(path + ".lock"):
@@ -282,7 +282,7 @@ def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tmp_path, t
         while "waiting for the cache" not in lines[-1]:
             lines.append(proc.stderr.readline())
             assert lines[-1] or proc.poll() is None, "fit ended without waiting: " + "".join(lines)[-3000:]
-        time.sleep(30)  # longer than the collective timeout
+        time.sleep(65)  # longer than the collective timeout (which also bounds the start-up: not shorter)
         assert proc.poll() is None
         os.remove(path + ".lock.owner")
     err = proc.communicate(timeout=600)[1]
