@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -32,6 +33,9 @@ def test_fit_writes_run_dir_and_export_reloads_with_same_logits(tmp_path, tiny_m
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert summary["train_tokens"] > summary["train_samples"] == 2 * 160
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    # evaluation under no_grad, as gloo runs it, not inference_mode (NCCL's choice, which FSDP2 cannot train after)
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["inference_mode"] is False
+    assert not cli.trainer.validate_loop.inference_mode and not cli.trainer.test_loop.inference_mode
 
     trained = cli.model.model.eval()
     batch = batch_of(cli)
