@@ -11,7 +11,8 @@ own hooks. Under FSDP2 the head is in the root unit when the loss is chunked (`f
 always are): gathered once with the root's `unshard()` for all chunks, resharded by FSDP's post-backward, or
 by `Head.release` after a loss without gradients (a teacher's stays gathered until its next forward reshards
 it: backward recomputes its chunks). Where chunk calls are collectives (ZeRO-3), every rank runs as many
-chunks (the most any rank needs; empty ones where it has fewer).
+chunks (the most any rank needs; empty ones where it has fewer), and every step as many as the most any
+step has needed: ZeRO-3 prefetches only while each step calls the modules in the order of the one before.
 """
 
 from __future__ import annotations
@@ -159,13 +160,12 @@ def _chunk_count(n: int, size: int, device: torch.device, sharded: bool) -> int:
     return count
 
 
-def per_token(fn: Callable[..., tuple[torch.Tensor, ...]], size: int, *tensors: torch.Tensor,
-              collective: bool = True) -> list[torch.Tensor]:
-    """`fn` on `size` rows of `tensors` at a time, each chunk checkpointed (backward recomputes its logits);
-    the per-token outputs concatenated."""
-    n = tensors[0].shape[0]
+def per_token(fn: Callable[..., tuple[torch.Tensor, ...]], size: int, count: int,
+              *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`fn` on `size` rows of `tensors` at a time, in `count` chunks (the last ones empty where the rows run
+    out), each checkpointed (backward recomputes its logits); the per-token outputs concatenated."""
     outs = []
-    for i in range(_chunk_count(n, size, tensors[0].device, collective)):
+    for i in range(count):
         part = [t[i * size:(i + 1) * size] for t in tensors]
         outs.append(checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
     return [torch.cat(o) for o in zip(*outs)]
@@ -177,6 +177,19 @@ class ChunkedLoss:
     def __init__(self, size: int):
         self.size = size
         self._checked: set[int] = set()
+        self._most = 0  # the most chunks a call has made where each chunk is a collective
+
+    def _per_token(self, fn: Callable[..., tuple[torch.Tensor, ...]], collective: bool,
+                   *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """`per_token` in as many chunks as the rows need; where each chunk call is a collective (a ZeRO-3
+        head), as many as the most any call has needed so far, on every rank. ZeRO-3 prefetches parameters in
+        the order modules ran in the previous step and drops that record at a step whose order differs (one more
+        or one fewer head call): with the labelled-token count varying from batch to batch, most steps then ran
+        with no prefetching and gathered the head again for every chunk. Empty chunks cost a call of the head."""
+        count = _chunk_count(tensors[0].shape[0], self.size, tensors[0].device, collective)
+        if collective:
+            count = self._most = max(self._most, count)
+        return per_token(fn, self.size, count, *tensors)
 
     def head(self, model: nn.Module, inputs: dict) -> tuple[Head, torch.Tensor]:
         """(the model's head, its last hidden state); the head is checked against the model's own logits once."""
@@ -195,7 +208,7 @@ class ChunkedLoss:
         def chunk(h, t):
             return (F.cross_entropy(head(h), t, reduction="none"),)
 
-        (losses,) = per_token(chunk, self.size, h, targets, collective=head.collective)
+        (losses,) = self._per_token(chunk, head.collective, h, targets)
         head.release()
         return losses.sum() / losses.numel()
 
@@ -208,7 +221,7 @@ class ChunkedLoss:
             logits = head(h)
             return (logits.gather(1, t.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1),)
 
-        (logps,) = per_token(chunk, self.size, h, targets, collective=head.collective)
+        (logps,) = self._per_token(chunk, head.collective, h, targets)
         head.release()
         sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
         return sums, (labels[:, 1:] != -100).sum(-1)
@@ -230,7 +243,7 @@ class ChunkedLoss:
             kl = F.kl_div(F.log_softmax(student / temperature, -1), target, log_target=True, reduction="none")
             return F.cross_entropy(student, t, reduction="none"), kl.sum(-1)
 
-        ce, kl = per_token(chunk, self.size, h, ht, targets, collective=head.collective or teacher_head.collective)
+        ce, kl = self._per_token(chunk, head.collective or teacher_head.collective, h, ht, targets)
         head.release()
         n = ce.numel()
         return ce.sum() / n, kl.sum() / n

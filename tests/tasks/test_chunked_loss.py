@@ -181,6 +181,28 @@ def test_the_chunked_loss_keeps_less_than_one_chunk_of_logits_for_backward():
     assert chunked < 0.2 * own, (own, chunked)
 
 
+def test_collective_chunks_keep_one_count_from_step_to_step():
+    """Where each chunk's head call is a collective (a ZeRO-3 head), every call makes as many chunks as the
+    most any call has needed: ZeRO-3 prefetches from the module order of the step before and drops it at a step
+    that calls the head once more or once less. The padding chunks are empty (the values are the rows' own)."""
+    loss = chunked_loss.ChunkedLoss(4)
+    calls = []
+
+    def chunk(x):
+        calls.append(len(x))
+        return (x * 2,)
+
+    counts = []
+    for rows, collective in ((10, True), (5, True), (14, True), (1, True), (5, False)):
+        calls.clear()
+        x = torch.arange(rows, dtype=torch.float32)
+        (out,) = loss._per_token(chunk, collective, x)
+        assert torch.equal(out, x * 2)
+        counts.append(len(calls))
+    assert counts == [3, 3, 4, 4, 2]  # collective: the most so far (3, then 4); not collective: what 5 rows need
+    assert calls == [4, 1]
+
+
 def test_what_the_chunked_loss_cannot_apply_to_is_refused():
     with pytest.raises(ConfigError, match="task sequence-classification computes no token-level loss"):
         chunked_loss.configure(SequenceClassification(), 512)
@@ -285,3 +307,36 @@ def test_sharded_two_ranks_chunked_equals_unchunked(tmp_path, tiny_models, tied_
     assert len(losses[0][0]) == 4 and losses[0][0] != losses[0][1]  # 4 steps, each rank its own rows
     for rank in (0, 1):
         assert losses[8][rank] == pytest.approx(losses[0][rank], rel=1e-5, abs=1e-5)
+
+
+class ZeroTrace(L.Callback):
+    """Writes, per rank, whether ZeRO-3's module-order trace (what it prefetches from) was complete at the start
+    of each training step: C complete, R recording, I invalid, to `folder/trace-rank{N}.json`."""
+
+    def __init__(self, folder: str):
+        self.folder, self.states = folder, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        coordinator = trainer.strategy.deepspeed_engine.optimizer.parameter_offload.get_param_coordinator()
+        self.states.append("C" if coordinator.is_complete_trace() else "I" if coordinator.is_invalid_trace() else "R")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(f"{self.folder}/trace-rank{trainer.global_rank}.json", "w") as f:
+            json.dump(self.states, f)
+
+
+def test_zero3_keeps_prefetching_while_the_chunk_count_varies(tmp_path, tiny_models, chat_file):
+    """Each batch labels another number of tokens: one more or one fewer chunk changed the order ZeRO-3 calls
+    modules in, and it dropped its trace (no prefetching, the head gathered again for each chunk) in most steps
+    (complete at the start of 2 steps of 10 before the fix). As many chunks every step: complete once warm."""
+    out = run_ftlab(*task_args(tmp_path, tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
+                               f"--data.chat_template={CHAT_TEMPLATE}", "--data.max_length=64", "--data.batch_size=2",
+                               "--trainer.strategy=deepspeed_stage_3", "--trainer.devices=2", "--trainer.max_steps=10",
+                               "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+                               "--test_after_fit=false", "--model.task.max_new_tokens=2", "--model.loss_chunk_size=8",
+                               "--trainer.callbacks+=tests.tasks.test_chunked_loss.ZeroTrace",
+                               f"--trainer.callbacks.folder={tmp_path}"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        states = json.loads((tmp_path / f"trace-rank{rank}.json").read_text())
+        assert len(states) == 10 and states[5:] == ["C"] * 5, states  # warm: the first steps record, then hold
