@@ -354,3 +354,25 @@ def test_gradual_unfreezing_under_bf16_mixed_with_a_bf16_base_trains_as_ddp(tmp_
     assert ddp["summary"]["replicas_in_sync"] is True
     diffs = [abs(a - b) for a, b in zip(ddp["losses"], run["losses"])]
     assert len(diffs) == 15 and max(diffs) <= 2e-2
+
+
+def test_cpu_ranks_share_the_cores_when_no_thread_count_is_set(tmp_path, tiny_bert, reviews_csv):
+    """`--trainer.devices=2` on a CPU host without OMP_NUM_THREADS (a laptop; `make test` sets it to 1 for the
+    whole suite, so only this test runs without it): ftlab gives each rank its share of the cores, said in one
+    line, and the ranks train (each starting one thread per core, they ran ~30x slower)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "ftlab", *fit_args(run, tiny_bert, reviews_csv, "--trainer.strategy=ddp",
+                          "--trainer.devices=2", "--trainer.max_steps=2", "--test_after_fit=false")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"ftlab: 2 CPU ranks on this host: {threads} thread(s) each (OMP_NUM_THREADS)" in out.stderr + out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["world_size"], summary["steps"]) == (2, 2)
