@@ -22,8 +22,8 @@ from ftlab.module import FineTuneModule
 from ftlab.slurm.preemption import Preemption, find_preemption, in_slurm_job, restart_count
 from ftlab.strategies import (
     check_combination,
-    check_inference_mode,
     check_resume,
+    evaluation_inference_mode,
     resolve_strategy,
     set_collective_timeout,
     split_cpu_threads,
@@ -91,7 +91,8 @@ class FtlabCLI(LightningCLI):
         callbacks = [TrainingMetrics(), RngState(), TrainingPosition(), StopLocalRanksOnError()]
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         trainer_cfg["strategy"] = resolve_strategy(trainer_cfg.get("strategy", "auto"))
-        check_inference_mode(trainer_cfg["strategy"], trainer_cfg.get("inference_mode"))
+        trainer_cfg["inference_mode"] = evaluation_inference_mode(trainer_cfg["strategy"],
+                                                                   trainer_cfg.get("inference_mode", False))
         if trainer_cfg.get("devices") is None or str(trainer_cfg["devices"]).lower() in ("null", "none"):
             trainer_cfg["devices"] = "auto"  # `--trainer.devices null`: Lightning's default
         if in_slurm_job():
@@ -219,8 +220,8 @@ _CLI_KWARGS = dict(
     save_config_kwargs={"overwrite": True, "config_filename": "config.yaml", "save_to_log_dir": False},
     # our batch samplers shard by rank themselves (deterministic, resumable mid-epoch)
     trainer_defaults={"default_root_dir": "runs/default", "use_distributed_sampler": False,
-                      # evaluation under no_grad, as Lightning runs it on gloo (CPU): under inference_mode, its
-                      # choice on NCCL, FSDP2 cannot train after the sanity check (check_inference_mode)
+                      # validate/test/predict under no_grad, as Lightning runs them on gloo (CPU), where the
+                      # tests run: on NCCL it chose inference mode (see evaluation_inference_mode)
                       "inference_mode": False},
     auto_configure_optimizers=False,
     # parse errors raise (and __main__ prints them as one line) instead of printing usage and exiting
@@ -246,9 +247,7 @@ class _CheckOnly(FtlabCLI):
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's hook point for running: check instead
         cfg = self.config[subcommand]
         self.model.task.check_data_type(self.datamodule)
-        strategy = resolve_strategy(cfg["trainer"].get("strategy", "auto"))
-        check_combination(strategy, self.model)
-        check_inference_mode(strategy, cfg["trainer"].get("inference_mode"))
+        check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model)
 
 
 def check_fit_config(args: list[str]) -> tuple[dict, str]:

@@ -13,18 +13,21 @@ from ftlab.errors import ConfigError, did_you_mean
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
-def check_attention(name: str | None, device_type: str | None = None, precision: str | None = None) -> None:
+def check_attention(name: str | None, device_type: str | None = None, precision: str | None = None,
+                    weight_dtype: str | None = None) -> None:
     """Refuse an attention kernel that cannot run here before any weights load (transformers would only say
     so after loading them); the device and the precision are checked once known."""
     if name is None:
         return
     if name not in ATTENTION:
         raise ConfigError(f"model.attn_implementation={name!r} is not an attention kernel; {did_you_mean(name, ATTENTION)}")
-    if name == "flash_attention_2" and precision in ("32-true", "64-true"):
-        # no autocast: queries come out of fp32 projections, and flash-attn takes fp16/bf16 only (it failed at
-        # the first forward, after the weights had loaded)
-        raise ConfigError(f"model.attn_implementation=flash_attention_2 with trainer.precision={precision}: flash "
-                          "attention computes in fp16 or bf16 only; use trainer.precision bf16-mixed, or sdpa")
+    if name == "flash_attention_2" and precision in ("32-true", "64-true") and weight_dtype in (None, "float32",
+                                                                                              "float64"):
+        # no autocast and fp32 weights: the queries are fp32 (transformers casts them to the projections' dtype),
+        # and flash-attn takes fp16/bf16 only: it failed at the first forward, after the weights had loaded
+        raise ConfigError(f"model.attn_implementation=flash_attention_2 with trainer.precision={precision} and fp32 "
+                          "weights: flash attention computes in fp16 or bf16 only; use trainer.precision bf16-mixed, "
+                          "or model.dtype bfloat16, or sdpa")
     if name == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 needs the flash-attn package "

@@ -286,7 +286,8 @@ class FineTuneModule(L.LightningModule):
         data = self.trainer.datamodule
         self.task.check_data_type(data)
         self.task.check_data(data)
-        check_attention(self.attn_implementation, self.trainer.strategy.root_device.type, str(self.trainer.precision))
+        check_attention(self.attn_implementation, self.trainer.strategy.root_device.type, str(self.trainer.precision),
+                        str(self.weight_dtype()).removeprefix("torch."))
         check_packed_rows(self.attn_implementation, data)
         skeleton = self.skeleton(data)
         self.policy.validate(skeleton, self.task)

@@ -83,8 +83,6 @@ MORE = {
     "skipping steps under DeepSpeed": (["--model.skip_nonfinite_steps=2", "--trainer.strategy=deepspeed_stage_2",
                                         "--trainer.devices=2"], "DeepSpeed cannot skip a step"),
     "zero collective timeout": (["--collective_timeout=0"], "collective_timeout=0"),
-    "inference mode under FSDP": (["--trainer.strategy=fsdp", "--trainer.inference_mode=true"],
-                                  "trainer.inference_mode=true under fsdp"),
     "missing checkpoint to resume": (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
 }
 

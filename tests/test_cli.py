@@ -33,7 +33,7 @@ def test_fit_writes_run_dir_and_export_reloads_with_same_logits(tmp_path, tiny_m
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert summary["train_tokens"] > summary["train_samples"] == 2 * 160
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
-    # evaluation under no_grad, as gloo runs it, not inference_mode (NCCL's choice, which FSDP2 cannot train after)
+    # validate/test/predict under no_grad, as on gloo (where the tests run), not inference mode (Lightning's on NCCL)
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["inference_mode"] is False
     assert not cli.trainer.validate_loop.inference_mode and not cli.trainer.test_loop.inference_mode
 

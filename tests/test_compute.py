@@ -84,15 +84,18 @@ def test_flash_attention_with_packed_batches_of_several_rows_is_refused():
 
 
 def test_flash_attention_without_a_half_precision_is_refused():
-    """flash-attn computes in fp16/bf16 only: under 32-true (no autocast) the queries come out of fp32
-    projections and the first forward failed, after the weights had loaded. Refused at setup; the mixed and
-    half precisions pass (this machine has no flash-attn, so the check is called as setup calls it)."""
+    """flash-attn computes in fp16/bf16 only: under 32-true (no autocast) over fp32 weights the queries are
+    fp32 and the first forward failed, after the weights had loaded. Refused at setup; mixed precisions and half
+    weights pass (this machine has no flash-attn, so the check is called as setup calls it)."""
     from ftlab.compute import check_attention
     from ftlab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"flash_attention_2 with trainer.precision=32-true: .* fp16 or bf16 only"):
-        check_attention("flash_attention_2", "cuda", "32-true")
-    for precision in ("bf16-mixed", "bf16-true", "16-mixed"):
-        with pytest.raises(ConfigError, match="needs the flash-attn package"):  # past the precision check
-            check_attention("flash_attention_2", "cuda", precision)
+    with pytest.raises(ConfigError, match=r"flash_attention_2 with trainer.precision=32-true and fp32 weights: .* "
+                                          r"fp16 or bf16 only"):
+        check_attention("flash_attention_2", "cuda", "32-true", "float32")
+    # autocast, or half weights (transformers casts the queries to the projections' dtype): past the check
+    for precision, weights in (("bf16-mixed", "float32"), ("bf16-true", "bfloat16"), ("16-mixed", "float32"),
+                               ("32-true", "bfloat16")):
+        with pytest.raises(ConfigError, match="needs the flash-attn package"):
+            check_attention("flash_attention_2", "cuda", precision, weights)
     check_attention("sdpa", "cuda", "32-true")

@@ -376,3 +376,21 @@ def test_cpu_ranks_share_the_cores_when_no_thread_count_is_set(tmp_path, tiny_be
     assert f"ftlab: 2 CPU ranks on this host: {threads} thread(s) each (OMP_NUM_THREADS)" in out.stderr + out.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["world_size"], summary["steps"]) == (2, 2)
+
+
+def test_fsdp_evaluates_under_no_grad_even_where_a_config_asks_for_inference_mode(tmp_path, tiny_bert, reviews_csv):
+    """On NCCL Lightning runs validate/test/predict under inference mode, where FSDP2 on one rank cannot gather
+    for a first forward. ftlab's default is false; a config that holds true (older run configs, dumped whole,
+    do) still runs under fsdp, evaluated under no_grad, and says so in one line. Other strategies keep it."""
+    from ftlab.strategies import FSDP, evaluation_inference_mode, resolve_strategy
+
+    assert evaluation_inference_mode(FSDP(), True) is False
+    assert evaluation_inference_mode(resolve_strategy("ddp"), True) is True
+    assert evaluation_inference_mode(FSDP(), False) is False
+    run = tmp_path / "run"
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.strategy=fsdp", "--trainer.inference_mode=true",
+                              "--trainer.max_steps=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ftlab: fsdp evaluates under no_grad (trainer.inference_mode=true is not used" in out.stderr + out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and "test/accuracy" in summary

@@ -30,7 +30,7 @@ from ftlab.strategies import ddp, deepspeed, fsdp
 from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
 from ftlab.strategies.fsdp import FSDP
 
-__all__ = ["FSDP", "DeepSpeed", "check_combination", "check_inference_mode", "check_resume", "checkpoint_kind", "follow_trainable_change",
+__all__ = ["FSDP", "DeepSpeed", "check_combination", "evaluation_inference_mode", "check_resume", "checkpoint_kind", "follow_trainable_change",
            "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
            "build_sharded", "settle_for_reading", "shard_model", "sharding_stats", "split_cpu_threads"]
 
@@ -89,16 +89,18 @@ def check_combination(strategy, module) -> None:
     quantization.check_combination(module, strategy)
 
 
-def check_inference_mode(strategy, inference_mode: bool) -> None:
-    """Lightning evaluates under torch.inference_mode on NCCL (no_grad on gloo, so CPU runs never show this).
-    FSDP2 keeps the buffers it gathers parameters into: made under inference mode (the sanity check before
-    training is the first forward), they cannot be written outside it, and the first training step fails
-    ("Inplace update to inference tensor outside InferenceMode"); on one rank the evaluation itself fails.
-    ftlab's default is false: evaluation under no_grad, as on CPU."""
-    if inference_mode and isinstance(strategy, ModelParallelStrategy):
-        raise ConfigError("trainer.inference_mode=true under fsdp: FSDP2's gathered-parameter buffers made under "
-                          "inference mode (in evaluation) cannot be written by the training steps after it; leave "
-                          "it false (ftlab's default)")
+def evaluation_inference_mode(strategy, requested: bool) -> bool:
+    """`trainer.inference_mode` as ftlab runs it: false under FSDP whatever the config says (as Lightning does for
+    its own FSDP1 strategy). Lightning evaluates `validate`, `test` (the test after fit too) and `predict` under
+    inference mode on NCCL (under no_grad on gloo, so CPU runs never show this; fit's own validation always
+    under no_grad); FSDP2 on one rank cannot run a first forward under inference mode ("Inference tensors do
+    not track version counter": `ftlab validate` of an fsdp config on one GPU). Older run configs hold
+    `inference_mode: true` (Lightning's default, dumped whole): they keep running, with one line saying so."""
+    if requested and isinstance(strategy, ModelParallelStrategy):
+        rank_zero_info("ftlab: fsdp evaluates under no_grad (trainer.inference_mode=true is not used: FSDP2 cannot "
+                       "gather parameters for a first forward under inference mode)")
+        return False
+    return bool(requested)
 
 
 def checkpoint_kind(path: str) -> str:

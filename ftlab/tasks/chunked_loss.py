@@ -177,18 +177,22 @@ class ChunkedLoss:
     def __init__(self, size: int):
         self.size = size
         self._checked: set[int] = set()
-        self._most = 0  # the most chunks a call has made where each chunk is a collective
+        # the most chunks a call has made where each chunk is a collective: training calls apart from those
+        # without gradients (the sanity check, validation's larger batches), which need not pad training's
+        self._most = {True: 0, False: 0}
 
     def _per_token(self, fn: Callable[..., tuple[torch.Tensor, ...]], collective: bool,
                    *tensors: torch.Tensor) -> list[torch.Tensor]:
         """`per_token` in as many chunks as the rows need; where each chunk call is a collective (a ZeRO-3
-        head), as many as the most any call has needed so far, on every rank. ZeRO-3 prefetches parameters in
+        head), as many as the most any call of its kind (with gradients or without) has needed so far, on every
+        rank. ZeRO-3 prefetches parameters in
         the order modules ran in the previous step and drops that record at a step whose order differs (one more
         or one fewer head call): with the labelled-token count varying from batch to batch, most steps then ran
         with no prefetching and gathered the head again for every chunk. Empty chunks cost a call of the head."""
         count = _chunk_count(tensors[0].shape[0], self.size, tensors[0].device, collective)
         if collective:
-            count = self._most = max(self._most, count)
+            grad = torch.is_grad_enabled()
+            count = self._most[grad] = max(self._most[grad], count)
         return per_token(fn, self.size, count, *tensors)
 
     def head(self, model: nn.Module, inputs: dict) -> tuple[Head, torch.Tensor]:

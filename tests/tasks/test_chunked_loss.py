@@ -192,14 +192,19 @@ def test_collective_chunks_keep_one_count_from_step_to_step():
         calls.append(len(x))
         return (x * 2,)
 
-    counts = []
-    for rows, collective in ((10, True), (5, True), (14, True), (1, True), (5, False)):
+    def chunks(rows, collective, grad=True):
         calls.clear()
         x = torch.arange(rows, dtype=torch.float32)
-        (out,) = loss._per_token(chunk, collective, x)
+        with torch.set_grad_enabled(grad):
+            (out,) = loss._per_token(chunk, collective, x)
         assert torch.equal(out, x * 2)
-        counts.append(len(calls))
-    assert counts == [3, 3, 4, 4, 2]  # collective: the most so far (3, then 4); not collective: what 5 rows need
+        return len(calls)
+
+    # collective: the most so far (3, then 4); without gradients (evaluation) counted apart; not collective:
+    # what the rows need
+    counts = [chunks(10, True), chunks(5, True), chunks(30, True, grad=False), chunks(14, True), chunks(1, True),
+              chunks(5, True, grad=False), chunks(5, False)]
+    assert counts == [3, 3, 8, 4, 4, 8, 2]
     assert calls == [4, 1]
 
 
