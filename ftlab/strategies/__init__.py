@@ -30,8 +30,8 @@ from ftlab.strategies import ddp, deepspeed, fsdp
 from ftlab.strategies.deepspeed import _DEEPSPEED_NAMES, DeepSpeed
 from ftlab.strategies.fsdp import FSDP
 
-__all__ = ["FSDP", "DeepSpeed", "check_combination", "evaluation_inference_mode", "check_resume", "checkpoint_kind", "follow_trainable_change",
-           "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
+__all__ = ["FSDP", "DeepSpeed", "check_combination", "check_resume", "checkpoint_kind", "evaluation_inference_mode",
+           "follow_trainable_change", "grads_dtype", "precision_report", "resolve_strategy", "set_collective_timeout",
            "build_sharded", "settle_for_reading", "shard_model", "sharding_stats", "split_cpu_threads"]
 
 

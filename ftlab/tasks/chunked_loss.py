@@ -185,10 +185,10 @@ class ChunkedLoss:
                    *tensors: torch.Tensor) -> list[torch.Tensor]:
         """`per_token` in as many chunks as the rows need; where each chunk call is a collective (a ZeRO-3
         head), as many as the most any call of its kind (with gradients or without) has needed so far, on every
-        rank. ZeRO-3 prefetches parameters in
-        the order modules ran in the previous step and drops that record at a step whose order differs (one more
-        or one fewer head call): with the labelled-token count varying from batch to batch, most steps then ran
-        with no prefetching and gathered the head again for every chunk. Empty chunks cost a call of the head."""
+        rank. ZeRO-3 prefetches parameters in the order modules ran in the previous step and drops that record at
+        a step whose order differs (one more or one fewer head call): with the labelled-token count varying from
+        batch to batch, most steps then ran with no prefetching and gathered the head again for every chunk.
+        Empty chunks cost a call of the head."""
         count = _chunk_count(tensors[0].shape[0], self.size, tensors[0].device, collective)
         if collective:
             grad = torch.is_grad_enabled()
