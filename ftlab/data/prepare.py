@@ -72,6 +72,14 @@ def _init_worker(payload) -> None:
 
     datasets.disable_caching()
     datasets.disable_progress_bars()
+    # a lock of the worker's own for tqdm (datasets' bars, even disabled, take it): a forked worker shares the
+    # parent's, and one killed while holding it (the parent stops the others when one dies) left the parent's
+    # next progress bar waiting forever
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     _WORKER.update(payload)
 
 
