@@ -28,9 +28,10 @@ quickstart: install
 # Two tests at a time: most of a test's time is one process importing torch and Lightning on one core. One
 # thread per process, so that two tests, or a 2-rank test beside another, do not oversubscribe the 2 cores.
 # The Slurm tests share this machine's one local cluster: they run after, one at a time. Both parts always run.
+# A test past 15 minutes (10x the slowest) fails, where a hang would have run to CI's own limit.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --ignore=tests/slurm; rest=$$?; \
-	$(PY) -m pytest tests/slurm; slurm=$$?; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --ignore=tests/slurm --timeout=900; rest=$$?; \
+	$(PY) -m pytest tests/slurm --timeout=900; slurm=$$?; \
 	test $$rest -eq 0 -a $$slurm -eq 0
 
 lint: install
