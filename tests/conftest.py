@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_runtest_logreport(report):
+    """A failure named the moment it happens, with its cause's first line: a CI run stopped at its time
+    limit never reaches pytest's closing summary, and its log showed only a row of F's."""
+    if report.failed and not hasattr(report, "wasxfail") and "PYTEST_XDIST_WORKER" not in os.environ:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        cause = crash.message.splitlines()[0][:200] if crash is not None and crash.message else ""
+        print(f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.0f} s): {cause}", file=sys.stderr,
+              flush=True)
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant", "moving", "sharp"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy", "tired", "flat"]
 FILLER = ["the", "film", "is", "a", "story", "with", "cast", "plot", "and", "very", "quite", "its", "of", "this"]
@@ -133,10 +144,18 @@ def fit_args(run_dir: Path, model: Path, data: Path, *extra: str, policy: str = 
 
 
 def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """`python -m ftlab ...` in a subprocess, as a user runs it."""
+    """`python -m ftlab ...` in a subprocess, as a user runs it. Past `timeout` the whole job is killed, its
+    other ranks included (subprocess.run kills only rank 0: the others went on using the cores)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_ftlab(*args: str) -> subprocess.Popen:

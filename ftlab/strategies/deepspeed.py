@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -77,6 +78,7 @@ class DeepSpeed(DeepSpeedStrategy):
 
         reset_seed()
         self.set_world_ranks()
+        check_op_build_lock()
         self._init_deepspeed_distributed()
 
     @contextlib.contextmanager
@@ -182,6 +184,29 @@ class DeepSpeed(DeepSpeedStrategy):
 
 
 # ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
+
+# longer than any build of the op takes (about a minute on 2 loaded cores): older, its build was killed
+STALE_BUILD_S = 900
+
+
+def check_op_build_lock() -> None:
+    """On CPU, DeepSpeed's communication setup JIT-builds its shared-memory op on first use, under torch's lock
+    file. A build killed midway (Ctrl-C, a job's time limit) leaves the file behind, and every later DeepSpeed
+    run waits on it forever without a word: refuse in one line instead."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import get_default_build_root
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(get_default_build_root(), "*")
+    for lock in glob.glob(os.path.join(root, builder.name, "lock")):
+        age = time.time() - os.path.getmtime(lock)
+        if age > STALE_BUILD_S:
+            raise ConfigError(f"{lock} is left from a build of DeepSpeed's CPU communication op that was "
+                              f"interrupted {age / 60:.0f} min ago; every DeepSpeed run would wait on it: "
+                              "delete it and run again")
+
 
 def _cast_unpartitioned(model: nn.Module, config: dict) -> None:
     """ZeRO-3 in bf16/fp16: parameters created after the partitioned build (peft's adapters, which peft keeps in
