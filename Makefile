@@ -28,14 +28,18 @@ quickstart: install
 # Two tests at a time: most of a test's time is one process importing torch and Lightning on one core. One
 # thread per process, so that two tests, or a 2-rank test beside another, do not oversubscribe the 2 cores.
 # DeepSpeed's CPU comm op is built first, once: not inside a test that may be killed midway (its lock would stay).
-# A test past 5 minutes (3x the slowest) fails rather than hang. Failures are run again one at a time, and the
-# part fails only if they fail again: so two tests contending for the 2 cores are told apart from a defect.
+# A test past 5 minutes (3x the slowest) fails rather than hang. Where tests failed (exit 1, the whole part run:
+# not an interrupted one), they are run again one at a time, and the part fails only if they fail again: so two
+# tests contending for the 2 cores are told apart from a defect.
 # The Slurm tests share this machine's one local cluster: they run after, one at a time. Both parts always run.
 test: install
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --ignore=tests/slurm --timeout=300 || { \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --ignore=tests/slurm --timeout=300; rest=$$?; \
+	if [ $$rest -eq 1 ]; then \
 	  echo "make test: the failures above, run again one at a time:"; \
-	  OMP_NUM_THREADS=1 $(PY) -m pytest tests --ignore=tests/slurm --last-failed --last-failed-no-failures=none --timeout=300; }; rest=$$?; \
+	  OMP_NUM_THREADS=1 $(PY) -m pytest tests --ignore=tests/slurm --last-failed --last-failed-no-failures=none \
+	    --timeout=300; rest=$$?; \
+	fi; \
 	$(PY) -m pytest tests/slurm --timeout=300; slurm=$$?; \
 	test $$rest -eq 0 -a $$slurm -eq 0
 

@@ -3,6 +3,7 @@ through the same `from_pretrained` path a user's hub id or folder takes."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -20,14 +21,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
+_RAN: set[str] = set()
+
+
 def pytest_runtest_logreport(report):
     """A failure named the moment it happens, with its cause's first line: a CI run stopped at its time
     limit never reaches pytest's closing summary, and its log showed only a row of F's."""
-    if report.failed and not hasattr(report, "wasxfail") and "PYTEST_XDIST_WORKER" not in os.environ:
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the controller reports for both workers
+        return
+    if report.when == "call" or not report.passed:
+        _RAN.add(report.nodeid)
+    if report.failed and not hasattr(report, "wasxfail"):
         crash = getattr(report.longrepr, "reprcrash", None)
         cause = crash.message.splitlines()[0][:200] if crash is not None and crash.message else ""
         print(f"\nFAILED {report.nodeid} ({report.when}, {report.duration:.0f} s): {cause}", file=sys.stderr,
               flush=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that stopped before every test ran (xdist stops after too many crashed workers, exiting 1 as for
+    failed tests) exits 2, as an interrupted one: `make test` reruns the failures of a whole run only."""
+    if "PYTEST_XDIST_WORKER" in os.environ or exitstatus != pytest.ExitCode.TESTS_FAILED:
+        return
+    if len(_RAN) < session.testscollected:
+        print(f"\n{session.testscollected - len(_RAN)} of {session.testscollected} tests never ran",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
+
+
 POSITIVE = ["good", "great", "fine", "superb", "lovely", "brilliant", "moving", "sharp"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "messy", "tired", "flat"]
 FILLER = ["the", "film", "is", "a", "story", "with", "cast", "plot", "and", "very", "quite", "its", "of", "this"]
@@ -144,24 +165,48 @@ def fit_args(run_dir: Path, model: Path, data: Path, *extra: str, policy: str = 
 
 
 def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """`python -m ftlab ...` in a subprocess, as a user runs it. Past `timeout` the whole job is killed, its
-    other ranks included (subprocess.run kills only rank 0: the others went on using the cores)."""
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    """`python -m ftlab ...` in a subprocess, as a user runs it. If it times out, or the test ends first (its
+    pytest timeout), the whole job is killed, its other ranks included."""
+    proc = _started(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO,
+                                     env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True))
+    out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_ftlab(*args: str) -> subprocess.Popen:
     """`python -m ftlab ...` started in its own process group (to kill the whole job at once)."""
-    return subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return _started(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True))
+
+
+_JOBS: list[subprocess.Popen] = []
+
+
+def _started(proc: subprocess.Popen) -> subprocess.Popen:
+    _JOBS.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+    """Jobs a test started are killed whole when it ends, however it ends (a timeout, a failed wait): a job left
+    running took the cores from every later test. A DeepSpeed job killed while it built its CPU op leaves the
+    build lock behind, which would stop every later DeepSpeed job: removed once no process holds it."""
+    yield
+    killed = False
+    while _JOBS:
+        proc = _JOBS.pop()
+        with contextlib.suppress(ProcessLookupError):  # the group's processes may all have ended
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+        proc.communicate()
+    if killed:
+        from ftlab.strategies.deepspeed import stale_build_lock
+
+        lock = stale_build_lock(min_age_s=0)
+        if lock is not None:
+            os.remove(lock)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:

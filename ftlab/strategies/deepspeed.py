@@ -185,27 +185,54 @@ class DeepSpeed(DeepSpeedStrategy):
 
 # ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
 
-# longer than any build of the op takes (about a minute on 2 loaded cores): older, its build was killed
-STALE_BUILD_S = 900
+# a lock no process holds, older than this, was left by a killed build (not one just released or just taken)
+STALE_LOCK_S = 30
+
+
+def _held_open(path: str) -> bool | None:
+    """Whether a process on this machine holds `path` open (torch's builder keeps its lock file open while it
+    builds); None where /proc cannot tell."""
+    target, unsure = os.path.realpath(path), False
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            unsure = True
+            continue
+        except OSError:  # ended meanwhile
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return True
+    return None if unsure or not os.path.isdir("/proc") else False
+
+
+def stale_build_lock(min_age_s: float = STALE_LOCK_S) -> str | None:
+    """The lock file of DeepSpeed's CPU communication op that a killed build left behind, if there is one."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:  # not a CPU accelerator: nothing is built at start-up
+        return None
+    lock = os.path.join(_get_build_directory(builder.name, verbose=False), "lock")  # where torch's JIT puts it
+    with contextlib.suppress(OSError):
+        if time.time() - os.path.getmtime(lock) > min_age_s and _held_open(lock) is False:
+            time.sleep(0.5)  # a builder closes the file a moment before removing it
+            if os.path.exists(lock):
+                return lock
+    return None
 
 
 def check_op_build_lock() -> None:
-    """On CPU, DeepSpeed's communication setup JIT-builds its shared-memory op on first use, under torch's lock
-    file. A build killed midway (Ctrl-C, a job's time limit) leaves the file behind, and every later DeepSpeed
-    run waits on it forever without a word: refuse in one line instead."""
-    from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import get_default_build_root
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None:
-        return
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(get_default_build_root(), "*")
-    for lock in glob.glob(os.path.join(root, builder.name, "lock")):
-        age = time.time() - os.path.getmtime(lock)
-        if age > STALE_BUILD_S:
-            raise ConfigError(f"{lock} is left from a build of DeepSpeed's CPU communication op that was "
-                              f"interrupted {age / 60:.0f} min ago; every DeepSpeed run would wait on it: "
-                              "delete it and run again")
+    """On CPU, DeepSpeed's communication setup JIT-builds its shared-memory op, under torch's lock file, in every
+    process (a no-op build once built). A process killed meanwhile (Ctrl-C, a job's time limit) leaves the file
+    behind, and every later DeepSpeed run waits on it forever without a word: refuse in one line instead."""
+    lock = stale_build_lock()
+    if lock is not None:
+        raise ConfigError(f"{lock} was left by an interrupted build of DeepSpeed's CPU communication op (no "
+                          "process holds it); every DeepSpeed run would wait on it: delete it and run again")
 
 
 def _cast_unpartitioned(model: nn.Module, config: dict) -> None:
