@@ -498,8 +498,13 @@ def _own_steps(optimizer) -> None:
 def _group_settings(optimizer, universal: str) -> None:
     """ZeRO-3's universal load gives every parameter group the first group's settings (lr, weight_decay...):
     ftlab's no-decay group (biases, norms) decayed after such a resume. Each group's own, from the checkpoint."""
-    saved = torch.load(os.path.join(universal, "checkpoint", "zero", "optimizer_state.pt"), map_location="cpu",
-                       mmap=True, weights_only=False)["param_groups"]  # mmap: only the settings are read
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # weights only, with the plain-data classes DeepSpeed pickles beside the settings: a checkpoint cannot run code
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+        saved = torch.load(os.path.join(universal, "checkpoint", "zero", "optimizer_state.pt"), map_location="cpu",
+                           mmap=True, weights_only=True)["param_groups"]  # mmap: only the settings are read
     inner = getattr(optimizer, "optimizer", optimizer)
     for group, settings in zip(inner.param_groups, saved):
         group.update({k: v for k, v in settings.items() if k != "params"})
