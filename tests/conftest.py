@@ -167,7 +167,7 @@ def fit_args(run_dir: Path, model: Path, data: Path, *extra: str, policy: str = 
 def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
     """`python -m ftlab ...` in a subprocess, as a user runs it. If it times out, or the test ends first (its
     pytest timeout), the whole job is killed, its other ranks included."""
-    proc = _started(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO,
+    proc = tracked(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=cwd or REPO,
                                      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
     out, err = proc.communicate(timeout=timeout)
@@ -176,14 +176,15 @@ def run_ftlab(*args: str, cwd: Path | None = None, env: dict | None = None, time
 
 def start_ftlab(*args: str) -> subprocess.Popen:
     """`python -m ftlab ...` started in its own process group (to kill the whole job at once)."""
-    return _started(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    return tracked(subprocess.Popen([sys.executable, "-m", "ftlab", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
 
 
 _JOBS: list[subprocess.Popen] = []
 
 
-def _started(proc: subprocess.Popen) -> subprocess.Popen:
+def tracked(proc: subprocess.Popen) -> subprocess.Popen:
+    """A job started by a test, killed whole when the test ends (start it in a session of its own)."""
     _JOBS.append(proc)
     return proc
 

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import assert_only_trained_weights, fit_args, run_ftlab
+from tests.conftest import assert_only_trained_weights, fit_args, run_ftlab, tracked
 
 _RUNS: dict = {}
 
@@ -155,10 +155,15 @@ def test_two_nodes_launched_by_torchrun_train_as_one_node(tmp_path_factory, tiny
                     "--trainer.logger.name=csv", "--trainer.log_every_n_steps=1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     port = free_port()
-    nodes = [subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-                               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ftlab", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    logs = [tmp_path_factory.mktemp("logs") / f"node{rank}.log" for rank in (0, 1)]
+    # output to files: a node whose pipe nobody reads yet (read one after the other) would block on it when full
+    nodes = [tracked(subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+                                       "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ftlab", *args],
+                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+             for rank, log in zip((0, 1), logs)]
+    for node in nodes:
+        node.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_nodes"] == 2 and summary["world_size"] == 2
