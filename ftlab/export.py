@@ -22,18 +22,22 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from ftlab.checkpoints import replace_path
 from ftlab.errors import ConfigError
 from ftlab.quantization import dequantize_gathered, is_quantized_layer, merge_dequantized
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -394,6 +398,13 @@ def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype) -> N
 # ---- peft: the adapter folder, and the adapter merged layer by layer
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """A peft model; peft (and the bitsandbytes it imports, ~1.4 s a process) is imported by adapter runs only,
+    and a model of a process that never imported it is not one."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def _is_peft_unit(module: nn.Module) -> bool:
     """What merge_and_unload replaces: a tuner layer (LoRA & co) or a modules_to_save / trainable-tokens wrapper."""
     return hasattr(module, "unload_and_optionally_merge_module") or hasattr(module, "base_layer")
@@ -589,7 +600,7 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
     was_training = model.training
     model.eval()
     try:
-        if not isinstance(model, PeftModel):
+        if not is_peft_model(model):
             skip = skipped_on_save(model)
             _export_hf(model, gather, state_blocks(model, keep=lambda n: n not in skip), out_dir, **options)
             return {"model": out_dir} if writer else None

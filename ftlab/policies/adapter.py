@@ -5,30 +5,35 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TYPE_CHECKING
 
-from peft import PeftType, get_peft_model
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils import constants
 from torch import nn
 
 from ftlab.errors import ConfigError, did_you_mean
 from ftlab.policies.base import Policy
 from ftlab.policies.layers import find_parts
 
-# Friendly names -> (peft type, fixed config values). Any other peft type works by its own name.
+if TYPE_CHECKING:
+    from peft import PeftType
+
+# Friendly names -> (peft type, fixed config values). Any other peft type works by its own name. peft is
+# imported once an adapter policy is made: other runs never pay for it (and the bitsandbytes it imports).
 _ALIASES = {
-    "lora": (PeftType.LORA, {}),
-    "dora": (PeftType.LORA, {"use_dora": True}),
-    "ia3": (PeftType.IA3, {}),
-    "prefix": (PeftType.PREFIX_TUNING, {}),
-    "prompt": (PeftType.PROMPT_TUNING, {}),
+    "lora": ("LORA", {}),
+    "dora": ("LORA", {"use_dora": True}),
+    "ia3": ("IA3", {}),
+    "prefix": ("PREFIX_TUNING", {}),
+    "prompt": ("PROMPT_TUNING", {}),
 }
 
 
 def _peft_type(method: str) -> tuple[PeftType, dict]:
+    from peft import PeftType
+
     key = method.lower().replace("-", "_")
     if key in _ALIASES:
-        return _ALIASES[key]
+        name, fixed = _ALIASES[key]
+        return PeftType[name], fixed
     if key.upper() in PeftType.__members__:
         return PeftType[key.upper()], {}
     choices = list(_ALIASES) + [m.lower() for m in PeftType.__members__]
@@ -37,6 +42,8 @@ def _peft_type(method: str) -> tuple[PeftType, dict]:
 
 def _default_targets(peft_type: PeftType, model_type: str):
     """peft's own per-architecture table; `all-linear` where it has no entry (LoRA-like methods)."""
+    from peft.utils import constants
+
     table = getattr(constants, f"TRANSFORMERS_MODELS_TO_{peft_type.value}_TARGET_MODULES_MAPPING", None)
     if table and model_type in table:
         return None  # peft resolves it itself
@@ -78,6 +85,8 @@ class Adapter(Policy):
             train_head: Keep the task head (e.g. `classifier`) trainable and saved with the adapter.
             options: Further fields of the peft config class (e.g. `{init_lora_weights: pissa}`).
         """
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
         self.peft_type, self._fixed = _peft_type(method)
         if r <= 0:
             raise ConfigError(f"policy.r={r} must be a positive integer (e.g. 8)")
@@ -147,6 +156,8 @@ class Adapter(Policy):
                                   "(peft needs a full match of the dotted name)")
 
     def apply(self, model: nn.Module, task) -> nn.Module:
+        from peft import get_peft_model
+
         try:
             return get_peft_model(model, self.peft_config(model, task))
         except ValueError as err:  # peft's own checks (e.g. targets of a type it cannot adapt)
