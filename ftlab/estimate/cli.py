@@ -294,9 +294,14 @@ def _names_differ(skeleton, checkpoint) -> str | None:
 def _export_shape(model, outputs, load_size: int) -> dict:
     """What the export after fit gathers and writes (export.export_streamed's blocks, on the weightless model):
     the bytes of each block's tensors, in the dtype they are written in, in order."""
-    from peft import PeftModel
-
-    from ftlab.export import DEFAULT_MAX_SHARD_SIZE, _is_peft_unit, parse_size, skipped_on_save, state_blocks
+    from ftlab.export import (
+        DEFAULT_MAX_SHARD_SIZE,
+        _is_peft_unit,
+        is_peft_model,
+        parse_size,
+        skipped_on_save,
+        state_blocks,
+    )
 
     limit = parse_size(getattr(outputs, "max_shard_size", DEFAULT_MAX_SHARD_SIZE), "outputs.max_shard_size")
     if outputs is not None and not outputs.export:
@@ -305,7 +310,7 @@ def _export_shape(model, outputs, load_size: int) -> dict:
     def nbytes(t) -> int:
         return t.numel() * (load_size if t.is_floating_point() else t.element_size())
 
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         adapter = model.peft_config[model.active_adapter]
         if not (getattr(outputs, "merge_adapter", True) and not adapter.is_prompt_learning):
             names = {n for n, p in model.named_parameters() if p.requires_grad}
