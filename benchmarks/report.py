@@ -41,7 +41,7 @@ def scale_section(records: list[dict], model: dict) -> list[str]:
           "tokens per rank of packed chatterbot conversations, through the CLI: one process (`python -m ftlab`, "
           "single device) and 2 ranks (`torchrun --nproc_per_node=2 -m ftlab`). Phases, each its own run: **load** "
           "(`validate` on one batch), **fit** (2 optimizer steps, then the last checkpoint), **export** (`fit` with "
-          f"`max_steps=0`: load, then the streamed export in {model.get('max_shard_size', '?')} shards). Memory: each "
+          f"`max_steps=1`: load, one step, then the streamed export in {model.get('max_shard_size', '?')} shards). Memory: each "
           "rank's peak private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, sampled every "
           f"{model.get('sample_interval_s', 0.1)} s; checkpoint pages two ranks map are not counted twice), glibc's "
           "mmap threshold pinned as in section 4. Every figure includes each process's fixed cost (Python, torch, "
@@ -95,8 +95,7 @@ def scale_section(records: list[dict], model: dict) -> list[str]:
                          f"{load['peak_private_mb'][0]:,.0f}" if load else "",
                          verdict(met) if r["ranks"] > 1 else "(not a goal)"])
         md += ["Export: rank 0's rise during the export over its memory when the export starts (baseline: the "
-               "model as loaded, nothing trained yet; under ZeRO-3 also the fp32 partitions its optimizer set up "
-               "at `fit` start), against the largest shard file written plus the largest block (one module's own "
+               "model after one optimizer step, with its gradients and optimizer state), against the largest shard file written plus the largest block (one module's own "
                "tensors, gathered at once). One process gathers nothing (it copies its own blocks): shown for "
                "comparison. Goal at 2 ranks: the rise <= one shard + one block: "
                f"{verdict(all_ok)}.\n",

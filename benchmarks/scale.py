@@ -10,8 +10,9 @@ Three phases, each its own run:
   The forward is needed: a single process's from_pretrained maps the checkpoint lazily, its weights come
   into memory only when first used (`--load-batches 0`: the load alone);
 - fit: `fit` for 2 optimizer steps, then the last checkpoint (no validation, no export);
-- export: `fit --trainer.max_steps=0`: the model loaded, then streamed into the Hugging Face export (in
-  shards of SHARD_SIZE, so that "one shard" means something at this size).
+- export: `fit --trainer.max_steps=1`: the model loaded, one step, then streamed into the Hugging Face export
+  (in shards of SHARD_SIZE, so that "one shard" means something at this size). One step, not none: ftlab
+  exports where training ends (on_train_end), which a skipped loop (max_steps 0) never reaches.
 
 Measured: each rank's private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup: what the
 rank alone holds; pages of the memory-mapped checkpoint that two ranks share are not counted twice), sampled
@@ -93,7 +94,7 @@ def args_for(phase: str, strategy: str, ranks: int, model: Path, run_dir: Path, 
            "--trainer.num_sanity_val_steps=0", "--trainer.val_check_interval=null"]
     if phase == "fit":
         return [*fit, "--trainer.max_steps=2", "--outputs.export=false"]
-    return [*fit, "--trainer.max_steps=0", "--outputs.export=true", f"--outputs.max_shard_size={SHARD_SIZE}"]
+    return [*fit, "--trainer.max_steps=1", "--outputs.export=true", f"--outputs.max_shard_size={SHARD_SIZE}"]
 
 
 # ---- sampling the ranks
@@ -176,11 +177,18 @@ class Sampler(threading.Thread):
                     continue
                 self.rows.append((t, self.ranks[pid], clean + dirty))
                 self.split.append((clean, dirty))
+            time.sleep(INTERVAL_S)
+
+    def watch_starts(self) -> None:
+        """When the export and the checkpoint start, polled far more often than memory is sampled: an export of
+        the 358M model into the page cache can begin and end between two samples."""
+        while not self.done.is_set() and self.proc.poll() is None:
+            t = time.monotonic() - self.t0
             if self.export_start is None and any(self.run_dir.glob(".export.tmp-*")):
                 self.export_start = t
             if self.checkpoint_start is None and any(self.run_dir.glob("checkpoints/*.partial")):
                 self.checkpoint_start = t  # AtomicCheckpoint writes `<name>.partial` first
-            time.sleep(INTERVAL_S)
+            time.sleep(0.005)
 
 
 def launch(phase: str, strategy: str, ranks: int, model: Path, work: Path, timelines: Path | None = None,
@@ -198,6 +206,7 @@ def launch(phase: str, strategy: str, ranks: int, model: Path, work: Path, timel
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(proc, ranks > 1, run_dir, t0)
     sampler.start()
+    threading.Thread(target=sampler.watch_starts, daemon=True).start()
     log, first_step = [], None
     for line in proc.stdout:  # ftlab's log lines, timed as they come
         log.append(line)
