@@ -94,7 +94,8 @@ def args_for(phase: str, strategy: str, ranks: int, model: Path, run_dir: Path, 
            "--trainer.num_sanity_val_steps=0", "--trainer.val_check_interval=null"]
     if phase == "fit":
         return [*fit, "--trainer.max_steps=2", "--outputs.export=false"]
-    return [*fit, "--trainer.max_steps=1", "--outputs.export=true", f"--outputs.max_shard_size={SHARD_SIZE}"]
+    return [*fit, "--trainer.max_steps=1", "--trainer.enable_checkpointing=false", "--outputs.export=true",
+            f"--outputs.max_shard_size={SHARD_SIZE}"]
 
 
 # ---- sampling the ranks
