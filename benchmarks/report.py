@@ -95,7 +95,8 @@ def scale_section(records: list[dict], model: dict) -> list[str]:
                          f"{load['peak_private_mb'][0]:,.0f}" if load else "",
                          verdict(met) if r["ranks"] > 1 else "(not a goal)"])
         md += ["Export: rank 0's rise during the export over its memory when the export starts (baseline: the "
-               "model after one optimizer step, with its gradients and optimizer state), against the largest shard file written plus the largest block (one module's own "
+               "model after one optimizer step, with its gradients and optimizer state), against the largest shard "
+               "file written plus the largest block (one module's own "
                "tensors, gathered at once). One process gathers nothing (it copies its own blocks): shown for "
                "comparison. Goal at 2 ranks: the rise <= one shard + one block: "
                f"{verdict(all_ok)}.\n",

@@ -181,8 +181,9 @@ class Sampler(threading.Thread):
             time.sleep(INTERVAL_S)
 
     def watch_starts(self) -> None:
-        """When the export and the checkpoint start, polled far more often than memory is sampled: an export of
-        the 358M model into the page cache can begin and end between two samples."""
+        """When the export and the checkpoint start, to within a few ms: the baseline is the last memory sample
+        before the start, and seen at the 0.2 s sampling, samples already holding the export's first blocks
+        counted as the baseline (a one-process trial read a rise of 0 MB)."""
         while not self.done.is_set() and self.proc.poll() is None:
             t = time.monotonic() - self.t0
             if self.export_start is None and any(self.run_dir.glob(".export.tmp-*")):

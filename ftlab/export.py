@@ -399,8 +399,8 @@ def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype) -> N
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """A peft model; peft (and the bitsandbytes it imports, ~1.4 s a process) is imported by adapter runs only,
-    and a model of a process that never imported it is not one."""
+    """A peft model. peft (with the bitsandbytes it imports: seconds of every process's start-up) is imported
+    by adapter runs only, and a model of a process that never imported it is not one."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
 

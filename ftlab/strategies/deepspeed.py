@@ -183,7 +183,7 @@ class DeepSpeed(DeepSpeedStrategy):
         return state
 
 
-# ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
+# ---- on CPU: the build lock of DeepSpeed's communication op
 
 # a lock no process holds, older than this, was left by a killed build (not one just released or just taken)
 STALE_LOCK_S = 30
@@ -192,8 +192,10 @@ STALE_LOCK_S = 30
 def _held_open(path: str) -> bool | None:
     """Whether a process on this machine holds `path` open (torch's builder keeps its lock file open while it
     builds); None where /proc cannot tell."""
+    if not os.path.isdir("/proc"):
+        return None
     target, unsure = os.path.realpath(path), False
-    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except PermissionError:
@@ -205,7 +207,7 @@ def _held_open(path: str) -> bool | None:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
                     return True
-    return None if unsure or not os.path.isdir("/proc") else False
+    return None if unsure else False
 
 
 def stale_build_lock(min_age_s: float = STALE_LOCK_S) -> str | None:
@@ -234,6 +236,8 @@ def check_op_build_lock() -> None:
         raise ConfigError(f"{lock} was left by an interrupted build of DeepSpeed's CPU communication op (no "
                           "process holds it); every DeepSpeed run would wait on it: delete it and run again")
 
+
+# ---- loading under ZeRO-3: each rank fills its own partitions from the checkpoint files
 
 def _cast_unpartitioned(model: nn.Module, config: dict) -> None:
     """ZeRO-3 in bf16/fp16: parameters created after the partitioned build (peft's adapters, which peft keeps in
