@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import re
+import shlex
 import shutil
 from weakref import proxy
 
@@ -137,8 +138,15 @@ class TrainingPosition(L.Callback):
             limit = f"trainer.max_epochs={trainer.max_epochs}"
         else:
             return
+        from ftlab.callbacks import RunOutputs
+
+        export = ""
+        wanted = any(isinstance(cb, RunOutputs) and cb.export for cb in trainer.callbacks)
+        if wanted and not os.path.isdir(os.path.join(trainer.default_root_dir, "export")):  # stopped while exporting
+            export = f" (its Hugging Face export: python -m ftlab export --run {shlex.quote(trainer.default_root_dir)})"
         raise ConfigError(f"nothing to train: the checkpoint resumed is at step {step} after {epochs} finished "
-                          f"epoch(s), already at {limit}; raise it to train on, or start a new run without --ckpt_path")
+                          f"epoch(s), already at {limit}; raise it to train on, or start a new run without --ckpt_path"
+                          + export)
 
 
 def leave_frozen_out(module: torch.nn.Module) -> None:

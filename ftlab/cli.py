@@ -207,7 +207,11 @@ def _print_summary(run_dir: str) -> None:
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     for key in sorted(k for k in summary if k.startswith(("val/", "test/"))):
         table.add_row(key, f"{summary[key]:.4f}")
-    table.add_row("outputs", f"{run_dir}/ (summary.json, config.yaml, checkpoints/, export/)")
+    # what is there: a run that trained nothing (max_steps 0) has no export, one without checkpointing no checkpoints/
+    kept = [name + "/" * os.path.isdir(os.path.join(run_dir, name)) for name in
+            ("summary.json", "config.yaml", "checkpoints", "export", "predictions.jsonl")
+            if os.path.exists(os.path.join(run_dir, name))]
+    table.add_row("outputs", f"{run_dir}/ ({', '.join(kept)})")
     Console().print(table)
 
 

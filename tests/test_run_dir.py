@@ -61,6 +61,7 @@ def test_checkpointing_can_be_turned_off(tmp_path, tiny_bert, reviews_csv):
                               "--trainer.enable_checkpointing=false"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (run / "checkpoints").exists() and (run / "export" / "config.json").exists()
+    assert "export/" in out.stdout and "checkpoints/" not in out.stdout, out.stdout  # the summary's outputs: what is there
     again = run_ftlab(*fit_args(run, tiny_bert, reviews_csv))
     assert again.returncode == 2 and "already holds a run (export/, summary.json): start a new run" in again.stderr
 
