@@ -8,7 +8,8 @@ Three phases, each its own run:
 
 - load: `validate` on one batch: the model built and loaded, then one forward (no gradients, no optimizer).
   The forward is needed: a single process's from_pretrained maps the checkpoint lazily, its weights come
-  into memory only when first used (`--load-batches 0`: the load alone);
+  into memory only when first used. The 2-rank runs are also measured without it (a second run of 0
+  batches: the sharded load alone), since their forward gathers each unit whole (the LM head's weight);
 - fit: `fit` for 2 optimizer steps, then the last checkpoint (no validation, no export);
 - export: `fit --trainer.max_steps=1`: the model loaded, one step, then streamed into the Hugging Face export
   (in shards of SHARD_SIZE, so that "one shard" means something at this size). One step, not none: ftlab
@@ -155,6 +156,7 @@ class Sampler(threading.Thread):
         self.hwm: dict[int, float] = {}
         self.ranks: dict[int, int] = {}
         self.export_start: float | None = None
+        self.export_start_mb: float | None = None  # rank 0's private memory when its export started
         self.checkpoint_start: float | None = None
         self.done = threading.Event()
 
@@ -181,13 +183,19 @@ class Sampler(threading.Thread):
             time.sleep(INTERVAL_S)
 
     def watch_starts(self) -> None:
-        """When the export and the checkpoint start, to within a few ms: the baseline is the last memory sample
-        before the start, and seen at the 0.2 s sampling, samples already holding the export's first blocks
-        counted as the baseline (a one-process trial read a rise of 0 MB)."""
+        """When the export and the checkpoint start, to within a few ms, and rank 0's memory at the export's
+        start, read then: seen at the 0.2 s sampling, samples already holding the export's first blocks counted
+        as the baseline (a one-process trial read a rise of 0 MB), and under ZeRO-3 a sample before the
+        gradients were freed did (a rise of -307 MB)."""
         while not self.done.is_set() and self.proc.poll() is None:
             t = time.monotonic() - self.t0
             if self.export_start is None and any(self.run_dir.glob(".export.tmp-*")):
                 self.export_start = t
+                rank0 = next((pid for pid, rank in self.ranks.items() if rank == 0), None)
+                try:  # the baseline read at once: memory can fall in the last 0.2 s (ZeRO-3 frees its gradients)
+                    self.export_start_mb = sum(private_mb(rank0)) if rank0 is not None else None
+                except OSError:
+                    pass
             if self.checkpoint_start is None and any(self.run_dir.glob("checkpoints/*.partial")):
                 self.checkpoint_start = t  # AtomicCheckpoint writes `<name>.partial` first
             time.sleep(0.005)
@@ -269,10 +277,11 @@ def launch(phase: str, strategy: str, ranks: int, model: Path, work: Path, timel
             raise RuntimeError(f"{label}: the export's start was not seen")
         before = [m for t, r, m in rows if r == 0 and t <= start]
         during = [m for t, r, m in rows if r == 0 and t >= start]
+        at_start = sampler.export_start_mb or (before[-1] if before else during[0])
         out.update(shards=len(files), largest_shard_mb=round(max(f.stat().st_size for f in files) / 2**20, 1),
                    largest_block_mb=round(max(block_bytes.values()) / 2**20, 1),
-                   export_start_s=round(start, 1), rank0_at_export_start_mb=round(before[-1] if before else during[0], 1),
-                   rank0_export_peak_mb=round(max(during), 1))
+                   export_start_s=round(start, 1), rank0_at_export_start_mb=round(at_start, 1),
+                   rank0_export_peak_mb=round(max([at_start, *during]), 1))
     shutil.rmtree(run_dir, ignore_errors=True)  # GBs each (checkpoints, exports)
     return out
 
@@ -298,7 +307,13 @@ def main() -> None:
             if 1 in args.ranks:
                 emit(launch(phase, "single", 1, work / "model", work, args.timelines, args.load_batches))
             for strategy in args.strategies if 2 in args.ranks else []:
-                emit(launch(phase, strategy, 2, work / "model", work, args.timelines, args.load_batches, args.extra))
+                out = launch(phase, strategy, 2, work / "model", work, args.timelines, args.load_batches, args.extra)
+                if phase == "load" and args.load_batches:
+                    # the sharded load alone, apart from the forward's gathers (the LM head's whole weight); one
+                    # process has no such figure: its weights come into memory only when the forward reads them
+                    alone = launch(phase, strategy, 2, work / "model", work, args.timelines, 0, args.extra)
+                    out["load_alone_peak_mb"] = alone["peak_private_mb"]
+                emit(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

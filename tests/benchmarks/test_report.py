@@ -51,3 +51,18 @@ def test_sharded_goal_is_097_of_the_plain_loop():
     md = sharded_section(records)
     assert goals(md) == ["met", "**not met**"]
     assert "**0.980x**" in "\n".join(md)
+
+
+def test_scale_section_shows_the_load_without_its_forward_beside_the_goal():
+    """The sharded load alone is reported as a ratio of one process's load phase; the goal's verdict stays on
+    the load phase as measured (with its forward)."""
+    from benchmarks.report import scale_section
+
+    model = {"params": 358e6, "layers": 20, "hidden": 1024, "vocab": 49152, "checkpoint_mb": 1364}
+    records = [{"phase": "load", "strategy": "single", "ranks": 1, "peak_private_mb": [2000.0]},
+               {"phase": "load", "strategy": "fsdp", "ranks": 2, "peak_private_mb": [1600.0, 1500.0],
+                "load_alone_peak_mb": [1200.0, 1100.0]}]
+    md = "\n".join(scale_section(records, model))
+    assert "| load, no forward | fsdp, 2 ranks | 1,200 / 1,100 | 0.60x / 0.55x |" in md, md
+    assert "| load | fsdp, 2 ranks | 1,600 / 1,500 | **0.80x** / **0.75x** |" in md and "**not met**" in md, md
+    assert "fsdp: 0.60x / 0.55x" in md and "14% of the model" in md, md
