@@ -56,7 +56,8 @@ class FtlabCLI(LightningCLI):
                             help="After fit, evaluate the final model on the test split (when there is one).")
         parser.add_argument("--progress.every_n_seconds", type=float, default=30.0,
                             help="Without a terminal (Slurm log, nohup, CI): print a progress line (step, loss, lr, "
-                                 "samples/s, ETA) every this many seconds of training; 0: never by time.")
+                                 "samples/s, ETA) every this many seconds of training; 0: never by time. Also how often a sharded "
+                                 "load and an export print how far they are (rank 0; work done sooner prints none).")
         parser.add_argument("--progress.every_n_steps", type=int, default=0,
                             help="Without a terminal: also print a progress line every this many optimizer steps; "
                                  "0: by time only.")
@@ -103,8 +104,9 @@ class FtlabCLI(LightningCLI):
         # a bar on a terminal, plain lines in logs (rich redraws would pile up there, or show nothing until the end)
         given = trainer_cfg.get("callbacks") or []
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
+        progress = self._get(self.config, "progress") or {}
+        console.progress_every_s = progress.get("every_n_seconds", 30.0)  # loading and export lines too
         if trainer_cfg.get("enable_progress_bar") is not False and not own_bar:
-            progress = self._get(self.config, "progress") or {}
             callbacks.append(progress_bar(every_n_seconds=progress.get("every_n_seconds", 30.0),
                                           every_n_steps=progress.get("every_n_steps", 0)))
         callbacks.append(RunHeader())

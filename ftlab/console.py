@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 
 VERBOSE_ENV = "FTLAB_VERBOSE"
@@ -171,3 +172,42 @@ def quiet_libraries() -> None:
             hub.enable_progress_bars()  # downloads keep theirs on a terminal: they can take minutes
     except ImportError:
         pass
+
+
+# --progress.every_n_seconds (the CLI sets it): also the interval of WorkProgress's lines; 0: none
+progress_every_s = 30.0
+
+
+class WorkProgress:
+    """Plain lines for long work outside the training loop (a sharded load, an export): at a 70B model each
+    takes minutes in which nothing else is printed. At most one line every `progress_every_s` seconds, on
+    rank 0 (the other ranks do alike), none for work done sooner."""
+
+    def __init__(self, what: str, total: int, unit: str):
+        """
+        Args:
+            what: What is being done, as the line starts: "export to runs/x/export".
+            total: How many units the work has.
+            unit: Their name, plural ("blocks", "tensors").
+        """
+        self.what, self.total, self.unit = what, total, unit
+        self.show = progress_every_s > 0 and process_rank() == 0
+        self.done, self.bytes = 0, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, count: int = 1, nbytes: int = 0) -> None:
+        self.done += count
+        self.bytes += nbytes
+        now = time.monotonic()
+        if self.show and now - self.last >= progress_every_s:
+            self.last = now
+            print(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)}, "
+                  f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes as a person reads them: 1.2 GB, 340.5 MB, 12.0 KB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 1e3:,.1f} KB"

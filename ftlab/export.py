@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ftlab.checkpoints import replace_path
+from ftlab.console import WorkProgress
 from ftlab.errors import ConfigError
 from ftlab.quantization import dequantize_gathered, is_quantized_layer, merge_dequantized
 
@@ -518,13 +519,15 @@ def _export_adapter(model: PeftModel, gather: Gather, folder: str, tokenizer, wr
 # ---- the streamed model folder
 
 
-def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str):
+def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str, progress: WorkProgress | None = None):
     """(name as save_pretrained writes it, tensor, is a parameter) per gathered tensor, on the writing rank;
     the other ranks get nothing but take part in every gather."""
     revert = _reverter(hf_model)
     for block, state in gather(blocks):
         if state is None:
             continue
+        if progress is not None:
+            progress.advance(1, sum(t.numel() * t.element_size() for t in state.values()))
         state = dequantize_gathered(block.entries, state)  # QLoRA: a quantized base is written in full precision
         if block.whole:  # a peft layer, merged
             merged = _merged_unit(block, state)
@@ -543,7 +546,7 @@ def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder:
                writer: bool = True) -> None:
     """A from_pretrained folder of `hf_model`, its tensors streamed from `gather` (names: state-dict names less
     `strip`) into shards as they come."""
-    items = _items(hf_model, gather, blocks, strip)
+    items = _items(hf_model, gather, blocks, strip, WorkProgress(f"export to {folder}", len(blocks), "blocks"))
     if not writer:
         for _ in items:  # every rank takes part in each gather
             pass

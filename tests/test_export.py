@@ -4,6 +4,7 @@ sharded checkpoint (which reads the model's entries only, and writes no full cop
 
 import copy
 import json
+import re
 import tempfile
 
 import pytest
@@ -113,7 +114,7 @@ def test_adapter_merged_layer_by_layer_equals_merge_and_unload(tmp_path, tiny_mo
 def fsdp_adapter_run(tmp_path_factory, tiny_models, reviews_csv):
     """A 2-rank FSDP LoRA fit whose export streams into 20KB shards."""
     return distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "fsdp", "Adapter",
-                           "--outputs.max_shard_size=20KB")
+                           "--outputs.max_shard_size=20KB", "--progress.every_n_seconds=1e-9")
 
 
 def test_fsdp_fit_streams_a_sharded_export_that_reloads(fsdp_adapter_run, tiny_models):
@@ -121,6 +122,10 @@ def test_fsdp_fit_streams_a_sharded_export_that_reloads(fsdp_adapter_run, tiny_m
     assert len(list((export / "merged").glob("model-*-of-*.safetensors"))) >= 3
     assert (export / "merged" / "model.safetensors.index.json").exists()
     assert fsdp_adapter_run["summary"]["export"] == {"adapter": str(export / "adapter"), "merged": str(export / "merged")}
+    # how far the export is, as it goes (every line due: the interval is 1 ns), on rank 0 only, to the last block
+    lines = re.findall(r"ftlab: export to (\S+): (\d+) of (\d+) blocks, ([\d.]+) ([KMG]B), \d+ s", fsdp_adapter_run["stderr"])
+    assert lines and {folder for folder, *_ in lines} == {str(export / "merged")}, lines[:3]
+    assert [int(done) for _, done, *_ in lines] == list(range(1, int(lines[0][2]) + 1)), lines
     merged = AutoModelForSequenceClassification.from_pretrained(export / "merged").eval()
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=2)
     adapter = PeftModel.from_pretrained(base, export / "adapter").eval()

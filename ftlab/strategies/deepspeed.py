@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ftlab.console import WorkProgress
 from ftlab.errors import ConfigError
 
 _DEEPSPEED_NAMES = {
@@ -327,8 +328,11 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
         model = build()  # each parameter partitioned as it is created; nothing initialised
     model.tie_weights()  # from_pretrained ties after loading (a shared Parameter: no data moves)
     loaded = 0
+    params = dict(model.named_parameters())
+    progress = WorkProgress("deepspeed_stage_3: each rank loading its partitions", len(params), "tensors")
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in params.items():
+            progress.advance(1, param.ds_tensor.numel() * param.ds_tensor.element_size())
             if keys[name] is not None:
                 _fill_partition(param, weights, keys[name])
                 param._is_hf_initialized = True  # transformers initialises only what is not marked

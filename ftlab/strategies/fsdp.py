@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from ftlab.console import WorkProgress
 from ftlab.errors import ConfigError
 from ftlab.policies.layers import find_parts
 
@@ -331,9 +332,11 @@ def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: 
     model.to_empty(device="cpu" if strategy.offloads else strategy.root_device)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
+    progress = WorkProgress("fsdp: each rank loading its shards", len(tensors), "tensors")
     with torch.no_grad():
         for name, t in tensors.items():
             local = _local(t)
+            progress.advance(1, local.numel() * local.element_size())
             start, stop = _rows(t)
             name = copies.get(name, name)  # a copy starts as its original (sharded alike: the same rows)
             if name in on_host:

@@ -53,13 +53,16 @@ def loaded_model(tmp_path: Path, name: str, args: list[str], ranks: int) -> tupl
 def test_sharded_load_equals_the_whole_model_load(tmp_path, tiny_models, reviews_csv, strategy, kind, policy):
     def args(run, strategy, ranks):
         a = fit_args(tmp_path / run, tiny_models[kind], reviews_csv, f"--trainer.strategy={strategy}",
-                     f"--trainer.devices={ranks}", policy=policy)
+                     f"--trainer.devices={ranks}", "--progress.every_n_seconds=1e-9", policy=policy)
         return ["validate", *a[1:]]  # build the model and run validation, train nothing
 
     whole, _ = loaded_model(tmp_path, "whole", args("ddp", "ddp", 1), 1)
     sharded, log = loaded_model(tmp_path, "sharded", args(strategy, strategy, 2), 2)
     assert ("each rank read only its shards of the pretrained weights" if strategy == "fsdp" else
             "each rank read only its partitions of the pretrained weights") in log
+    # how far the load is, as it goes (every line due here: the interval is 1 ns), to the last tensor
+    counts = [(int(a), int(b)) for a, b in re.findall(r"ftlab: \S+: each rank loading its \w+: (\d+) of (\d+) tensors", log)]
+    assert counts and counts[-1][0] == counts[-1][1] == len(counts) <= len(sharded), (counts[-3:], len(sharded))
     if strategy == "deepspeed_stage_3":  # hidden^2 and 0.9 hidden^2 (the HF Trainer's auto), not Lightning's 2e8
         zero, hidden = re.search(r"ZERO (\{.*\}) HIDDEN (\d+)", log).groups()
         zero, hidden = ast.literal_eval(zero), int(hidden)
