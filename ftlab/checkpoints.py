@@ -4,6 +4,7 @@ saving them so that a crash never damages the last good one."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -138,15 +139,29 @@ class TrainingPosition(L.Callback):
             limit = f"trainer.max_epochs={trainer.max_epochs}"
         else:
             return
-        from ftlab.callbacks import RunOutputs
-
-        export = ""
-        wanted = any(isinstance(cb, RunOutputs) and cb.export for cb in trainer.callbacks)
-        if wanted and not os.path.isdir(os.path.join(trainer.default_root_dir, "export")):  # stopped while exporting
-            export = f" (its Hugging Face export: python -m ftlab export --run {shlex.quote(trainer.default_root_dir)})"
         raise ConfigError(f"nothing to train: the checkpoint resumed is at step {step} after {epochs} finished "
                           f"epoch(s), already at {limit}; raise it to train on, or start a new run without --ckpt_path"
-                          + export)
+                          + _unwritten_export(trainer, step))
+
+
+def _unwritten_export(trainer, step: int) -> str:
+    """Where the run's export of `step` was never written (the run stopped while exporting), the command that
+    writes it. The fit's summary.json names the export once it is written, with the steps it holds."""
+    from ftlab.callbacks import RunOutputs
+
+    outputs = next((cb for cb in trainer.callbacks if isinstance(cb, RunOutputs) and cb.export), None)
+    if outputs is None:
+        return ""
+    try:
+        with open(os.path.join(trainer.default_root_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("export") and summary.get("steps") == step:
+        return ""
+    merge = "" if outputs.merge_adapter else " --no-merge-adapter"
+    return (f" (its Hugging Face export was not written: python -m ftlab export --run "
+            f"{shlex.quote(trainer.default_root_dir)}{merge})")
 
 
 def leave_frozen_out(module: torch.nn.Module) -> None:

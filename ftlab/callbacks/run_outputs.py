@@ -180,8 +180,9 @@ class RunOutputs(L.Callback):
         if not self._finished:  # a skipped loop (max_steps 0) has no on_train_end: the summary still says so
             self._finish(trainer, pl_module, export=False)
             if self.export:
-                rank_zero_info("ftlab: the training loop did not run (trainer.max_steps 0 or limit_train_batches 0): "
-                               "nothing was trained, and no export was written")
+                rank_zero_info("ftlab: the training loop did not run (trainer.max_steps, max_epochs or "
+                               "limit_train_batches is 0, or the training split has no batch): nothing was trained, "
+                               "and no export was written")
 
     def _finish(self, trainer, pl_module, export: bool) -> None:
         """The run's summary.json (with its counts, collective) and its export (collective when sharded)."""
