@@ -183,15 +183,16 @@ class WorkProgress:
     takes minutes in which nothing else is printed. At most one line every `progress_every_s` seconds, on
     rank 0 (the other ranks do alike), none for work done sooner."""
 
-    def __init__(self, what: str, total: int, unit: str):
+    def __init__(self, what: str, total: int, unit: str, nbytes: str):
         """
         Args:
             what: What is being done, as the line starts: "export to runs/x/export".
             total: How many units the work has.
             unit: Their name, plural ("blocks", "tensors").
+            nbytes: What the bytes counted are: "gathered", "in rank 0's shards".
         """
-        self.what, self.total, self.unit = what, total, unit
-        self.show = progress_every_s > 0 and process_rank() == 0
+        self.what, self.total, self.unit, self.nbytes = what, total, unit, nbytes
+        self.show = progress_every_s > 0 and _rank_zero()
         self.done, self.bytes = 0, 0
         self.start = self.last = time.monotonic()
 
@@ -201,8 +202,18 @@ class WorkProgress:
         now = time.monotonic()
         if self.show and now - self.last >= progress_every_s:
             self.last = now
-            print(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)}, "
-                  f"{now - self.start:.0f} s", file=sys.stderr, flush=True)
+            print(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)} "
+                  f"{self.nbytes}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+
+def _rank_zero() -> bool:
+    """This process is global rank 0: the process group's word where there is one (ranks that Lightning
+    launches itself in an interactive Slurm allocation all inherit SLURM_PROCID 0), else the launcher's."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return process_rank() == 0
 
 
 def size_text(nbytes: float) -> str:

@@ -546,7 +546,7 @@ def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder:
                writer: bool = True) -> None:
     """A from_pretrained folder of `hf_model`, its tensors streamed from `gather` (names: state-dict names less
     `strip`) into shards as they come."""
-    items = _items(hf_model, gather, blocks, strip, WorkProgress(f"export to {folder}", len(blocks), "blocks"))
+    items = _items(hf_model, gather, blocks, strip, WorkProgress(f"export to {folder}", len(blocks), "blocks", "gathered"))
     if not writer:
         for _ in items:  # every rank takes part in each gather
             pass

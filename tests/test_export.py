@@ -123,7 +123,7 @@ def test_fsdp_fit_streams_a_sharded_export_that_reloads(fsdp_adapter_run, tiny_m
     assert (export / "merged" / "model.safetensors.index.json").exists()
     assert fsdp_adapter_run["summary"]["export"] == {"adapter": str(export / "adapter"), "merged": str(export / "merged")}
     # how far the export is, as it goes (every line due: the interval is 1 ns), on rank 0 only, to the last block
-    lines = re.findall(r"ftlab: export to (\S+): (\d+) of (\d+) blocks, ([\d.]+) ([KMG]B), \d+ s", fsdp_adapter_run["stderr"])
+    lines = re.findall(r"ftlab: export to (\S+): (\d+) of (\d+) blocks, ([\d.]+) ([KMG]B) gathered, \d+ s", fsdp_adapter_run["stderr"])
     assert lines and {folder for folder, *_ in lines} == {str(export / "merged")}, lines[:3]
     assert [int(done) for _, done, *_ in lines] == list(range(1, int(lines[0][2]) + 1)), lines
     merged = AutoModelForSequenceClassification.from_pretrained(export / "merged").eval()

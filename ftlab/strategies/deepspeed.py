@@ -329,7 +329,8 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
     model.tie_weights()  # from_pretrained ties after loading (a shared Parameter: no data moves)
     loaded = 0
     params = dict(model.named_parameters())
-    progress = WorkProgress("deepspeed_stage_3: each rank loading its partitions", len(params), "tensors")
+    progress = WorkProgress("deepspeed_stage_3: each rank loading its partitions", len(params), "tensors",
+                            "in rank 0's")
     with torch.no_grad():
         for name, param in params.items():
             progress.advance(1, param.ds_tensor.numel() * param.ds_tensor.element_size())

@@ -332,7 +332,7 @@ def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: 
     model.to_empty(device="cpu" if strategy.offloads else strategy.root_device)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
-    progress = WorkProgress("fsdp: each rank loading its shards", len(tensors), "tensors")
+    progress = WorkProgress("fsdp: each rank loading its shards", len(tensors), "tensors", "in rank 0's")
     with torch.no_grad():
         for name, t in tensors.items():
             local = _local(t)
