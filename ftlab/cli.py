@@ -56,9 +56,9 @@ class FtlabCLI(LightningCLI):
                             help="After fit, evaluate the final model on the test split (when there is one).")
         parser.add_argument("--progress.every_n_seconds", type=float, default=30.0,
                             help="Without a terminal (Slurm log, nohup, CI): print a progress line (step, loss, lr, "
-                                 "samples/s, ETA) every this many seconds of training; 0: never by time. Also how often a sharded "
-                                 "load and the fit's export print how far they are (rank 0; work done sooner prints "
-                                 "none; `ftlab export`: every 30 s).")
+                                 "samples/s, ETA) every this many seconds of training; 0: never by time. Also how often loading "
+                                 "the model and the fit's export print how far they are (rank 0; work done sooner "
+                                 "prints none; `ftlab export`: every 30 s).")
         parser.add_argument("--progress.every_n_steps", type=int, default=0,
                             help="Without a terminal: also print a progress line every this many optimizer steps; "
                                  "0: by time only.")

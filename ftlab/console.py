@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 VERBOSE_ENV = "FTLAB_VERBOSE"
 
@@ -204,6 +207,29 @@ class WorkProgress:
             self.last = now
             print(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)} "
                   f"{self.nbytes}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def still_running(what: str) -> Iterator[None]:
+    """A line every `progress_every_s` seconds (0.1 s at least) while the work inside runs, on rank 0: for
+    long work with nothing to count (a whole from_pretrained: minutes at 70B, its bar silenced); none for
+    work done sooner."""
+    if progress_every_s <= 0 or not _rank_zero():
+        yield
+        return
+    done, start = threading.Event(), time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(max(progress_every_s, 0.1)):
+            print(f"ftlab: {what}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+
+    ticker = threading.Thread(target=tick, name="ftlab-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _rank_zero() -> bool:

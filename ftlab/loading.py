@@ -166,8 +166,9 @@ def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kw
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addFilter(hold)
     try:
-        model, info = auto_class.from_pretrained(resolve_pretrained(name_or_path, gguf_file, **kwargs),
-                                                 output_loading_info=True, **kwargs)
+        with console.still_running(f"loading {name_or_path}"):
+            model, info = auto_class.from_pretrained(resolve_pretrained(name_or_path, gguf_file, **kwargs),
+                                                     output_loading_info=True, **kwargs)
     finally:
         logger.removeFilter(hold)
     head = new_head(model, info)

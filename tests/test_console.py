@@ -66,3 +66,26 @@ def test_verbose_brings_the_libraries_output_back(quiet_and_verbose):
     for line in ("LOAD REPORT", "GPU available", "Trainable params", "ftlab: policy adapter: training"):
         assert line in everything, (line, everything[-3000:])
     assert out.stdout.startswith("ftlab fit: run directory")
+
+
+def test_long_work_without_a_count_prints_a_line_per_interval_while_it_runs(monkeypatch, capsys):
+    """A whole from_pretrained (minutes at 70B, transformers' bar silenced) says it is still loading: a line per
+    interval while it runs, none once it is done, none on other ranks, none with the interval at 0."""
+    import time
+
+    from ftlab import console
+
+    monkeypatch.setattr(console, "progress_every_s", 0.1)
+    with console.still_running("loading some/model"):
+        time.sleep(0.45)
+    time.sleep(0.25)  # done: no line after it
+    lines = capsys.readouterr().err.splitlines()
+    assert 2 <= len(lines) <= 5 and all(re.fullmatch(r"ftlab: loading some/model: \d+ s", line) for line in lines), lines
+    monkeypatch.setenv("RANK", "1")
+    with console.still_running("loading some/model"):
+        time.sleep(0.25)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setattr(console, "progress_every_s", 0)
+    with console.still_running("loading some/model"):
+        time.sleep(0.25)
+    assert capsys.readouterr().err == ""
