@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
+from ftlab import console
 from ftlab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -121,30 +122,8 @@ def encode_splits(dm: TextDataModule, splits: dict, meta: dict, folder: str, num
         for start, end in shard_bounds(len(ds), num_proc):
             jobs.append((split, start, end, os.path.join(folder, split, f"shard-{start:012d}.arrow")))
     procs = min(num_proc, len(jobs))
-    # the module without its Trainer (a spawned worker unpickles what it gets); its counters (e.g.
-    # PreferenceData's dropped pairs) are `meta` itself, pickled along in one payload
-    worker = copy.copy(dm)
-    worker.trainer = None
-    payload = {"dm": worker, "meta": meta, "splits": splits}
-    if procs > 1:
-        # an executor, not multiprocessing.Pool: a worker killed outright (the kernel's OOM killer) breaks it
-        # and the wait ends; Pool starts a new worker and waits forever for the lost shard
-        pool = ProcessPoolExecutor(procs, mp_context=_pool_context(), initializer=_init_worker, initargs=(payload,))
-        try:
-            results = list(pool.map(_encode_shard, jobs))  # in job order: shards stay in row order
-        except BrokenProcessPool as err:
-            # also raised when a worker cannot start (its payload fails to unpickle): that cause, when there is one
-            cause = f" ({str(err.__cause__).strip().splitlines()[-1][:300]})" if err.__cause__ else ""
-            raise ConfigError(f"data.num_proc={num_proc}: a worker tokenising the data died abruptly{cause}; killed "
-                              f"(out of memory, most often): lower data.num_proc or give the job more host memory") from err
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # on an error, the shards not yet started are dropped
-    else:
-        _WORKER.update(payload)
-        try:
-            results = [_encode_shard(job) for job in jobs]
-        finally:
-            _WORKER.clear()
+    what = f"tokenising {sum(len(ds) for ds in splits.values()):,} rows in {procs} process" + "es" * (procs > 1)
+    results = _run_jobs(dm, splits, meta, jobs, procs, num_proc, what)
     files: dict[str, list[str]] = {split: [] for split in splits}
     for (split, _, _, out), (rows, added) in zip(jobs, results):
         if procs > 1:
@@ -155,6 +134,39 @@ def encode_splits(dm: TextDataModule, splits: dict, meta: dict, folder: str, num
         else:
             os.remove(out)
     return files
+
+
+def _run_jobs(dm: TextDataModule, splits: dict, meta: dict, jobs: list, procs: int, num_proc: int, what: str) -> list:
+    """Each shard job's (rows, counters added), in job order: in `procs` worker processes, or here; `what`
+    printed while they run (console.still_running), its thread started after the workers are forked."""
+    # the module without its Trainer (a spawned worker unpickles what it gets); its counters (e.g.
+    # PreferenceData's dropped pairs) are `meta` itself, pickled along in one payload
+    worker = copy.copy(dm)
+    worker.trainer = None
+    payload = {"dm": worker, "meta": meta, "splits": splits}
+    if procs > 1:
+        # an executor, not multiprocessing.Pool: a worker killed outright (the kernel's OOM killer) breaks it
+        # and the wait ends; Pool starts a new worker and waits forever for the lost shard
+        pool = ProcessPoolExecutor(procs, mp_context=_pool_context(), initializer=_init_worker, initargs=(payload,))
+        try:
+            pending = pool.map(_encode_shard, jobs)  # every job submitted: the workers are forked now
+            with console.still_running(what):
+                results = list(pending)  # in job order: shards stay in row order
+        except BrokenProcessPool as err:
+            # also raised when a worker cannot start (its payload fails to unpickle): that cause, when there is one
+            cause = f" ({str(err.__cause__).strip().splitlines()[-1][:300]})" if err.__cause__ else ""
+            raise ConfigError(f"data.num_proc={num_proc}: a worker tokenising the data died abruptly{cause}; killed "
+                              f"(out of memory, most often): lower data.num_proc or give the job more host memory") from err
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, the shards not yet started are dropped
+    else:
+        _WORKER.update(payload)
+        try:
+            with console.still_running(what):
+                results = [_encode_shard(job) for job in jobs]
+        finally:
+            _WORKER.clear()
+    return results
 
 
 def load_shards(folder: str, split_files: dict[str, list[str]]):
