@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -106,7 +107,11 @@ class FtlabCLI(LightningCLI):
         given = trainer_cfg.get("callbacks") or []
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         progress = self._get(self.config, "progress") or {}
-        console.progress_every_s = progress.get("every_n_seconds", 30.0)  # loading and export lines too
+        every = progress.get("every_n_seconds", 30.0)
+        if not math.isfinite(every) or every < 0:  # inf would break the lines' timer, nan flood the log
+            raise ConfigError(f"progress.every_n_seconds={every} is not a number of seconds >= 0; give e.g. 30, "
+                              "or 0 for no progress lines by time")
+        console.progress_every_s = every  # loading and export lines too
         if trainer_cfg.get("enable_progress_bar") is not False and not own_bar:
             callbacks.append(progress_bar(every_n_seconds=progress.get("every_n_seconds", 30.0),
                                           every_n_steps=progress.get("every_n_steps", 0)))

@@ -205,8 +205,8 @@ class WorkProgress:
         now = time.monotonic()
         if self.show and now - self.last >= progress_every_s:
             self.last = now
-            print(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)} "
-                  f"{self.nbytes}, {now - self.start:.0f} s", file=sys.stderr, flush=True)
+            say(f"ftlab: {self.what}: {self.done:,} of {self.total:,} {self.unit}, {size_text(self.bytes)} "
+                f"{self.nbytes}, {now - self.start:.0f} s")
 
 
 @contextmanager
@@ -221,7 +221,7 @@ def still_running(what: str) -> Iterator[None]:
 
     def tick() -> None:
         while not done.wait(max(progress_every_s, 0.1)):
-            print(f"ftlab: {what}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+            say(f"ftlab: {what}: {time.monotonic() - start:.0f} s")
 
     ticker = threading.Thread(target=tick, name="ftlab-progress", daemon=True)
     ticker.start()
@@ -240,6 +240,17 @@ def _rank_zero() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return process_rank() == 0
+
+
+def say(line: str) -> None:
+    """A line on stderr that leaves a progress bar on screen whole (a download's, a verbose run's): tqdm clears
+    its bars, writes the line and draws them again."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with transformers and datasets; a bare install prints plainly
+        print(line, file=sys.stderr, flush=True)
+        return
+    tqdm.write(line, file=sys.stderr)
 
 
 def size_text(nbytes: float) -> str:

@@ -83,6 +83,8 @@ MORE = {
     "skipping steps under DeepSpeed": (["--model.skip_nonfinite_steps=2", "--trainer.strategy=deepspeed_stage_2",
                                         "--trainer.devices=2"], "DeepSpeed cannot skip a step"),
     "zero collective timeout": (["--collective_timeout=0"], "collective_timeout=0"),
+    "negative progress interval": (["--progress.every_n_seconds=-5"], "progress.every_n_seconds=-5.0 is not"),
+    "endless progress interval": (["--progress.every_n_seconds=inf"], "progress.every_n_seconds=inf: expected float"),
     "missing checkpoint to resume": (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
 }
 
