@@ -108,12 +108,12 @@ class FtlabCLI(LightningCLI):
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         progress = self._get(self.config, "progress") or {}
         every = progress.get("every_n_seconds", 30.0)
-        if not math.isfinite(every) or every < 0:  # inf would break the lines' timer, nan flood the log
+        if not math.isfinite(every) or every < 0:  # the parser refuses inf; what it lets through must not flood
             raise ConfigError(f"progress.every_n_seconds={every} is not a number of seconds >= 0; give e.g. 30, "
                               "or 0 for no progress lines by time")
         console.progress_every_s = every  # loading and export lines too
         if trainer_cfg.get("enable_progress_bar") is not False and not own_bar:
-            callbacks.append(progress_bar(every_n_seconds=progress.get("every_n_seconds", 30.0),
+            callbacks.append(progress_bar(every_n_seconds=every,
                                           every_n_steps=progress.get("every_n_steps", 0)))
         callbacks.append(RunHeader())
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}

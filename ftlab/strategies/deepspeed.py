@@ -330,15 +330,15 @@ def load_partitioned(strategy, build, name_or_path: str, gguf_file: str | None, 
     loaded = 0
     params = dict(model.named_parameters())
     progress = WorkProgress("deepspeed_stage_3: each rank loading its partitions", len(params), "tensors",
-                            "in rank 0's")
+                            "in rank 0's partitions")
     with torch.no_grad():
         for name, param in params.items():
-            progress.advance(1, param.ds_tensor.numel() * param.ds_tensor.element_size())
             if keys[name] is not None:
                 _fill_partition(param, weights, keys[name])
                 param._is_hf_initialized = True  # transformers initialises only what is not marked
                 loaded += 1
                 weights.release()  # the pages read stay mapped (as the rank's own memory) while the file is open
+            progress.advance(1, param.ds_tensor.numel() * param.ds_tensor.element_size())
         for name, buffer in model.named_buffers():
             if keys.get(name) is not None:  # not partitioned: every rank reads it whole
                 buffer.copy_(weights.read(keys[name]))
