@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -58,8 +57,9 @@ class FtlabCLI(LightningCLI):
         parser.add_argument("--progress.every_n_seconds", type=float, default=30.0,
                             help="Without a terminal (Slurm log, nohup, CI): print a progress line (step, loss, lr, "
                                  "samples/s, ETA) every this many seconds of training; 0: never by time. Also how often loading "
-                                 "the model and the fit's export print how far they are (rank 0; work done sooner "
-                                 "prints none; `ftlab export`: every 30 s).")
+                                 "the model, tokenising (also `ftlab prepare`) and the fit's export print how far "
+                                 "they are (rank 0; work done sooner prints none; `ftlab export` has "
+                                 "--progress-every-n-seconds).")
         parser.add_argument("--progress.every_n_steps", type=int, default=0,
                             help="Without a terminal: also print a progress line every this many optimizer steps; "
                                  "0: by time only.")
@@ -108,10 +108,7 @@ class FtlabCLI(LightningCLI):
         own_bar = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
         progress = self._get(self.config, "progress") or {}
         every = progress.get("every_n_seconds", 30.0)
-        if not math.isfinite(every) or every < 0:  # the parser refuses inf; what it lets through must not flood
-            raise ConfigError(f"progress.every_n_seconds={every} is not a number of seconds >= 0; give e.g. 30, "
-                              "or 0 for no progress lines by time")
-        console.progress_every_s = every  # loading and export lines too
+        console.set_progress_interval(every, "progress.every_n_seconds")  # loading and export lines too
         if trainer_cfg.get("enable_progress_bar") is not False and not own_bar:
             callbacks.append(progress_bar(every_n_seconds=every,
                                           every_n_steps=progress.get("every_n_steps", 0)))
@@ -258,6 +255,8 @@ class _CheckOnly(FtlabCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's hook point for running: check instead
         cfg = self.config[subcommand]
+        progress = self._get(self.config, "progress") or {}  # `ftlab prepare` prints its tokenising lines by it
+        console.set_progress_interval(progress.get("every_n_seconds", 30.0), "progress.every_n_seconds")
         self.model.task.check_data_type(self.datamodule)
         check_combination(resolve_strategy(cfg["trainer"].get("strategy", "auto")), self.model)
 

@@ -10,6 +10,7 @@ everything but errors on ranks other than 0 (their lines repeat rank 0's).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from ftlab.errors import ConfigError
 
 VERBOSE_ENV = "FTLAB_VERBOSE"
 
@@ -177,8 +180,18 @@ def quiet_libraries() -> None:
         pass
 
 
-# --progress.every_n_seconds (the CLI sets it): also the interval of WorkProgress's lines; 0: none
+# --progress.every_n_seconds (set_progress_interval): also the interval of WorkProgress's lines; 0: none
 progress_every_s = 30.0
+
+
+def set_progress_interval(seconds: float, option: str) -> None:
+    """Sets the interval of every progress line (loads, exports, tokenising) after checking it: a negative or
+    non-finite one would break or flood their timers. `option` names it in the error as the user gave it."""
+    global progress_every_s
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{option}={seconds} is not a number of seconds >= 0; give e.g. 30, or 0 for no progress "
+                          "lines by time")
+    progress_every_s = seconds
 
 
 class WorkProgress:

@@ -10,6 +10,7 @@ import sys
 import yaml
 from jsonargparse import ArgumentParser
 
+from ftlab import console
 from ftlab.checkpoints import base_files, base_mismatch, last_checkpoint, recorded_base
 from ftlab.data import TextDataModule
 from ftlab.errors import ConfigError
@@ -128,7 +129,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", help="output folder (default: <run>/export)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help=f"largest safetensors file, e.g. 5GB, 500MB (default: {DEFAULT_MAX_SHARD_SIZE})")
+    parser.add_argument("--progress-every-n-seconds", type=float, default=30.0,
+                        help="print how far the export is (blocks written, bytes gathered) every this many seconds; "
+                             "0: never (default: 30)")
     args = parser.parse_args(argv)
+    console.set_progress_interval(args.progress_every_n_seconds, "--progress-every-n-seconds")
     folders = export_run(args.run, args.ckpt, args.merge_adapter, args.out, args.max_shard_size)
     for kind, folder in folders.items():
         print(f"{kind}: {folder}")

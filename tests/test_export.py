@@ -182,8 +182,12 @@ def test_export_of_an_fsdp_checkpoint_reads_only_the_model(fsdp_adapter_run, tin
 
 def test_export_command_streams_an_fsdp_checkpoint_without_a_temp_copy(fsdp_adapter_run, tmp_path, monkeypatch):
     run = fsdp_adapter_run["dir"]
-    out = run_ftlab("export", f"--run={run}", f"--out={tmp_path / 'cli'}", "--max-shard-size=30KB")
+    out = run_ftlab("export", f"--run={run}", f"--out={tmp_path / 'cli'}", "--max-shard-size=30KB",
+                    "--progress-every-n-seconds=1e-9")
     assert out.returncode == 0, out.stderr[-3000:]
+    # the command's own interval: a line for every block (at the default 30 s this export prints none)
+    lines = re.findall(r"ftlab: export to \S+: (\d+) of (\d+) blocks", out.stderr)
+    assert lines and [int(done) for done, _ in lines] == list(range(1, int(lines[0][1]) + 1)), out.stderr[-2000:]
     for kind in ("merged", "adapter"):
         at_fit_end = read_folder(run / "export" / "merged") if kind == "merged" else \
             load_file(run / "export" / "adapter" / "adapter_model.safetensors")

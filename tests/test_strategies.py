@@ -128,9 +128,12 @@ def test_export_command_consolidates_sharded_checkpoints(tmp_path_factory, tiny_
         assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_export_command_refuses_a_missing_run(tmp_path):
+def test_export_command_refuses_a_missing_run_and_a_bad_interval(tmp_path):
     out = run_ftlab("export", f"--run={tmp_path / 'nope'}")
     assert out.returncode == 2 and "no config.yaml there" in out.stderr and "Traceback" not in out.stderr
+    out = run_ftlab("export", f"--run={tmp_path / 'nope'}", "--progress-every-n-seconds=-1")  # refused before the run is read
+    assert out.returncode == 2 and "--progress-every-n-seconds=-1.0 is not a number of seconds >= 0" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -179,11 +180,13 @@ def test_a_killed_preparation_is_never_read(tmp_path, tiny_bert):
     proc.wait()
     assert [p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")] == []
     assert any(cache.glob(".tmp-*"))  # the half-written folder, under its temporary name
-    out = run_ftlab("prepare", *args, timeout=600)
+    out = run_ftlab("prepare", *args, "--progress.every_n_seconds=0.1", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     (key,) = [p for p in cache.iterdir() if p.is_dir()]  # complete, and the leftovers are gone
     meta = json.loads((key / "meta.json").read_text())
     assert sum(meta["sizes"].values()) == 60_000 and "prepared in" in out.stdout
+    # the config's progress interval holds for `prepare` too: lines while the workers tokenise (none at 30 s)
+    assert re.search(r"ftlab: tokenising [\d,]+ rows in 2 processes: \d+ s", out.stderr), out.stderr[-2000:]
 
 
 def test_one_preparer_at_a_time_and_the_others_say_who(tmp_path, tiny_bert, reviews_csv):
