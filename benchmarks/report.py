@@ -320,7 +320,7 @@ def main(path: str = "benchmarks/results.jsonl", seconds: float | None = None) -
     if "memory_parts" in by:
         from benchmarks.memory import parts_section
 
-        md += parts_section(by["memory_parts"], table, verdict)
+        md += parts_section(by["memory_parts"], table, verdict, (by.get("memory_recipe_base") or [None])[-1])
     if "data_prep" in by:
         rows = [[r["dataset"], f"{r['rows']:,}", f"{r['tokens']:,}", f"{r['rows_per_s']:,.0f}", f"{r['tokens_per_s']:,.0f}",
                  f"{r['cached_s']:.2f}", "yes" if r["retokenised"] else "no"] for r in by["data_prep"]]
