@@ -42,6 +42,20 @@ def parse_error_line(err: BaseException) -> str | None:
         value = given[-1].strip() if given else None
         kinds = sorted(set(re.findall(r"Expected a <class '(\w+)'>", text)), key=text.find)
         want = " or ".join("None" if k == "NoneType" else k for k in kinds) or "another value"
+    nested = re.match(r"NestedArg\(key='([^']*)', val=(.*)\)$", value or "")
+    if key and nested:  # an option of a class given by name (`strategy: fsdp`, then --trainer.strategy.X=...)
+        option, val = nested.group(1), nested.group(2).strip("'\"")
+        name = re.search(r"Expected a dot import path string: (\S+)", text)
+        name = name.group(1) if name else None
+        form = None
+        if key == "trainer.strategy" and name:
+            from ftlab.strategies import class_form
+
+            form = class_form(name)
+        given = f" ({name!r})" if name else ""
+        fix = (f"give its class: {' '.join(form)} --{key}.{option}={val}" if form else
+               f"give it as a class path (see --help) before --{key}.{option}")
+        return f"{key}.{option}={val}: {key} is given by name{given}, which takes no options; {fix}"
     if key and value is not None:
         if value == "None":
             return f"{key} is required but not given; set it in the config or as --{key} VALUE"

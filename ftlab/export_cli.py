@@ -98,7 +98,7 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
     if is_dcp_checkpoint(ckpt) and module.quantization is not None:
         raise ConfigError(f"--ckpt {ckpt!r} is an FSDP sharded checkpoint of a quantized (QLoRA) run, which `ftlab export` "
                           "cannot read yet; use the export the fit wrote (<run>/export), or save checkpoints with "
-                          "--trainer.strategy.state_dict_type full")
+                          "--trainer.strategy=ftlab.strategies.FSDP --trainer.strategy.state_dict_type=full")
     if is_dcp_checkpoint(ckpt):
         gather = DcpReader(ckpt, batch_bytes=shard_bytes, pretrained=pretrained)
         lacking = gather.lacking(state_blocks(model))

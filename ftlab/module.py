@@ -99,9 +99,9 @@ class FineTuneModule(L.LightningModule):
             dtype: Weight dtype to load (e.g. bfloat16). Default: float32, or the dtype of a `*-true`
                 `trainer.precision` (bf16-true loads bfloat16). Never the checkpoint's own dtype: a bf16
                 checkpoint under `bf16-mixed` keeps fp32 master weights and optimizer state.
-            skip_nonfinite_steps: Steps whose loss is NaN or infinite that may be skipped (no update) before
-                the run stops; 0 stops at the first. A stop names the step and batch and keeps the last
-                good checkpoint.
+            skip_nonfinite_steps: Optimizer steps with a NaN or infinite loss (in any micro-batch, on any
+                rank) that may be skipped whole (no update, on every rank) over the run before it stops; 0
+                stops at the first. A stop names the step and batch and keeps the last good checkpoint.
             gguf_file: A GGUF file inside `name_or_path` (a folder or hub repository) to load, dequantized
                 into a regular model. A `name_or_path` ending in `.gguf` sets it by itself.
             config_overrides: Model config fields to change at load, e.g. `{num_hidden_layers: 3}`: a
@@ -143,7 +143,8 @@ class FineTuneModule(L.LightningModule):
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
         self.skip_nonfinite_steps = skip_nonfinite_steps
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # over the whole run: checkpoints carry it, so a resume does not renew the allowance
+        self._skip_update = False
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
         if trust_remote_code:
@@ -330,15 +331,23 @@ class FineTuneModule(L.LightningModule):
         # the rank's device, as NCCL needs)
         bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            return self._nonfinite(loss, batch_idx)
+            # its backward still runs, on every rank: DDP's and FSDP's gradient reductions stay in step (Lightning
+            # refuses a None step on more than one rank), and on_before_optimizer_step drops the whole window's
+            # gradients, those of the accumulated micro-batches before it included
+            self._nonfinite(loss, batch_idx)
+            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         for name, value in self.task.step_metrics(outputs).items():
             self.log(f"train/{name}", value, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def _nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        """A NaN/inf loss: skip the step (returning None makes Lightning skip backward and the update) or,
-        past the allowance, stop with the step, batch and the last good checkpoint named."""
+        """A NaN/inf loss: skip the optimizer step it belongs to (every micro-batch of an accumulation window: a
+        step on the others alone is not the step the config asked for) or, past the allowance, stop with the
+        step, batch and the last good checkpoint named."""
+        if self._skip_update:  # another micro-batch of this window: the step is skipped already
+            return
+        self._skip_update = True
         self.skipped_steps += 1
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.skipped_steps > self.skip_nonfinite_steps:
@@ -350,7 +359,14 @@ class FineTuneModule(L.LightningModule):
         rank_zero_warn(f"ftlab: non-finite loss at {where}: step skipped "
                        f"({self.skipped_steps} of {self.skip_nonfinite_steps} allowed)")
         self.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=True)
-        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A window with a non-finite loss updates nothing: its gradients (reduced across ranks by now) are
+        dropped before clipping and the step, which then skips every parameter (no gradient), on every rank
+        alike (the vote in training_step). Lightning still counts the step, as it does a GradScaler skip."""
+        if self._skip_update:
+            self._skip_update = False
+            optimizer.zero_grad(set_to_none=True)
 
     def _eval_step(self, batch: dict, split: str):
         outputs = self.forward(batch)  # as in training_step
@@ -419,12 +435,14 @@ class FineTuneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ftlab_base"] = self._base_files  # taken when the model was built (configure_model)
+        checkpoint["ftlab_skipped_steps"] = self.skipped_steps
         if self.policy.changes_trainable_set:  # for restore_trainable_set
             checkpoint["ftlab_trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, on every rank alike (ranks read node-local caches), a base model other than the one the
         checkpoint's left-out frozen weights came from."""
+        self.skipped_steps = checkpoint.get("ftlab_skipped_steps", 0)
         why = (base_mismatch(checkpoint.get("ftlab_base"), self._base_files, self.name_or_path)
                if self.left_out_of_checkpoints() else None)
         if self._trainer is None:  # load_from_checkpoint: one process, no ranks to agree with

@@ -73,6 +73,9 @@ MORE = {
     "filter on a missing column": (["--data.keep_rows={{genre: [x]}}"], "column 'genre' is not in the train data"),
     "duplicate label names": (["--data.label_names=[pos,pos]"], "has duplicates"),
     "not a dtype": (["--model.dtype=float33"], "model.dtype='float33' is not a torch dtype"),
+    "strategy option after its name": (["--trainer.strategy=fsdp", "--trainer.strategy.state_dict_type=full"],
+                                       "trainer.strategy is given by name ('fsdp'), which takes no options; give its "
+                                       "class: --trainer.strategy=ftlab.strategies.FSDP --trainer.strategy.state_dict_type=full"),
     "strategy typo": (["--trainer.strategy=fsdpp", "--trainer.devices=2"], "did you mean 'fsdp'"),
     "devices the Trainer refuses": (["--trainer.devices=abc"], "trainer: `devices` selected"),
     "zero LoRA rank": (["--model.policy=Adapter", "--model.policy.r=0"], "policy.r=0"),

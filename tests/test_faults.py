@@ -3,6 +3,7 @@ one line that says what happened, and leaves the last good checkpoint intact."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.conftest import children, fit_args, run_ftlab, start_ftlab, wait_for
 
@@ -53,6 +55,54 @@ def test_nonfinite_loss_is_skipped_then_stops_naming_step_and_batch(tmp_path, ti
     first, latest = saved["epoch=0-step=1.ckpt"]["state_dict"], saved["epoch=0-step=3.ckpt"]["state_dict"]
     for name, tensor in first.items():  # the skipped steps changed no weight
         assert torch.equal(tensor, latest[name]), name
+
+
+class NonFiniteOn(Callback):
+    """Added to a test run (`--trainer.callbacks+=tests.test_faults.NonFiniteOn`): one rank's one training
+    batch of the first epoch comes out of the embeddings as NaN (a bad batch there), so its loss is NaN."""
+
+    def __init__(self, batch: int = 3, rank: int = 1):
+        self.batch, self.rank, self.now = batch, rank, False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def poison(module, args, output):
+            return output * float("nan") if self.now else output
+
+        pl_module.model.get_input_embeddings().register_forward_hook(poison)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.now = trainer.current_epoch == 0 and batch_idx == self.batch and trainer.global_rank == self.rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.now = False
+
+
+@pytest.mark.parametrize("strategy", [["--trainer.strategy=ddp"],
+                                      ["--trainer.strategy=ftlab.strategies.FSDP", "--trainer.strategy.state_dict_type=full"]],
+                         ids=["ddp", "fsdp"])
+def test_a_nonfinite_micro_batch_on_one_rank_skips_its_whole_step_on_every_rank(strategy, tmp_path, tiny_bert,
+                                                                                reviews_csv):
+    """2 ranks, 2 micro-batches a step: rank 1's batch 3 (the second of step 2) has a NaN loss. Every rank
+    skips step 2 whole (batch 2's gradients too, already accumulated unreduced), then trains on."""
+    run = tmp_path / "run"
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, *strategy, "--trainer.devices=2",
+                              "--trainer.accumulate_grad_batches=2", "--trainer.max_epochs=1",
+                              "--model.optim.warmup_ratio=0", "--model.skip_nonfinite_steps=1",
+                              "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1",
+                              "--trainer.callbacks+=tests.test_faults.NonFiniteOn"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "non-finite loss at step 1 (epoch 0, batch 3): step skipped (1 of 1 allowed)" in out.stderr, out.stderr[-3000:]
+    ckpts = run / "checkpoints"
+    saved = {p.name: torch.load(p, weights_only=True) for p in ckpts.glob("epoch=*.ckpt")}
+    # 80 rows a rank in batches of 16: 5 batches, 3 steps (the last on batch 4 alone), step 2 skipped
+    assert sorted(saved) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"], sorted(saved)
+    first, skipped, last = (saved[f"epoch=0-step={i}.ckpt"]["state_dict"] for i in (1, 2, 3))
+    for name, tensor in first.items():
+        assert torch.equal(tensor, skipped[name]), name  # the skipped step changed no weight
+    assert any(not torch.equal(skipped[n], last[n]) for n in last)  # the step after it trained
+    assert saved["epoch=0-step=3.ckpt"]["ftlab_skipped_steps"] == 1  # a resume does not renew the allowance
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary.get("replicas_in_sync", "sharded") in (True, "sharded") and summary["steps"] == 3, summary
 
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("FTLAB_REQUIRE_ROOT_TESTS") != "1",

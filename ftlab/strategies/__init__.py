@@ -171,6 +171,19 @@ def resolve_strategy(strategy):
     return strategy
 
 
+def class_form(name: str) -> list[str] | None:
+    """The command-line arguments that give a strategy named by `name` as its class, which takes options
+    (a name takes none): fsdp -> ftlab.strategies.FSDP; deepspeed_stage_3 -> DeepSpeed with stage 3."""
+    if name == "fsdp":
+        return ["--trainer.strategy=ftlab.strategies.FSDP"]
+    if name in _DEEPSPEED_NAMES:
+        return ["--trainer.strategy=ftlab.strategies.DeepSpeed",
+                *(f"--trainer.strategy.{k}={str(v).lower()}" for k, v in _DEEPSPEED_NAMES[name].items())]
+    if name == "ddp":
+        return ["--trainer.strategy=lightning.pytorch.strategies.DDPStrategy"]
+    return None
+
+
 def follow_trainable_change(strategy) -> None:
     """Called after parameters started training mid-run (gradual unfreezing): DDP must wrap the model again
     (see ddp.rewrap_after_trainable_change), FSDP2 settle its units' gradient dtypes again (see
