@@ -45,6 +45,8 @@ def build_from_run(run_dir: str):
     parser.add_subclass_arguments(TextDataModule, "data")
     cfg = parser.parse_object({"model": saved["model"], "data": saved["data"]})
     init = parser.instantiate_classes(cfg)
+    # the weights in the dtype the fit loaded and exported them in (bf16-true: bf16, not twice that in fp32)
+    init.model.run_precision = str((saved.get("trainer") or {}).get("precision") or "32-true")
     return init.model, init.data
 
 

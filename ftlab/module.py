@@ -145,6 +145,8 @@ class FineTuneModule(L.LightningModule):
         self.skip_nonfinite_steps = skip_nonfinite_steps
         self.skipped_steps = 0  # over the whole run: checkpoints carry it, so a resume does not renew the allowance
         self._skip_update = False
+        # the run's trainer.precision where there is no Trainer to ask (`ftlab export` sets it from the run)
+        self.run_precision = "32-true"
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConfigError(f"model.dtype={dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
         if trust_remote_code:
@@ -175,7 +177,7 @@ class FineTuneModule(L.LightningModule):
         if self.load_dtype:
             return getattr(torch, self.load_dtype)
         trainer = getattr(self, "_trainer", None)
-        precision = str(trainer.precision) if trainer is not None else "32-true"
+        precision = str(trainer.precision) if trainer is not None else self.run_precision
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
     def _settle_weight_dtypes(self, model: torch.nn.Module) -> None:
@@ -201,7 +203,7 @@ class FineTuneModule(L.LightningModule):
         """The dtype of a frozen model beside this one (a distillation teacher, a preference reference): never
         updated, it needs no fp32 master copy: the compute dtype of a mixed precision, else `weight_dtype`."""
         trainer = getattr(self, "_trainer", None)
-        precision = str(trainer.precision) if trainer is not None else ""
+        precision = str(trainer.precision) if trainer is not None else self.run_precision
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, self.weight_dtype())
 
     def model_config(self, data):

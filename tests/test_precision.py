@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ftlab.cli import run_cli
 from tests.conftest import TINY, _tokenizer, fit_args, run_ftlab
 
 FP32 = {"params": "float32", "master_params": "float32", "grads": "float32", "optimizer_state": "float32"}
 BF16 = {k: "bfloat16" for k in FP32}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,14 @@ def test_each_precision_trains_with_clipping_in_the_dtypes_it_promises(tmp_path,
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["dtypes"] == expected
     assert cli.model.optim.fused is None and cli.trainer.optimizers[0].defaults["fused"]  # the fused kernel ran
+    # `ftlab export` of the run's checkpoint writes what the fit's own export wrote: bf16-true's weights in
+    # bf16 (it built the model in fp32 before: twice the host memory, and an fp32 export)
+    out = run_ftlab("export", f"--run={tmp_path}", f"--out={tmp_path / 'again'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    fit, again = (load_file(folder / "model.safetensors") for folder in (tmp_path / "export", tmp_path / "again"))
+    assert fit.keys() == again.keys() and {t.dtype for t in again.values()} == {DTYPES[expected["params"]]}
+    for name, tensor in fit.items():
+        assert again[name].dtype == tensor.dtype and torch.equal(again[name], tensor), name
 
 
 @pytest.mark.parametrize("precision,expected", [("bf16-mixed", {**FP32, "reduce": "float32"}),
