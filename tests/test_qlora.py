@@ -123,21 +123,22 @@ def test_qlora_fit_through_the_cli(tmp_path, tiny_models, reviews_csv):
         torch.testing.assert_close(again(input_ids=IDS, attention_mask=MASK).logits, trained, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_qlora_on_two_ranks(strategy, tmp_path, tiny_models, reviews_csv):
-    """2 CPU ranks. FSDP2: the packed 4-bit weights are stored in the dtype FSDP2 gathers in and split like any
-    tensor; the block scales stay whole on each rank. DDP: the replicas stay equal. The export, gathered from
-    the shards, is the trained model."""
+@pytest.mark.parametrize("strategy,precision", [("fsdp", "32-true"), ("fsdp", "bf16-mixed"), ("ddp", "32-true")])
+def test_qlora_on_two_ranks(strategy, precision, tmp_path, tiny_models, reviews_csv):
+    """2 CPU ranks. FSDP2: the packed 4-bit weights are stored in the dtype FSDP2 gathers in (bf16 under
+    bf16-mixed, the GPU recipe's case) and split like any tensor; the block scales stay whole on each rank.
+    DDP: the replicas stay equal. The export, gathered from the shards, is the trained model."""
     from peft import PeftModel
 
     run = tmp_path / "run"
     out = run_ftlab(*fit_args(run, tiny_models["llama"], reviews_csv, "--model.quantization.bits=4",
                               f"--trainer.strategy={strategy}", "--trainer.devices=2", "--model.policy.dropout=0",
+                              f"--trainer.precision={precision}",
                               "--trainer.val_check_interval=5", "--test_after_fit=false", policy="Adapter"),
                     timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 10 and summary["world_size"] == 2
+    assert summary["steps"] == 10 and summary["world_size"] == 2 and f"{precision} trains in" in out.stderr
     losses = [p["val/loss"] for p in summary["val_history"]]
     assert losses[-1] < losses[0], losses
     params = summary["param_numel_per_rank"]  # elements held (packed 4-bit weights included)
