@@ -45,7 +45,7 @@ PROMISE = {"fsdp": (0.5, 0.5), "deepspeed_stage_1": (1.0, 0.5), "deepspeed_stage
 MATRIX = [
     ("fsdp", "bert", "Full"), ("fsdp", "llama", "Adapter"), ("fsdp", "bert", "Freeze"),
     ("deepspeed_stage_1", "bert", "Full"), ("deepspeed_stage_2", "llama", "Adapter"),
-    ("deepspeed_stage_3", "bert", "Full"), ("deepspeed_stage_3", "llama", "Adapter"),
+    ("deepspeed_stage_3", "bert", "Full"), ("deepspeed_stage_3", "llama", "Adapter"), ("deepspeed_stage_3", "bert", "Freeze"),
     ("deepspeed_stage_2_offload", "bert", "Full"), ("deepspeed_stage_3_offload", "bert", "Full"),
 ]
 
