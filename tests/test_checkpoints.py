@@ -162,9 +162,9 @@ def test_accumulation_resumed_mid_epoch_equals_the_straight_run_bit_for_bit(tmp_
 def test_fsdp_checkpoint_of_two_ranks_continues_on_one_in_the_same_global_order(tmp_path, tiny_models, reviews_csv):
     """2 ranks to step 3 (mid-epoch), then 1 rank with accumulation 2 (the same global batch): it trains
     the remaining steps on the global batches the 2 ranks would have taken, so it ends where a 2-rank run
-    never stopped ends."""
+    never stopped ends. And the other way: 1 rank accumulating 2 to step 3, then 2 ranks."""
     model = tiny_models["llama"]
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    straight, moved, grown = tmp_path / "straight", tmp_path / "moved", tmp_path / "grown"
     # the learning rate must not depend on max_steps, which only the stopped run sets
     schedule = ["--model.optim.schedule=constant", "--model.optim.warmup_ratio=0", "--test_after_fit=false",
                 "--trainer.max_epochs=2"]
@@ -177,11 +177,18 @@ def test_fsdp_checkpoint_of_two_ranks_continues_on_one_in_the_same_global_order(
     out = run_ftlab(*fit_args(moved, model, reviews_csv, "--trainer.strategy=fsdp", "--trainer.devices=1",
                               "--trainer.accumulate_grad_batches=2", *schedule, "--ckpt_path=last"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, moved))
-    assert a["steps"] == b["steps"] == 10 and b["world_size"] == 1
-    assert a["train_samples"] == b["train_samples"] == 160 * 2  # every row of both epochs once, none twice
+    one = ["--trainer.strategy=fsdp", "--trainer.devices=1", "--trainer.accumulate_grad_batches=2", *schedule]
+    out = run_ftlab(*fit_args(grown, model, reviews_csv, *one, "--trainer.max_steps=3"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_ftlab(*fit_args(grown, model, reviews_csv, *two, "--ckpt_path=last"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b, c = (json.loads((run / "summary.json").read_text()) for run in (straight, moved, grown))
+    assert a["steps"] == b["steps"] == c["steps"] == 10 and b["world_size"] == 1 and c["world_size"] == 2
+    # every row of both epochs once, none twice
+    assert a["train_samples"] == b["train_samples"] == c["train_samples"] == 160 * 2
     for name, tensor in weights(straight, "Full").items():
         torch.testing.assert_close(weights(moved, "Full")[name], tensor, rtol=0, atol=2e-5)
+        torch.testing.assert_close(weights(grown, "Full")[name], tensor, rtol=0, atol=2e-5)
 
 
 def test_a_resume_refuses_a_base_model_other_than_the_one_its_frozen_weights_came_from(tmp_path, tiny_models,
