@@ -135,10 +135,31 @@ class FtlabCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
-        self.model.task.check_data_type(self.datamodule)  # before the data is read
         # the splits this fit evaluates: the data module checks them against the ranks as it sets up
         self.datamodule.fit_eval_splits = ("validation", "test") if self.config[self.subcommand].get(
             "test_after_fit") else ("validation",)
+        cfg = self.config[self.subcommand]
+        if cfg["trainer"].get("detect_anomaly") and self.model.skip_nonfinite_steps:
+            raise ConfigError(f"model.skip_nonfinite_steps={self.model.skip_nonfinite_steps} with trainer.detect_anomaly="
+                              "true: anomaly detection stops the run in the backward of the first non-finite loss, "
+                              "which a skipped step still runs; use one or the other")
+        self._before_any_run()
+
+    def before_validate(self) -> None:
+        self._before_any_run()
+
+    def before_test(self) -> None:
+        self._before_any_run()
+
+    def before_predict(self) -> None:
+        self._before_any_run()
+
+    def _before_any_run(self) -> None:
+        """What every subcommand that runs the Trainer checks and sets before anything loads: the task against
+        the data, the strategy against the model, the checkpoint against the strategy and world size (an FSDP
+        folder under ddp, a ZeRO folder under another stage), the collective timeout and the ranks' share of
+        the CPU cores."""
+        self.model.task.check_data_type(self.datamodule)  # before the data is read
         check_combination(self.trainer.strategy, self.model)
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
@@ -146,7 +167,7 @@ class FtlabCLI(LightningCLI):
         if ckpt_path == "last":  # the checkpoint Lightning resumes: the newest last*.ckpt
             ckpt_path = last_checkpoint(_checkpoint_dir(self.trainer.default_root_dir)) or "last"
         check_resume(ckpt_path, _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
-                     self.trainer.world_size)
+                     self.trainer.world_size, fitting=self.subcommand == "fit")
         split_cpu_threads(self.trainer)
 
     def after_fit(self) -> None:

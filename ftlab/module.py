@@ -366,9 +366,16 @@ class FineTuneModule(L.LightningModule):
         """A window with a non-finite loss updates nothing: its gradients (reduced across ranks by now) are
         dropped before clipping and the step, which then skips every parameter (no gradient), on every rank
         alike (the vote in training_step). Lightning still counts the step, as it does a GradScaler skip."""
-        if self._skip_update:
-            self._skip_update = False
-            optimizer.zero_grad(set_to_none=True)
+        if not self._skip_update:
+            return
+        self._skip_update = False
+        if self._grad_scaler() is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # 16-mixed with a fused AdamW: the GradScaler checks its gradients inside the step, after this hook,
+            # and with none at all records no check (its update() then fails): leave them non-finite, it skips
+            for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
+                p.grad.fill_(float("nan"))
+            return
+        optimizer.zero_grad(set_to_none=True)
 
     def _eval_step(self, batch: dict, split: str):
         outputs = self.forward(batch)  # as in training_step

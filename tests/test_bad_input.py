@@ -85,6 +85,8 @@ MORE = {
     "negative skip allowance": (["--model.skip_nonfinite_steps=-1"], "skip_nonfinite_steps=-1"),
     "skipping steps under DeepSpeed": (["--model.skip_nonfinite_steps=2", "--trainer.strategy=deepspeed_stage_2",
                                         "--trainer.devices=2"], "DeepSpeed cannot skip a step"),
+    "skipping steps under anomaly detection": (["--model.skip_nonfinite_steps=1", "--trainer.detect_anomaly=true"],
+                                               "model.skip_nonfinite_steps=1 with trainer.detect_anomaly=true"),
     "zero collective timeout": (["--collective_timeout=0"], "collective_timeout=0"),
     "negative progress interval": (["--progress.every_n_seconds=-5"], "progress.every_n_seconds=-5.0 is not"),
     "endless progress interval": (["--progress.every_n_seconds=inf"], "progress.every_n_seconds=inf: expected float"),

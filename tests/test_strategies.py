@@ -210,6 +210,17 @@ def test_resume_refused_where_the_format_does_not_allow(tmp_path_factory, tiny_m
                                   "--ckpt_path=last"), timeout=600)
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr
+    # evaluating a checkpoint is checked alike (it was a traceback: torch.load of a folder)
+    evaluations = [
+        ("test", sharded, ["--trainer.strategy=ddp", "--trainer.devices=1"], "is a sharded FSDP checkpoint: load it with"),
+        ("validate", zero3, ["--trainer.strategy=deepspeed_stage_3", "--trainer.devices=1"],
+         "was written by 2 DeepSpeed ranks, this run has 1: evaluate it on 2 devices"),
+    ]
+    for subcommand, run, extra, message in evaluations:
+        out = run_ftlab(subcommand, *fit_args(run, tiny_models["bert"], reviews_csv, *extra,
+                                              f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")[1:], timeout=600)
+        assert out.returncode == 2 and message in out.stderr, (subcommand, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("options,param_share", [
@@ -402,3 +413,21 @@ def test_fsdp_evaluates_under_no_grad_even_where_a_config_asks_for_inference_mod
     assert "ftlab: fsdp evaluates under no_grad (trainer.inference_mode=true is not used" in out.stderr + out.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and "test/accuracy" in summary
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3_offload"])
+def test_the_class_form_an_error_suggests_is_the_named_strategy(name):
+    """A strategy option after its name is refused with the class form to give instead: it must be the same
+    strategy (a DeepSpeed preset also sizes its buckets by the model)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    from ftlab.strategies import class_form, resolve_strategy
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+    args = [a.replace("--trainer.strategy", "--strategy") for a in class_form(name)]
+    built, named = parser.instantiate(parser.parse_args(args)).strategy, resolve_strategy(name)
+    assert type(built) is type(named)
+    if name.startswith("deepspeed"):
+        assert built.model_sized_buffers and named.model_sized_buffers and built.config == named.config

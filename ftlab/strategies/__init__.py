@@ -114,8 +114,9 @@ def checkpoint_kind(path: str) -> str:
     raise ConfigError(f"ckpt_path={path!r} is not a checkpoint (file, FSDP folder or DeepSpeed folder)")
 
 
-def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_size: int) -> None:
-    """Refuse, before anything loads, a checkpoint the chosen strategy cannot resume from."""
+def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_size: int, fitting: bool = True) -> None:
+    """Refuse, before anything loads, a checkpoint the chosen strategy cannot resume from (`fitting`) or load
+    to evaluate."""
     if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
         return
     path = os.path.join(checkpoint_dir, "last.ckpt") if ckpt_path == "last" else str(ckpt_path)
@@ -124,20 +125,26 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
     if not os.path.exists(path):
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist; give a checkpoint file or folder, or 'last'")
     kind = checkpoint_kind(path)
-    fix = "or export it (`python -m ftlab export --run ... --ckpt ...`) and fine-tune from the export"
+    resume = "resume" if fitting else "load"
+    fix = ("or export it (`python -m ftlab export --run ... --ckpt ...`) and "
+           + ("fine-tune from the export" if fitting else "evaluate the export"))
     if kind == "dcp" and not isinstance(strategy, ModelParallelStrategy):
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is a sharded FSDP checkpoint: resume it with --trainer.strategy fsdp "
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is a sharded FSDP checkpoint: {resume} it with --trainer.strategy fsdp "
                           f"(any world size), {fix}; FSDP with state_dict_type: full writes checkpoints any strategy reads")
     if kind == "deepspeed":
         if not isinstance(strategy, DeepSpeedStrategy):
-            raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: resume it with the same "
+            raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: {resume} it with the same "
                               f"deepspeed_stage_* strategy, {fix}")
         saved = deepspeed.saved_world_size(path)
+        if saved != world_size and not fitting:  # evaluation loads the module alone, where universal is untried
+            raise ConfigError(f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has "
+                              f"{world_size}: evaluate it on {saved} devices, or export it (`python -m ftlab export "
+                              "--run ... --ckpt ...`) and evaluate the export")
         if saved != world_size:  # ZeRO's own format is partitioned for its world size: load it as universal
             deepspeed.check_universal_resume(strategy, ckpt_path, path, saved, world_size, fix)
     if kind == "file" and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is a single-file checkpoint, which DeepSpeed does not resume; "
-                          f"resume with ddp or fsdp, {fix}")
+        raise ConfigError(f"ckpt_path={ckpt_path!r} is a single-file checkpoint, which DeepSpeed does not {resume}; "
+                          f"{resume} it with ddp or fsdp, {fix}")
 
 
 def resolve_strategy(strategy):
@@ -165,9 +172,7 @@ def resolve_strategy(strategy):
     if strategy == "fsdp":
         return FSDP()
     if isinstance(strategy, str) and strategy in _DEEPSPEED_NAMES:
-        named = DeepSpeed(**_DEEPSPEED_NAMES[strategy])
-        named.model_sized_buffers = True
-        return named
+        return DeepSpeed(**_DEEPSPEED_NAMES[strategy], model_sized_buffers=True)
     return strategy
 
 
@@ -178,7 +183,8 @@ def class_form(name: str) -> list[str] | None:
         return ["--trainer.strategy=ftlab.strategies.FSDP"]
     if name in _DEEPSPEED_NAMES:
         return ["--trainer.strategy=ftlab.strategies.DeepSpeed",
-                *(f"--trainer.strategy.{k}={str(v).lower()}" for k, v in _DEEPSPEED_NAMES[name].items())]
+                *(f"--trainer.strategy.{k}={str(v).lower()}" for k, v in _DEEPSPEED_NAMES[name].items()),
+                "--trainer.strategy.model_sized_buffers=true"]
     if name == "ddp":
         return ["--trainer.strategy=lightning.pytorch.strategies.DDPStrategy"]
     return None

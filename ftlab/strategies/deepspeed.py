@@ -37,8 +37,16 @@ class DeepSpeed(DeepSpeedStrategy):
     user's own ds_config JSON as `config`...).
     """
 
-    # the named presets (`deepspeed_stage_*`: strategies.resolve_strategy) size their buffers by the model
-    model_sized_buffers = False
+    def __init__(self, *args, model_sized_buffers: bool = False, **kwargs) -> None:
+        """
+        Args:
+            model_sized_buffers: Size ZeRO's communication buckets by the model (hidden^2 elements), as the
+                named presets `deepspeed_stage_*` do, instead of Lightning's fixed 2e8 elements (an 800 MB
+                fp32 buffer on every rank, whatever the model); it replaces the reduce and ZeRO-3
+                prefetch bucket sizes given.
+        """
+        super().__init__(*args, **kwargs)
+        self.model_sized_buffers = model_sized_buffers
 
     def _on_cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
@@ -46,9 +54,9 @@ class DeepSpeed(DeepSpeedStrategy):
     def size_buffers(self, config) -> None:
         """The named presets size ZeRO's communication buffers by the model as the Hugging Face Trainer's `auto`
         values do: gradient reduce bucket hidden^2 elements, ZeRO-3 prefetch bucket 0.9 hidden^2. Lightning's
-        fixed 2e8-element reduce bucket is an 800 MB fp32 buffer on every rank whatever the model. Options
-        given to ftlab.strategies.DeepSpeed, and a user's own ds_config, are kept. Called before the model is
-        built (zero.Init reads the config)."""
+        fixed 2e8-element reduce bucket is an 800 MB fp32 buffer on every rank whatever the model. Without
+        model_sized_buffers (ftlab.strategies.DeepSpeed's default), the options given and a user's own
+        ds_config are kept. Called before the model is built (zero.Init reads the config)."""
         hidden = getattr(config.get_text_config(), "hidden_size", None)
         if not self.model_sized_buffers or not isinstance(hidden, int):
             return
