@@ -152,6 +152,11 @@ class FtlabCLI(LightningCLI):
         self._before_any_run()
 
     def before_predict(self) -> None:
+        task = self.model.task
+        if not task.writes_predictions():  # it wrote an empty predictions.jsonl
+            raise ConfigError(f"ftlab predict: the {task.name} task has no per-row predictions to write (they are for "
+                              "classification, token classification and seq2seq); try the model with `python -m ftlab "
+                              "generate --run DIR`, or score it on the test split with `python -m ftlab test`")
         self._before_any_run()
 
     def _before_any_run(self) -> None:

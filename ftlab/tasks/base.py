@@ -64,6 +64,10 @@ class Task(ABC):
         """Per-example predictions for `ftlab predict`."""
         return []
 
+    def writes_predictions(self) -> bool:
+        """Whether `ftlab predict` has per-row predictions to write (the task defines `predict`)."""
+        return type(self).predict is not Task.predict
+
     def prepare_data(self) -> None:  # noqa: B027 - optional hook
         """Once per node before any rank builds the model: fetch what the task loads besides it (a teacher)."""
 

@@ -151,6 +151,9 @@ class Distillation(Task):
     def predict(self, outputs: Any, batch: dict, data) -> list[dict]:
         return self.student.predict(outputs, batch, data)
 
+    def writes_predictions(self) -> bool:
+        return self.student.writes_predictions()
+
     def validation_end(self, module) -> None:
         self.student.validation_end(module)
 

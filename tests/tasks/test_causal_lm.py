@@ -174,3 +174,12 @@ def test_sample_generations_run_in_the_steps_precision(tmp_path, tiny_models, ch
     assert summary["steps"] == 2 and summary["dtypes"]["params"] == "float32"
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all("generated" in s for s in samples)
+
+
+def test_predict_of_a_task_without_per_row_predictions_is_refused_up_front(tmp_path, tiny_models, chat_file):
+    """`ftlab predict` of an SFT config wrote an empty predictions.jsonl; it now says where to go instead."""
+    args = task_args(tmp_path / "run", tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
+                     f"--data.chat_template={CHAT_TEMPLATE}")
+    out = run_ftlab("predict", *args[1:])
+    assert out.returncode == 2 and "the causal-lm task has no per-row predictions to write" in out.stderr, out.stderr[-2000:]
+    assert "ftlab generate --run" in out.stderr and not (tmp_path / "run" / "predictions.jsonl").exists()
