@@ -61,6 +61,8 @@ def run_chat_template(folder: str) -> str | None:
             if template and os.path.isfile(os.path.expanduser(template)):
                 with open(os.path.expanduser(template), encoding="utf-8") as f:
                     template = f.read()
+            elif template and "{" not in template:  # a file path relative to where the run started: not a template
+                return None
             return template
     return None
 

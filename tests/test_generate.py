@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from ftlab.cli import run_cli
 from tests.conftest import REPO, fit_args, run_ftlab
@@ -103,8 +104,10 @@ def test_chat_with_a_causal_lm_applies_the_chat_template_and_keeps_history(tmp_p
                       "--test_after_fit=false"))
     from ftlab.generate import Generator
 
-    gen = Generator(str(run / "export"), max_new_tokens=6)  # the export's tokenizer lacks the run's template
+    gen = Generator(str(run / "export"), max_new_tokens=6)
     assert gen.chat_template == CHAT_TEMPLATE
+    # the export carries the run's template (the base tokenizer has none): a server renders chats as training did
+    assert AutoTokenizer.from_pretrained(run / "export").chat_template == CHAT_TEMPLATE
     assert gen.render([{"role": "user", "content": "hi"}]) == "user : hi [SEP] assistant : "
 
     term = Terminal("generate", "--run", str(run), "--max-new-tokens", "6")

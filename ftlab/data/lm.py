@@ -10,12 +10,11 @@ attends across examples (the batch then has no attention_mask, by design).
 from __future__ import annotations
 
 import bisect
-import os
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from ftlab.data import formats
-from ftlab.data.module import TextDataModule
+from ftlab.data.module import TextDataModule, read_chat_template
 from ftlab.errors import ConfigError
 
 
@@ -73,10 +72,7 @@ class LanguageModelingData(TextDataModule):
         self.mode = "text" if text_column else "pair" if prompt_column else "messages"
         self.messages_column = messages_column or "messages"
         self.prompt_column, self.response_column, self.text_column = prompt_column, response_column, text_column
-        if chat_template and os.path.isfile(os.path.expanduser(chat_template)):
-            with open(os.path.expanduser(chat_template), encoding="utf-8") as f:
-                chat_template = f.read()
-        self.chat_template = chat_template
+        self.chat_template = read_chat_template(chat_template)
         self.train_on_prompt = train_on_prompt
         self.packing = packing
         self.sample_prompts = sample_prompts

@@ -69,6 +69,21 @@ def train_subset(n: int, rows: int | float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:keep].tolist())
 
 
+def read_chat_template(value: str | None) -> str | None:
+    """`data.chat_template`: a Jinja template, or the path of a file holding one (read here). A value with no
+    Jinja tag that names no file is a mistyped path: used as the template, every chat would render as it."""
+    if not value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ConfigError(f"data.chat_template={value!r} is neither a file (working directory {os.getcwd()}) nor a "
+                          "Jinja template; give the template file's path, or the template itself")
+    return value
+
+
 class TextDataModule(L.LightningDataModule):
     """Shared data handling: source, filtering, splits, tokenisation cache, batching."""
 
@@ -237,6 +252,8 @@ class TextDataModule(L.LightningDataModule):
                                   f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None
             if tok.pad_token is None:  # decoder tokenizers (GPT-2, Llama) have none: reuse end-of-sequence
                 tok.pad_token = tok.eos_token
+            if getattr(self, "chat_template", None):  # the run's own template: the exports save it with the
+                tok.chat_template = self.chat_template  # tokenizer, so a server renders chats as training did
             self._tokenizer = tok
         return self._tokenizer
 

@@ -11,13 +11,11 @@ has no response left to score: it is dropped and counted (one line), not truncat
 
 from __future__ import annotations
 
-import os
-
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ftlab.data.collate import PadCollator
-from ftlab.data.module import TextDataModule
+from ftlab.data.module import TextDataModule, read_chat_template
 from ftlab.errors import ConfigError
 
 SPLIT_ORDER = ("train", "validation", "test")  # pair_index runs through the splits in this order
@@ -63,10 +61,7 @@ class PreferenceData(TextDataModule):
         """
         super().__init__(source, **kwargs)
         self.prompt_column, self.chosen_column, self.rejected_column = prompt_column, chosen_column, rejected_column
-        if chat_template and os.path.isfile(os.path.expanduser(chat_template)):
-            with open(os.path.expanduser(chat_template), encoding="utf-8") as f:
-                chat_template = f.read()
-        self.chat_template = chat_template
+        self.chat_template = read_chat_template(chat_template)
         self.pair_rows = 0
         self._meta_being_written: dict | None = None
 

@@ -115,6 +115,13 @@ def test_a_tokenizer_without_chat_template_is_refused_before_the_model_loads(tmp
     assert "policy" not in out.stderr.split("error:")[0]  # no model was built (its summary line names the policy)
 
 
+def test_a_chat_template_path_that_names_no_file_is_refused(tmp_path, tiny_models, chat_file):
+    out = run_ftlab(*task_args(tmp_path / "run", tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
+                               "--data.chat_template=templates/chat.jinja"))  # used as the template itself before
+    assert out.returncode == 2 and "data.chat_template='templates/chat.jinja' is neither a file" in out.stderr, \
+        out.stderr[-2000:]
+
+
 def test_rows_without_messages_are_refused(tmp_path, tiny_models, chat_file):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "b"}\n' * 30)
