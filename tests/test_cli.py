@@ -69,6 +69,17 @@ def test_validate_and_resume_from_checkpoint(tmp_path, tiny_bert, reviews_csv):
 
     val = run_cli(["validate", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
     assert val.trainer.callback_metrics["val/accuracy"] == pytest.approx(first["val/accuracy"])
+    # evaluating elsewhere leaves the fit's description of the run; without a checkpoint (the pretrained
+    # model) its metrics stay out of the run's summary
+    out = run_ftlab("test", *fit_args(run, tiny_bert, reviews_csv, "--trainer.devices=2", "--trainer.strategy=ddp",
+                                      f"--ckpt_path={ckpt}")[1:])
+    assert out.returncode == 0, out.stderr[-2000:]
+    after = json.loads((run / "summary.json").read_text())
+    assert {k: after[k] for k in ("world_size", "strategy", "steps")} == {k: first[k] for k in ("world_size", "strategy", "steps")}
+    assert after["test/accuracy"] == pytest.approx(first["test/accuracy"])
+    untrained = run_cli(["validate", *fit_args(run, tiny_bert, reviews_csv)[1:]])
+    assert untrained.trainer.callback_metrics["val/loss"] != pytest.approx(first["val/loss"])
+    assert json.loads((run / "summary.json").read_text())["val/loss"] == first["val/loss"]
 
     run_cli(["predict", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

@@ -143,7 +143,9 @@ class RunOutputs(L.Callback):
         if os.path.exists(path):
             with open(path) as f:
                 summary = json.load(f)
-        summary.update(
+        # what describes the run is the fit's: a later `ftlab test` on other devices does not rewrite it
+        fitting = trainer.state.fn == "fit" or self._finished  # the fit, or the test right after it
+        run = (
             {
                 "task": pl_module.task.name,
                 "main_metric": pl_module.task.main_metric,  # what ranks runs (compare reads it)
@@ -160,9 +162,17 @@ class RunOutputs(L.Callback):
                 **extra,
             }
         )
-        for key, value in trainer.callback_metrics.items():
-            if key.startswith(("val/", "test/")):
-                summary[key] = _scalar(value)
+        if fitting or "steps" not in summary:
+            summary.update(run)
+        else:
+            summary.update({k: v for k, v in run.items() if k not in summary})
+        if not fitting and "steps" in summary and trainer.ckpt_path is None:
+            rank_zero_info("ftlab: not written to summary.json: no --ckpt_path, so the pretrained model was evaluated, "
+                           "not this run's")
+        else:
+            for key, value in trainer.callback_metrics.items():
+                if key.startswith(("val/", "test/")):
+                    summary[key] = _scalar(value)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
