@@ -13,6 +13,7 @@ from ftlab.errors import ConfigError
 from ftlab.estimate.memory import (
     Activations,
     MemoryEstimate,
+    TensorBytes,
     activation_memory,
     blocks_with_activations,
     checkpoint_key,
@@ -164,7 +165,8 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     acts = Activations(0, 0) if args.no_activations else \
         activation_memory(module, config, data.batch_size, seq, target, act_dtype,
                           packed=getattr(data, "packing", False))
-    mem = MemoryEstimate(strategy, world, params, grads, optim, acts.kept, total, trainable, acts.peak)
+    frozen, frozen_text = _frozen_model(module, precision, param_bytes, strategy, world)
+    mem = MemoryEstimate(strategy, world, params, grads, optim, acts.kept, total, trainable, acts.peak, frozen)
     outputs = cli.config_init["fit"].get("outputs")
     host = host_memory(strategy=strategy, world=world, devices=devices, ranks=ranks, total_params=total,
                        load_size=param_bytes, load_dtype=load_dtype, checkpoint=checkpoint, base_names=base_names,
@@ -195,12 +197,39 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
             "devices": world, "batch_per_device": data.batch_size, "seq_len": seq, "policy": module.policy.name,
             "optimizer_name": module.optim.name, "quantization": _quantization_text(module),
             "activation_checkpointing": checkpoints_activations(module),
-            "loss_chunk_size": getattr(module, "loss_chunk_size", 0) or 0,
+            "loss_chunk_size": getattr(module, "loss_chunk_size", 0) or 0, "frozen_model": frozen_text,
             **mem.as_dict(), "nodes": nodes, "host_per_node": host.as_dict(), "param_numel_per_rank": [r[0].numel for r in ranks],
             "optimizer_state_numel_per_rank": [r[2].numel for r in ranks], "fits": mem.total_bytes <= capacity * GiB * 0.9,
             "flops_per_token": flops, "tokens_per_s": spd.tokens_per_s, "step_time_s": spd.step_time_s,
             "steps": steps, "train_rows": rows, "train_rows_from": rows_source if rows else None,
             "wall_time_s": spd.wall_time_s}
+
+
+def _frozen_model(module, precision: str, param_bytes: int, strategy: str, world: int) -> tuple[TensorBytes, str | None]:
+    """Per-rank bytes of the frozen model the task loads beside the trained one (a distillation teacher, a
+    preference reference copy), counted from its config on the meta device: in the frozen dtype (a mixed
+    precision's compute dtype: FineTuneModule.frozen_dtype), placed as strategies.build_frozen places it
+    (sharded under fsdp and ZeRO-3, whole on every rank otherwise); and what it is, for the report."""
+    import torch
+
+    from ftlab.loading import load_config
+
+    found = module.task.frozen_model(module)
+    if found is None:
+        return TensorBytes(0, 0), None
+    path, gguf_file, revision = found
+    what = "teacher" if module.task.name == "distillation" else "reference copy"
+    try:
+        config = load_config(path, gguf_file, **({"revision": revision} if revision else {}))
+    except (OSError, ValueError) as err:
+        return TensorBytes(0, 0), f"{what} {path}: not counted, its config could not be read ({str(err).splitlines()[0][:120]})"
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in module.task.auto_class.from_config(config).parameters())
+    size = 2 if precision in ("bf16-mixed", "16-mixed") else param_bytes
+    sharded = strategy in ("fsdp", "deepspeed_stage_3")
+    local = math.ceil(numel / world) if sharded else numel
+    return TensorBytes(local, local * size), (f"{what} {path}: {numel:,} elements in {size} bytes, "
+                                              + ("sharded" if sharded else "whole on every device"))
 
 
 def _skeleton(module, data, architecture: str):
@@ -354,6 +383,7 @@ def report(est: dict) -> str:
         f"{OPTIMIZER_TEXT.get(est['optimizer_name'], est['optimizer_name'])})",
         f"    activations {gib(est['activation_peak_bytes']):>12}  (batch {est['batch_per_device']} x {est['seq_len']} "
         f"tokens: the step's peak; {gib(est['activations_bytes'])} kept for backward{_compute_text(est)})",
+        *([f"    frozen      {gib(est['frozen']['bytes']):>12}  ({est['frozen_model']})"] if est["frozen_model"] else []),
         f"    total       {gib(est['total_bytes']):>12}  -> {'fits' if est['fits'] else 'DOES NOT FIT'} "
         f"(90% of {est['memory_gib']:g} GiB usable)",
     ]

@@ -23,7 +23,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -54,12 +54,14 @@ class MemoryEstimate:
     total_params: int
     trainable_params: int
     activation_peak_bytes: int = 0  # the step's activation peak (forward and backward), beyond the gradients
+    # a frozen model beside the trained one (a distillation teacher, a preference reference copy), per rank
+    frozen: TensorBytes = field(default_factory=lambda: TensorBytes(0, 0))
 
     @property
     def total_bytes(self) -> int:
         """The step's peak: the state plus the activations at their peak."""
-        return self.params.bytes + self.grads.bytes + self.optimizer.bytes + max(self.activations_bytes,
-                                                                                self.activation_peak_bytes)
+        return self.params.bytes + self.grads.bytes + self.optimizer.bytes + self.frozen.bytes + max(
+            self.activations_bytes, self.activation_peak_bytes)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}

@@ -64,6 +64,11 @@ class Task(ABC):
         """Per-example predictions for `ftlab predict`."""
         return []
 
+    def frozen_model(self, module) -> tuple[str, str | None, str | None] | None:
+        """The frozen pretrained model this task loads beside the trained one, as (path or hub id, GGUF file,
+        revision), if any: `ftlab estimate` counts its memory."""
+        return None
+
     def writes_predictions(self) -> bool:
         """Whether `ftlab predict` has per-row predictions to write (the task defines `predict`)."""
         return type(self).predict is not Task.predict

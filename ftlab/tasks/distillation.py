@@ -154,6 +154,9 @@ class Distillation(Task):
     def writes_predictions(self) -> bool:
         return self.student.writes_predictions()
 
+    def frozen_model(self, module) -> tuple[str, str | None, str | None]:
+        return self._teacher_path(), self.teacher_gguf_file, None
+
     def validation_end(self, module) -> None:
         self.student.validation_end(module)
 

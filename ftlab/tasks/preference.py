@@ -104,6 +104,13 @@ class Preference(Task):
         else:
             self.reference = self._frozen_copy(module)
 
+    def frozen_model(self, module) -> tuple[str, str | None, str | None] | None:
+        """A reference copy of the pretrained model (setup): for a loss with a reference, neither precomputed
+        nor the adapter switched off."""
+        if self.loss_name in NEEDS_REFERENCE and not self.precompute_reference and module.policy.name != "adapter":
+            return module.name_or_path, module.gguf_file, module.revision
+        return None
+
     def _frozen_copy(self, module) -> FrozenCopy:
         from ftlab.strategies import build_frozen
         from ftlab.tasks.distillation import FrozenTeacher

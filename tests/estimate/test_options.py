@@ -129,3 +129,30 @@ def test_estimate_command_reports_each_option(tiny_models, tmp_path):
     assert est["quantization"] == "nf4 4-bit, double-quantized scales" and est["activation_checkpointing"]
     assert est["params"]["numel"] == plain["params"]["numel"] and est["params"]["bytes"] < plain["params"]["bytes"]
     assert math.isfinite(est["activation_peak_bytes"]) and est["activation_peak_bytes"] > 0
+
+
+def test_a_frozen_reference_copy_is_counted_where_the_task_loads_one(tiny_models, tmp_path):
+    """DPO with the Full policy loads a frozen copy of the model as its reference (in the compute dtype, sharded
+    like the model under fsdp): the estimate counts it on each device; with an adapter (switched off for the
+    reference) or precomputed reference log-probs there is none."""
+    from ftlab.estimate.cli import estimate, parser
+    from tests.tasks.conftest import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
+    base = ["--model.name_or_path", str(tiny_models["llama"]), "--model.task=Preference", "--data=PreferenceData",
+            f"--data.source={pairs}", "--data.max_length=32", "--trainer.accelerator=cpu",
+            "--trainer.precision=bf16-mixed"]
+
+    def run(*extra, devices=1):
+        return estimate(parser().parse_args(["--no-activations", "--devices", str(devices)]), [*base, *extra])
+
+    full = run("--model.policy=Full")
+    assert full["frozen"] == {"numel": full["total_params"], "bytes": 2 * full["total_params"]}  # bf16, whole
+    assert "reference copy" in full["frozen_model"]
+    plain = {k: v for k, v in full.items() if k in ("params", "grads", "optimizer")}
+    assert full["total_bytes"] == sum(v["bytes"] for v in plain.values()) + full["frozen"]["bytes"]
+    sharded = run("--model.policy=Full", "--trainer.strategy=fsdp", devices=2)
+    assert sharded["frozen"]["numel"] == math.ceil(full["total_params"] / 2) and "sharded" in sharded["frozen_model"]
+    for extra in (["--model.policy=Adapter"], ["--model.policy=Full", "--model.task.precompute_reference=true"]):
+        none = run(*extra)
+        assert none["frozen"] == {"numel": 0, "bytes": 0} and none["frozen_model"] is None, extra
