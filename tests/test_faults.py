@@ -105,6 +105,16 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_its_whole_step_on_every_rank(
     assert summary.get("replicas_in_sync", "sharded") in (True, "sharded") and summary["steps"] == 3, summary
 
 
+def test_a_skipped_first_step_still_reports_what_the_run_trains_in(tmp_path, tiny_bert, reviews_csv):
+    run = tmp_path / "run"
+    out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_steps=3", "--model.skip_nonfinite_steps=1",
+                              "--test_after_fit=false", "--trainer.callbacks+=tests.test_faults.NonFiniteOn",
+                              "--trainer.callbacks.batch=0", "--trainer.callbacks.rank=0"))
+    assert out.returncode == 0 and "(epoch 0, batch 0): step skipped" in out.stderr, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())  # read after step 2 (step 1 made no optimizer state)
+    assert summary["steps"] == 3 and summary["dtypes"]["optimizer_state"] == "float32", summary["dtypes"]
+
+
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("FTLAB_REQUIRE_ROOT_TESTS") != "1",
                                reason="mounting a small tmpfs (a disk that fills up) needs root")
 
