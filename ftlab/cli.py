@@ -165,7 +165,7 @@ class FtlabCLI(LightningCLI):
         folder under ddp, a ZeRO folder under another stage), the collective timeout and the ranks' share of
         the CPU cores."""
         self.model.task.check_data_type(self.datamodule)  # before the data is read
-        check_combination(self.trainer.strategy, self.model)
+        check_combination(self.trainer.strategy, self.model, training=self.subcommand == "fit")
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
         ckpt_path = cfg.get("ckpt_path")

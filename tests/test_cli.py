@@ -77,9 +77,12 @@ def test_validate_and_resume_from_checkpoint(tmp_path, tiny_bert, reviews_csv):
     after = json.loads((run / "summary.json").read_text())
     assert {k: after[k] for k in ("world_size", "strategy", "steps")} == {k: first[k] for k in ("world_size", "strategy", "steps")}
     assert after["test/accuracy"] == pytest.approx(first["test/accuracy"])
-    untrained = run_cli(["validate", *fit_args(run, tiny_bert, reviews_csv)[1:]])
-    assert untrained.trainer.callback_metrics["val/loss"] != pytest.approx(first["val/loss"])
+    untrained = run_ftlab("validate", *fit_args(run, tiny_bert, reviews_csv)[1:])
+    assert untrained.returncode == 0 and "not written to summary.json" in untrained.stderr, untrained.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["val/loss"] == first["val/loss"]
+    exported = run_ftlab("validate", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--model.name_or_path={run / 'export'}")
+    assert exported.returncode == 0 and "not written to summary.json" not in exported.stderr, exported.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["val/loss"] == pytest.approx(first["val/loss"], abs=1e-5)
 
     run_cli(["predict", *fit_args(run, tiny_bert, reviews_csv)[1:], f"--ckpt_path={ckpt}"])
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]

@@ -213,14 +213,24 @@ def test_resume_refused_where_the_format_does_not_allow(tmp_path_factory, tiny_m
     # evaluating a checkpoint is checked alike (it was a traceback: torch.load of a folder)
     evaluations = [
         ("test", sharded, ["--trainer.strategy=ddp", "--trainer.devices=1"], "is a sharded FSDP checkpoint: load it with"),
-        ("validate", zero3, ["--trainer.strategy=deepspeed_stage_3", "--trainer.devices=1"],
-         "was written by 2 DeepSpeed ranks, this run has 1: evaluate it on 2 devices"),
+        ("validate", zero3, ["--trainer.strategy=deepspeed_stage_3", "--trainer.devices=2"],
+         "is a ZeRO-3 checkpoint, which DeepSpeed cannot load to evaluate; export it"),
+        ("validate", zero3, ["--trainer.strategy=deepspeed_stage_2", "--trainer.devices=2"],
+         "was written under ZeRO-3, this run is ZeRO-2: load it with the stage it was written with"),
     ]
     for subcommand, run, extra, message in evaluations:
         out = run_ftlab(subcommand, *fit_args(run, tiny_models["bert"], reviews_csv, *extra,
                                               f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")[1:], timeout=600)
         assert out.returncode == 2 and message in out.stderr, (subcommand, out.stderr[-2000:])
         assert "Traceback" not in out.stderr
+    # what evaluation can load at another world size, it does: a ZeRO-2 checkpoint of 2 ranks (one model file) on 1
+    zero2 = distributed_fit(tmp_path_factory, tiny_models["llama"], reviews_csv, "deepspeed_stage_2", "Adapter")["dir"]
+    out = run_ftlab("validate", *fit_args(zero2, tiny_models["llama"], reviews_csv, "--trainer.strategy=deepspeed_stage_2",
+                                          "--trainer.devices=1", f"--ckpt_path={zero2 / 'checkpoints' / 'last.ckpt'}",
+                                          policy="Adapter")[1:], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((zero2 / "summary.json").read_text())
+    assert summary["val/accuracy"] > 0.5 and summary["world_size"] == 2, summary  # the trained weights, evaluated
 
 
 @pytest.mark.parametrize("options,param_share", [

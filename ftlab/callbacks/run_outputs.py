@@ -65,6 +65,7 @@ class RunOutputs(L.Callback):
         self._fit_start: float | None = None
         self._start_step = 0
         self._step_skipped = False
+        self._report_tries = 0
         self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
         self.val_history: list[dict] = []  # each validation of the fit: step, wall time, metrics
         self.dtypes: dict[str, str] = {}  # what the run trains in, read off the first optimizer step
@@ -113,7 +114,11 @@ class RunOutputs(L.Callback):
         # the first optimizer step has run (DeepSpeed counts its accumulation in steps that do not step)
         if (not self.dtypes and self._grads_dtype is not None and trainer.global_step > self._start_step
                 and not self._step_skipped):
-            self.dtypes = precision_report(trainer, pl_module.model, trainer.optimizers[0], self._grads_dtype)
+            report = precision_report(trainer, pl_module.model, trainer.optimizers[0], self._grads_dtype)
+            self._report_tries += 1
+            if "optimizer_state" not in report and self._report_tries < 3:
+                return  # a step the fp16 GradScaler skipped (16-mixed) made no optimizer state: read the next one's
+            self.dtypes = report
             pure = " (bf16-true: no fp32 copy of the weights)" if self.dtypes.get("master_params") == "bfloat16" else ""
             rank_zero_info(f"ftlab: {trainer.precision} trains in: " + ", ".join(
                 f"{k.replace('_', ' ')} {v}" for k, v in self.dtypes.items()) + pure)
@@ -171,7 +176,8 @@ class RunOutputs(L.Callback):
             summary.update(run)
         else:
             summary.update({k: v for k, v in run.items() if k not in summary})
-        if not fitting and "steps" in summary and trainer.ckpt_path is None:
+        if (not fitting and "steps" in summary and trainer.ckpt_path is None
+                and pl_module.name_or_path == summary.get("model")):
             rank_zero_info("ftlab: not written to summary.json: no --ckpt_path, so the pretrained model was evaluated, "
                            "not this run's")
         else:

@@ -70,17 +70,19 @@ def train_subset(n: int, rows: int | float, seed: int) -> list[int]:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """`data.chat_template`: a Jinja template, or the path of a file holding one (read here). A value with no
-    Jinja tag that names no file is a mistyped path: used as the template, every chat would render as it."""
+    """`data.chat_template`: a Jinja template, the path of a file holding one (read here), or the name of one
+    of the tokenizer's own templates (transformers resolves it: "tool_use"). A path that names no file is a
+    mistake: used as the template, every chat would render as the path."""
     if not value:
         return value
     path = os.path.expanduser(value)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
-    if "{" not in value:
-        raise ConfigError(f"data.chat_template={value!r} is neither a file (working directory {os.getcwd()}) nor a "
-                          "Jinja template; give the template file's path, or the template itself")
+    if "{" not in value and ("/" in value or os.sep in value or os.path.splitext(value)[1]):
+        raise ConfigError(f"data.chat_template={value!r} names no file (working directory {os.getcwd()}) and is no "
+                          "Jinja template; give the template file's path, the template itself, or a template name "
+                          "of the tokenizer")
     return value
 
 
@@ -252,8 +254,9 @@ class TextDataModule(L.LightningDataModule):
                                   f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None
             if tok.pad_token is None:  # decoder tokenizers (GPT-2, Llama) have none: reuse end-of-sequence
                 tok.pad_token = tok.eos_token
-            if getattr(self, "chat_template", None):  # the run's own template: the exports save it with the
-                tok.chat_template = self.chat_template  # tokenizer, so a server renders chats as training did
+            template = getattr(self, "chat_template", None)
+            if template and "{" in template:  # the run's own template (not a name of the tokenizer's): the exports
+                tok.chat_template = template   # save it with the tokenizer, so a server renders chats as training did
             self._tokenizer = tok
         return self._tokenizer
 

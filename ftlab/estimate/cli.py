@@ -214,18 +214,18 @@ def _frozen_model(module, precision: str, param_bytes: int, strategy: str, world
 
     from ftlab.loading import load_config
 
-    found = module.task.frozen_model(module)
-    if found is None:
-        return TensorBytes(0, 0), None
-    path, gguf_file, revision = found
     what = "teacher" if module.task.name == "distillation" else "reference copy"
     try:
+        found = module.task.frozen_model(module)
+        if found is None:
+            return TensorBytes(0, 0), None
+        path, gguf_file, revision = found
         config = load_config(path, gguf_file, **({"revision": revision} if revision else {}))
-    except (OSError, ValueError) as err:
-        return TensorBytes(0, 0), f"{what} {path}: not counted, its config could not be read ({str(err).splitlines()[0][:120]})"
+    except (OSError, ValueError, ConfigError) as err:  # e.g. a teacher run not finished yet
+        return TensorBytes(0, 0), f"{what}: not counted, its config could not be read ({str(err).splitlines()[0][:160]})"
     with torch.device("meta"):
         numel = sum(p.numel() for p in module.task.auto_class.from_config(config).parameters())
-    size = 2 if precision in ("bf16-mixed", "16-mixed") else param_bytes
+    size = 2 if precision in ("bf16-mixed", "16-mixed", "bf16", "16") else param_bytes  # Lightning's aliases too
     sharded = strategy in ("fsdp", "deepspeed_stage_3")
     local = math.ceil(numel / world) if sharded else numel
     return TensorBytes(local, local * size), (f"{what} {path}: {numel:,} elements in {size} bytes, "

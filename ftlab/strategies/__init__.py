@@ -62,15 +62,22 @@ def set_collective_timeout(strategy, seconds: int | None) -> None:
         strategy._timeout = timedelta(seconds=seconds)
 
 
-def check_combination(strategy, module) -> None:
-    """Strategy x policy (x module option) combinations that cannot work, refused before anything loads."""
+def check_combination(strategy, module, training: bool = True) -> None:
+    """Strategy x policy (x module option) combinations that cannot work, refused before anything loads; those
+    of the optimizer and the training loop only when `training` (validate/test/predict use neither)."""
+    if training:
+        _check_training_combination(strategy, module)
+    if isinstance(strategy, DeepSpeedStrategy) and module.compile_blocks:
+        raise ConfigError("model.compile=true under DeepSpeed: ftlab compiles blocks under ddp and fsdp only (DeepSpeed "
+                          "compiles through its own engine); use strategy ddp or fsdp, or compile: false")
+    quantization.check_combination(module, strategy)
+
+
+def _check_training_combination(strategy, module) -> None:
     policy = module.policy
     if isinstance(strategy, DeepSpeedStrategy) and module.skip_nonfinite_steps:
         raise ConfigError(f"model.skip_nonfinite_steps={module.skip_nonfinite_steps}: DeepSpeed cannot skip a step "
                           "(its engine always runs backward and step); use 0 with DeepSpeed, or strategy ddp/fsdp")
-    if isinstance(strategy, DeepSpeedStrategy) and module.compile_blocks:
-        raise ConfigError("model.compile=true under DeepSpeed: ftlab compiles blocks under ddp and fsdp only (DeepSpeed "
-                          "compiles through its own engine); use strategy ddp or fsdp, or compile: false")
     if isinstance(strategy, DeepSpeedStrategy) and policy.changes_trainable_set:
         raise ConfigError("gradual unfreezing (policy.unfreeze_every) cannot run under DeepSpeed ZeRO, which fixes "
                           "its optimizer partitions at start; use strategy ddp or fsdp, or unfreeze_every: 0")
@@ -86,7 +93,6 @@ def check_combination(strategy, module) -> None:
                else "transformers' Adafactor makes its factored state as plain full-shape tensors, which cannot "
                     "update FSDP2's sharded DTensors")
         raise ConfigError(f"model.optim.name={optim} under FSDP: {why}; use adamw or sgd with fsdp, or strategy ddp")
-    quantization.check_combination(module, strategy)
 
 
 def evaluation_inference_mode(strategy, requested: bool) -> bool:
@@ -135,12 +141,18 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
         if not isinstance(strategy, DeepSpeedStrategy):
             raise ConfigError(f"ckpt_path={ckpt_path!r} is a DeepSpeed ZeRO checkpoint: {resume} it with the same "
                               f"deepspeed_stage_* strategy, {fix}")
-        saved = deepspeed.saved_world_size(path)
-        if saved != world_size and not fitting:  # evaluation loads the module alone, where universal is untried
-            raise ConfigError(f"ckpt_path={ckpt_path!r} was written by {saved} DeepSpeed ranks, this run has "
-                              f"{world_size}: evaluate it on {saved} devices, or export it (`python -m ftlab export "
-                              "--run ... --ckpt ...`) and evaluate the export")
-        if saved != world_size:  # ZeRO's own format is partitioned for its world size: load it as universal
+        saved, stage3 = deepspeed.saved_world_size(path), deepspeed.saved_stage3(path)
+        stage = strategy.config.get("zero_optimization", {}).get("stage", 0)
+        if stage3 != (stage == 3):  # the other family's files: DeepSpeed finds none of its own (a bare assert)
+            raise ConfigError(f"ckpt_path={ckpt_path!r} was written under ZeRO-{'3' if stage3 else '1/2'}, this run is "
+                              f"ZeRO-{stage}: {resume} it with the stage it was written with, {fix}")
+        if not fitting and stage3:
+            # DeepSpeed's load without the optimizer fails on the engine Lightning builds to evaluate
+            # (DeepSpeedZeRoOffload has no _restore_from_bit16_weights), and would gather every parameter at once
+            raise ConfigError(f"ckpt_path={ckpt_path!r} is a ZeRO-3 checkpoint, which DeepSpeed cannot load to "
+                              "evaluate; export it (`python -m ftlab export --run ... --ckpt ...`) and evaluate the "
+                              "export (--model.name_or_path EXPORT, no --ckpt_path: it loads partitioned)")
+        if fitting and saved != world_size:  # ZeRO's own format is partitioned for its world size: load it as universal
             deepspeed.check_universal_resume(strategy, ckpt_path, path, saved, world_size, fix)
     if kind == "file" and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:
         raise ConfigError(f"ckpt_path={ckpt_path!r} is a single-file checkpoint, which DeepSpeed does not {resume}; "
