@@ -107,8 +107,17 @@ def test_conversion_is_reused_while_its_checkpoint_stands(tmp_path, zero2_checkp
     assert marker.stat().st_mtime_ns != written and not (ckpt.parent / "last.ckpt.universal.partial").exists()
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_zero_checkpoint_of_the_other_stage_family_is_refused_at_any_world_size(zero2_checkpoint, world_size):
+    """ZeRO-3 finds none of ZeRO-1/2's files (and the other way): a bare assert in DeepSpeed, at the same
+    world size too."""
+    with pytest.raises(ConfigError, match="was written under ZeRO-1/2, this run is ZeRO-3: resume it with the stage "
+                                          "it was written with") as err:
+        check_resume(str(zero2_checkpoint), str(zero2_checkpoint.parent), DeepSpeed(stage=3), world_size)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("strategy,message", [
-    (lambda: DeepSpeed(stage=3), "under ZeRO-1/2, this run is ZeRO-3; at another world size resume it with the stage"),
     (lambda: DeepSpeed(stage=2, offload_optimizer=True, offload_optimizer_device="nvme"),
      "does not load a universal checkpoint with offload_optimizer on NVMe"),
     (lambda: __import__("lightning").pytorch.strategies.DeepSpeedStrategy(stage=2),
