@@ -64,7 +64,6 @@ class RunOutputs(L.Callback):
         self.wall_time_s = 0.0
         self._fit_start: float | None = None
         self._start_step = 0
-        self._step_skipped = False
         self._report_tries = 0
         self.best: tuple[float, int] | None = None  # (best validation main metric, its step)
         self.val_history: list[dict] = []  # each validation of the fit: step, wall time, metrics
@@ -103,21 +102,18 @@ class RunOutputs(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.dtypes and self._grads_dtype is None:
             self._grads_dtype = grads_dtype(trainer, optimizer) or "none"
-        # a skipped step (non-finite loss) makes no optimizer state to report: the next one will (this hook
-        # runs before the module's, which clears the flag)
-        self._step_skipped = bool(getattr(pl_module, "_skip_update", False))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         samples, tokens = batch_counts(batch)
         self.train_samples += samples
         self.train_tokens += tokens
         # the first optimizer step has run (DeepSpeed counts its accumulation in steps that do not step)
-        if (not self.dtypes and self._grads_dtype is not None and trainer.global_step > self._start_step
-                and not self._step_skipped):
+        if not self.dtypes and self._grads_dtype is not None and trainer.global_step > self._start_step:
             report = precision_report(trainer, pl_module.model, trainer.optimizers[0], self._grads_dtype)
             self._report_tries += 1
             if "optimizer_state" not in report and self._report_tries < 3:
-                return  # a step the fp16 GradScaler skipped (16-mixed) made no optimizer state: read the next one's
+                # a skipped step (a non-finite loss: ftlab's skip, or the fp16 GradScaler's) made no optimizer
+                return  # state yet: read the next step's
             self.dtypes = report
             pure = " (bf16-true: no fp32 copy of the weights)" if self.dtypes.get("master_params") == "bfloat16" else ""
             rank_zero_info(f"ftlab: {trainer.precision} trains in: " + ", ".join(
