@@ -35,6 +35,15 @@ def _checkpoint_dir(run_dir: str | None) -> str:
     return os.path.join(run_dir or "runs/default", "checkpoints")
 
 
+def _absolute_template_path(cfg) -> None:
+    """A `data.chat_template` file given relative to the working directory, made absolute in the config (and
+    so in the run's config.yaml): `ftlab export --run` and `generate` read it from wherever they start."""
+    args = getattr(cfg.get("data"), "init_args", None)
+    template = getattr(args, "chat_template", None) if args is not None else None
+    if isinstance(template, str) and "{" not in template and os.path.isfile(os.path.expanduser(template)):
+        args.chat_template = os.path.abspath(os.path.expanduser(template))
+
+
 class FtlabCLI(LightningCLI):
     """LightningCLI with the run directory (`trainer.default_root_dir`) holding everything a run writes:
     `config.yaml`, `checkpoints/`, `export/`, `summary.json`."""
@@ -79,6 +88,7 @@ class FtlabCLI(LightningCLI):
                 print(f"ftlab: Slurm restart {restart_count()}: "
                       + (f"resuming from {last}" if last else "no checkpoint saved yet: starting over"), file=sys.stderr)
         check_ckpt_path(cfg.get("ckpt_path"))
+        _absolute_template_path(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             check_fresh_run_dir(run_dir)  # before the model loads
         resuming = cfg.get("ckpt_path") is not None

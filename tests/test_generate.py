@@ -96,18 +96,28 @@ def test_ner_names_the_entities(tmp_path, tiny_bert, ner_file):  # noqa: F811
     assert run_ftlab("generate", "--run", str(run), "the film and the cast").stdout.strip() == "(no entities)"
 
 
-def test_chat_with_a_causal_lm_applies_the_chat_template_and_keeps_history(tmp_path, tiny_models, chat_file):  # noqa: F811
+def test_chat_with_a_causal_lm_applies_the_chat_template_and_keeps_history(tmp_path, tiny_models, chat_file,  # noqa: F811
+                                                                            monkeypatch):
     run = tmp_path / "sft"
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    monkeypatch.chdir(tmp_path)  # the template as a path relative to where the fit starts
     run_cli(task_args(run, tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
-                      f"--data.chat_template={CHAT_TEMPLATE}", "--data.max_length=64", "--data.batch_size=4",
+                      "--data.chat_template=chat.jinja", "--data.max_length=64", "--data.batch_size=4",
                       "--trainer.max_epochs=6", "--model.task.max_new_tokens=6", "--data.sample_prompts=0",
                       "--test_after_fit=false"))
+    monkeypatch.chdir(REPO)
     from ftlab.generate import Generator
 
     gen = Generator(str(run / "export"), max_new_tokens=6)
     assert gen.chat_template == CHAT_TEMPLATE
     # the export carries the run's template (the base tokenizer has none): a server renders chats as training did
     assert AutoTokenizer.from_pretrained(run / "export").chat_template == CHAT_TEMPLATE
+    # the run's config holds the template's absolute path: `ftlab export --run` from elsewhere finds it
+    assert f"chat_template: {tmp_path / 'chat.jinja'}" in (run / "config.yaml").read_text()
+    out = run_ftlab("export", "--run", str(run), "--out", str(tmp_path / "again"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert AutoTokenizer.from_pretrained(next((tmp_path / "again").glob("**/tokenizer_config.json")).parent
+                                         ).chat_template == CHAT_TEMPLATE
     assert gen.render([{"role": "user", "content": "hi"}]) == "user : hi [SEP] assistant : "
 
     term = Terminal("generate", "--run", str(run), "--max-new-tokens", "6")
