@@ -393,15 +393,12 @@ def parts_section(records: list[dict], table, verdict, recipe: dict | None = Non
              ratio("full + 8-bit AdamW", "optimizer_mb", "full + 8-bit AdamW", "optimizer_fp32_adamw_mb"), 0.3),
             ("8-bit AdamW state <= 0.3x of fp32 AdamW's (the LoRA matrices of the QLoRA rows)",
              ratio("+ 8-bit AdamW", "optimizer_mb", "+ 8-bit AdamW", "optimizer_fp32_adamw_mb"), 0.3)):
-        # why a LoRA row can miss it: SmolLM2-135M's grouped k and v projections are 192 wide
-        why = (": the B matrices of k and v (192 x 16 = 3,072 elements) are under bitsandbytes' 4,096-element "
-               "minimum for 8-bit state and keep fp32 moments; a larger model's are over it") if "LoRA" in text else ""
         if value is None:
             goals.append(f"{text}: not measured in this run")
         elif goal < 0:
             goals.append(f"{text}: {value:.0%} ({verdict(value >= -goal)})")
         else:
-            goals.append(f"{text}: {value:.2f}x ({verdict(value <= goal)}{'' if value <= goal else why})")
+            goals.append(f"{text}: {value:.2f}x ({verdict(value <= goal)})")
     goals.append(f"`ftlab estimate` within 15% of each measured part: {verdict(close)}")
     return ["Each part of one training step's memory, option by option: SmolLM2-135M-Instruct SFT "
             f"(`{PARTS_CONFIG}`, LoRA r=16 on q/k/v/o), batch {PARTS_BATCH} x {PARTS_SEQ} tokens, fp32 on CPU, "

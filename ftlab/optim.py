@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Literal
 
 import torch
@@ -36,13 +36,38 @@ def _bitsandbytes_optim():
     return bnb_optim
 
 
+MATRIX_MIN_8BIT_SIZE = 256
+"""A weight matrix of at least this many elements (one block of bitsandbytes' block-wise state) gets 8-bit
+AdamW moments; 1-D tensors keep bitsandbytes' own minimum (`min_8bit_size`, 4,096)."""
+
+
+@cache
+def _adamw_8bit_class() -> type[torch.optim.Optimizer]:
+    class AdamW8bit(_bitsandbytes_optim().AdamW8bit):
+        """bitsandbytes' AdamW8bit with 8-bit moments for every weight matrix of one block or more.
+
+        bitsandbytes keeps tensors under 4,096 elements in 32 bits to spare biases and norms; that rule also
+        keeps LoRA's small B matrices (e.g. 192 x 16 for a k projection) in 32 bits, a third of a LoRA
+        run's state. The state is quantized per 256-element block, so a small matrix quantizes like any
+        block of a large one."""
+
+        def get_config(self, gindex, pindex, group):
+            config = super().get_config(gindex, pindex, group)
+            if group["params"][pindex].ndim >= 2:
+                config["min_8bit_size"] = min(config["min_8bit_size"], MATRIX_MIN_8BIT_SIZE)
+            return config
+
+    return AdamW8bit
+
+
 @dataclass
 class Optim:
     """The optimizer and the learning-rate schedule."""
 
     name: Literal["adamw", "adamw_8bit", "adafactor", "sgd"] = "adamw"
     """adamw: torch's AdamW (fused where torch has it). adamw_8bit: bitsandbytes' AdamW8bit (block-wise 8-bit
-    moments: ~1/4 of AdamW's state bytes; tensors under 4,096 elements keep 32-bit state). adafactor:
+    moments: ~1/4 of AdamW's state bytes; every weight matrix of >= 256 elements, LoRA's included, gets 8-bit
+    state; 1-D tensors under 4,096 elements, such as biases and norms, keep 32-bit state). adafactor:
     transformers' Adafactor at the fixed `lr` (relative_step and scale_parameter off; factored second
     moment, no first). sgd: torch's SGD with `momentum`."""
     lr: float = 5e-5
@@ -110,8 +135,8 @@ class Optim:
         kernel when `fused` is left unset (16-mixed: see FineTuneModule.configure_optimizers)."""
         groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups]
         if self.name == "adamw_8bit":
-            return _bitsandbytes_optim().AdamW8bit(groups, lr=self.lr, betas=self.betas, eps=self.eps,
-                                                   weight_decay=self.weight_decay)
+            return _adamw_8bit_class()(groups, lr=self.lr, betas=self.betas, eps=self.eps,
+                                       weight_decay=self.weight_decay)
         if self.name == "adafactor":
             from transformers.optimization import Adafactor
 

@@ -65,8 +65,28 @@ def test_8bit_adamw_state_takes_under_a_third_of_adamw_bytes():
     _, adamw8, _ = _train(Optim(name="adamw_8bit"), steps=2)
     full, low = state_bytes(adamw), state_bytes(adamw8)
     assert low <= 0.3 * full, (low, full)
-    big = [s for s in adamw8.state.values() if s["state1"].numel() >= 4096]
-    assert big and all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in big)
+    matrices = [s for p, s in adamw8.state.items() if p.ndim >= 2 and p.numel() >= 256]
+    assert matrices and all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in matrices)
+
+
+def test_8bit_adamw_quantizes_small_matrices_as_lora_has_them():
+    """LoRA's matrices are small (a k projection's B: 192 x 16 = 3,072 elements), under bitsandbytes' 4,096
+    minimum: they get 8-bit state too; a 1-D tensor of the same size (a bias, a norm) keeps fp32 state."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(16, 576) * 0.01), nn.Parameter(torch.zeros(192, 16))
+    bias = nn.Parameter(torch.zeros(3072))
+    optimizer = Optim(name="adamw_8bit", lr=1e-2).optimizer([{"params": [a, b], "names": []},
+                                                             {"params": [bias], "names": [], "weight_decay": 0.0}])
+    x = torch.randn(8, 576)
+    for _ in range(3):
+        ((x @ a.T @ b.T - 1).square().sum() + (bias - 1).square().sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [optimizer.state[p]["state1"].dtype for p in (a, b, bias)] == [torch.uint8, torch.uint8, torch.float32]
+    assert b.abs().sum() > 0  # B, zero at start as LoRA's is, trained through its 8-bit moments
+    lora = sum(optimizer.state[p][k].numel() * optimizer.state[p][k].element_size() for p in (a, b)
+               for k in ("state1", "state2", "absmax1", "absmax2"))  # the quantization maps are shared
+    assert lora <= 0.3 * 8 * (a.numel() + b.numel()), lora
 
 
 def _lrs(optim: Optim, total: int) -> list[float]:

@@ -32,6 +32,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ftlab.optim import MATRIX_MIN_8BIT_SIZE
+
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
 
 
@@ -75,10 +77,10 @@ def _fsdp_local(numel: int, shape: torch.Size, world: int, rank: int) -> int:
     return max(0, min(chunk, rows - rank * chunk)) * (numel // rows if rows else 0)
 
 
-def adamw_8bit_state_bytes(numel: int) -> int:
-    """bitsandbytes' AdamW8bit state of one tensor: two uint8 moments with an fp32 scale per 256-element block;
-    tensors under 4,096 elements keep two fp32 moments (its `min_8bit_size`)."""
-    if numel < 4096:
+def adamw_8bit_state_bytes(numel: int, matrix: bool) -> int:
+    """ftlab's AdamW8bit state of one tensor: two uint8 moments with an fp32 scale per 256-element block;
+    matrices under 256 elements and 1-D tensors under 4,096 keep two fp32 moments (ftlab.optim.AdamW8bit)."""
+    if numel < (MATRIX_MIN_8BIT_SIZE if matrix else 4096):
         return ADAM_STATES * 4 * numel
     return ADAM_STATES * (numel + 4 * math.ceil(numel / 256))
 
@@ -128,7 +130,11 @@ def state_per_rank(model: nn.Module, group_sizes: list[int], strategy: str, worl
         states = [p.numel() for _, p in trainable]
         grads = train
     opt = ADAM_STATES * sum(states)
-    opt_bytes = sum(adamw_8bit_state_bytes(n) for n in states) if optimizer == "adamw_8bit" else opt * 4
+    if optimizer == "adamw_8bit":  # a run refuses it under ZeRO, whose flat partitions are 1-D
+        matrices = [p.ndim >= 2 for _, p in trainable] if len(states) == len(trainable) else [False] * len(states)
+        opt_bytes = sum(adamw_8bit_state_bytes(n, m) for n, m in zip(states, matrices))
+    else:
+        opt_bytes = opt * 4
     return (TensorBytes(params, param_total), TensorBytes(grads, grads * grad_bytes), TensorBytes(opt, opt_bytes))
 
 
