@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
             console.quiet_libraries()
             run_cli(argv)
+    except SystemExit as err:
+        if type(err).__name__ != "SIGTERMException":
+            raise
+        # Lightning's answer to SIGTERM (scancel, a preemption without USR1, a pod stopped) is a bare
+        # SystemExit, exit status 0: `fit && export` would go on, and schedulers count the job a success
+        print("ftlab: error: stopped by SIGTERM before the run finished; resume with --ckpt_path last",
+              file=sys.stderr)
+        return 128 + 15
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         cause = user_error(err) or parse_error_line(err)
         from ftlab.faults import collective_timeout_report

@@ -326,6 +326,15 @@ def recover_path(final: str) -> None:
         os.replace(old, final)
 
 
+LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
+
+
+def run_checkpoint(trainer) -> AtomicCheckpoint | None:
+    """The run's own checkpoint callback (`--checkpoint.*`); the user may add other ModelCheckpoints, which
+    Lightning's `trainer.checkpoint_callback` may return instead."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, AtomicCheckpoint)), None)
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint (same options), with every save atomic: written to `<path>.partial`,
     then swapped in when every rank has finished writing. A crash while saving leaves the previous
@@ -356,6 +365,56 @@ class AtomicCheckpoint(ModelCheckpoint):
             raise ConfigError(f"{self.dirpath}: {_gb(free)} free, but a checkpoint of this run takes about {_gb(need)} "
                               f"and a save needs room for two; free space or set trainer.default_root_dir elsewhere")
 
+    # ---- when: `last` at every validation and epoch end, and only where an optimizer step just ended
+    _step_seen = -1
+    _mid_window = False
+    _validation_save_due = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen, self._mid_window = trainer.global_step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Mid-accumulation, the gradients gathered so far are in no checkpoint: a save there would resume the
+        # window from its middle and never train its first batches. Saves wait for the step's end.
+        self._mid_window = trainer.global_step == self._step_seen
+        self._step_seen = trainer.global_step
+        if self._mid_window:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._validation_save_due:
+            self._validation_save_due = False
+            self._save_after_validation(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._mid_window and not trainer.sanity_checking:  # validation inside a window: save at its end
+            self._validation_save_due = True
+            return
+        self._save_after_validation(trainer, pl_module)
+
+    def _save_after_validation(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_on_schedule(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_on_schedule(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._mid_window and self._last_checkpoint_saved:
+            return  # stopped inside a window (should_stop): `last` stays at the step before it
+        super().on_train_end(trainer, pl_module)
+        self._save_last_on_schedule(trainer)  # the steps after the last validation
+
+    def _save_last_on_schedule(self, trainer) -> None:
+        """Lightning 2.6 saves `last` at validation and epoch ends only when a top-k checkpoint was saved at
+        the same step: with ftlab's save_top_k 0, never before training ended, so a killed job or a failed
+        node lost everything. Here `last` follows each of them (once a step)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def save_last_now(self, trainer) -> str:
         """Save `last` now, whatever the schedule says (a preempted job's final save); returns its path."""
         filepath = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
@@ -369,8 +428,11 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero and os.path.exists(partial):
             shutil.rmtree(partial) if os.path.isdir(partial) else os.remove(partial)
         trainer.strategy.barrier("ftlab_checkpoint_start")
+        # `last` is what a resume and a requeued job start from: always whole (optimizer, loops), whatever
+        # save_weights_only asks of the other checkpoints
+        weights_only = self.save_weights_only and not LAST_NAME.match(os.path.basename(filepath))
         try:
-            trainer.save_checkpoint(partial, self.save_weights_only)
+            trainer.save_checkpoint(partial, weights_only)
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -392,7 +454,6 @@ class AtomicCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
-LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:

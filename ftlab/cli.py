@@ -80,13 +80,17 @@ class FtlabCLI(LightningCLI):
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = cfg["trainer"]
         run_dir = trainer.get("default_root_dir") or "runs/default"
-        if self.subcommand == "fit" and restart_count() > 0 and cfg.get("ckpt_path") is None:
-            # a requeued Slurm job (preempted, or its node failed) continues from its last checkpoint
-            cfg["ckpt_path"] = "last"
+        if self.subcommand == "fit" and restart_count() > 0:
+            # a requeued Slurm job (preempted, or its node failed) continues from its own last checkpoint, also
+            # when it was submitted to start from another one (--ckpt_path): that one is behind it now
             last = last_checkpoint(_checkpoint_dir(run_dir))
+            given = cfg.get("ckpt_path")
+            if last or given is None:
+                cfg["ckpt_path"] = "last"
             if os.environ.get("SLURM_PROCID", "0") == "0":  # once per job, not once per rank
                 print(f"ftlab: Slurm restart {restart_count()}: "
-                      + (f"resuming from {last}" if last else "no checkpoint saved yet: starting over"), file=sys.stderr)
+                      + (f"resuming from {last}" if last else f"no checkpoint saved yet: starting again from {given}"
+                         if given else "no checkpoint saved yet: starting over"), file=sys.stderr)
         check_ckpt_path(cfg.get("ckpt_path"))
         _absolute_template_path(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
@@ -132,10 +136,17 @@ class FtlabCLI(LightningCLI):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError) as err:
             # the Trainer checks its own arguments (devices, accelerator, precision...): user errors
             raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
+        from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+        if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
+            raise ConfigError("trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in once every rank has "
+                              "written it whole (a crash mid-save keeps the previous one), which a write still running "
+                              "in the background defeats; remove the plugin")
+        return trainer
 
     def _instantiate_trainer(self, config, callbacks):
         if config.get("enable_checkpointing") is False:  # honoured: no checkpoint callback (ours included)

@@ -139,6 +139,7 @@ class FineTuneModule(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         chunked_loss.configure(self.task, loss_chunk_size, self.policy)
+        self.task.check_policy(self.policy)
         self.loss_chunk_size = loss_chunk_size
         if skip_nonfinite_steps < 0:
             raise ConfigError(f"model.skip_nonfinite_steps={skip_nonfinite_steps} must be >= 0")
@@ -353,7 +354,9 @@ class FineTuneModule(L.LightningModule):
         self.skipped_steps += 1
         where = f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
         if self.skipped_steps > self.skip_nonfinite_steps:
-            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            from ftlab.checkpoints import run_checkpoint
+
+            ckpt = getattr(run_checkpoint(self.trainer), "last_model_path", "") or "none saved yet"
             raise TrainingDiverged(
                 f"non-finite training loss ({loss.item()}) at {where}; last good checkpoint: {ckpt}. Lower "
                 f"model.optim.lr, check that batch's data, or allow skips with model.skip_nonfinite_steps "

@@ -91,6 +91,8 @@ MORE = {
     "negative progress interval": (["--progress.every_n_seconds=-5"], "progress.every_n_seconds=-5.0 is not"),
     "endless progress interval": (["--progress.every_n_seconds=inf"], "progress.every_n_seconds=inf: expected float"),
     "missing checkpoint to resume": (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+    "checkpoints written in the background": (["--trainer.plugins=AsyncCheckpointIO"],
+                                              "trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in"),
 }
 
 

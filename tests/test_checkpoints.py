@@ -9,6 +9,7 @@ import shutil
 import signal
 import time
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -39,8 +40,9 @@ def test_mid_epoch_resume_is_exact_with_dropout(tmp_path, tiny_bert, reviews_csv
                      "--checkpoint.save_top_k=-1", policy="Adapter"))
     ckpt = straight / "checkpoints" / "epoch=1-step=13.ckpt"  # 10 steps per epoch: 3 batches into epoch 1
     assert_only_trained_weights(ckpt, "Adapter")
+    # resumed with a worker process: it takes the batch sampler's first batches before Lightning sets the epoch
     run_cli(fit_args(resumed, tiny_bert, reviews_csv, *extra, *logged(resumed), f"--ckpt_path={ckpt}",
-                     policy="Adapter"))
+                     "--data.num_workers=1", policy="Adapter"))
     a, b = losses(straight), losses(resumed)
     assert sorted(b) == list(range(13, 20))
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(b)]
@@ -157,6 +159,71 @@ def test_accumulation_resumed_mid_epoch_equals_the_straight_run_bit_for_bit(tmp_
                               policy="Adapter"))
     assert out.returncode == 2 and "nothing to train" in out.stderr and "trainer.max_steps=4" in out.stderr, out.stderr[-2000:]
     assert f"its Hugging Face export was not written: python -m ftlab export --run {resumed}" in out.stderr, out.stderr[-2000:]
+    # another batch size mid-epoch: the rest of the epoch's order is made of batches of the saved size
+    out = run_ftlab(*fit_args(resumed, tiny_bert, reviews_csv, *common, "--trainer.max_steps=5", "--ckpt_path=last",
+                              "--data.batch_size=32", policy="Adapter"))
+    assert out.returncode == 2 and "data.batch_size=32, but the checkpoint stopped mid-epoch with batch_size 16" in \
+        out.stderr, out.stderr[-2000:]
+
+
+class CrashAt(L.Callback):
+    """Added to a test run: raises at the end of training batch `batch` of epoch 0 (a crash, a failed node)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.batch:
+            raise RuntimeError(f"simulated crash after batch {batch_idx}")
+
+
+def test_default_checkpoints_follow_validation_at_step_ends_and_a_crash_resumes_exactly(tmp_path, tiny_bert,
+                                                                                      reviews_csv):
+    """With the default checkpoint options, `last` is saved at each validation, not only when training ends.
+    A validation inside an accumulation window (10 batches an epoch, windows of 3, validation after batch 5)
+    saves at the window's end: saved in its middle, the resume would start after the window's first batches,
+    whose gradients no checkpoint holds, and never train them. Crashed after batch 7, resumed with
+    `--ckpt_path last`: the same samples and weights as the run never stopped."""
+    common = ["--trainer.accumulate_grad_batches=3", "--trainer.val_check_interval=0.5", "--test_after_fit=false",
+              "--model.policy.dropout=0.2"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run_cli(fit_args(straight, tiny_bert, reviews_csv, *common, policy="Adapter"))
+    with pytest.raises(RuntimeError, match="simulated crash after batch 7"):
+        run_cli(fit_args(crashed, tiny_bert, reviews_csv, *common, "--trainer.callbacks+=tests.test_checkpoints.CrashAt",
+                         "--trainer.callbacks.batch=7", policy="Adapter"))
+    saved = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2  # at the end of batch 6 (0-based 5), the window after the validation
+    cli = run_cli(fit_args(crashed, tiny_bert, reviews_csv, *common, "--ckpt_path=last", policy="Adapter"))
+    assert cli.trainer.global_step == 8  # 4 steps an epoch (3 + 3 + 3 + 1 batches)
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, crashed))
+    assert a["steps"] == b["steps"] == 8 and a["train_samples"] == b["train_samples"] == 2 * 160
+    for name, tensor in weights(straight, "Adapter").items():
+        assert torch.equal(tensor, weights(crashed, "Adapter")[name]), name
+
+
+def test_sigterm_stops_with_a_failing_status_and_a_requeued_job_resumes_from_its_own_last(tmp_path, tiny_bert,
+                                                                                          reviews_csv, monkeypatch):
+    """SIGTERM (scancel, a preemption without USR1, a stopped pod) mid-fit: Lightning's bare SystemExit exited 0,
+    so `fit && export` went on with an unfinished model. Then a requeued job (SLURM_RESTART_COUNT) that was
+    submitted with `--ckpt_path` to an earlier checkpoint resumes from its own `last`, not from that one again
+    (which rolled every requeue back to where the job first started)."""
+    run = tmp_path / "run"
+    every = ["--checkpoint.every_n_train_steps=5", "--checkpoint.save_top_k=-1", "--test_after_fit=false"]
+    run_cli(fit_args(run, tiny_bert, reviews_csv, *every, "--trainer.max_epochs=1"))  # 10 steps
+    earlier = run / "checkpoints" / "epoch=0-step=5.ckpt"
+    proc = start_ftlab(*fit_args(run, tiny_bert, reviews_csv, *every, "--trainer.max_epochs=200",
+                                 f"--ckpt_path={earlier}"))
+    wait_for(run / "checkpoints" / "epoch=1-step=15.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM before the run finished" in err, (proc.returncode, err[-2000:])
+    stopped_at = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert stopped_at >= 15
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    cli = run_cli(fit_args(run, tiny_bert, reviews_csv, *every, f"--trainer.max_steps={stopped_at + 2}",
+                           "--trainer.max_epochs=200", f"--ckpt_path={earlier}"))
+    assert os.path.basename(cli.trainer.ckpt_path) == "last.ckpt", cli.trainer.ckpt_path
+    assert cli.trainer.global_step == stopped_at + 2
 
 
 def test_fsdp_checkpoint_of_two_ranks_continues_on_one_in_the_same_global_order(tmp_path, tiny_models, reviews_csv):

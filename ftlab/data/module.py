@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from ftlab.data.collate import PadCollator
@@ -515,12 +515,13 @@ class TextDataModule(L.LightningDataModule):
         if done is None:  # written before positions were global: a count of one rank's batches
             done = state["batches_done"] * self._rank()[0]
         saved_batch = state.get("batch_size", self.batch_size)
-        if saved_batch != self.batch_size:
-            # the epoch's order is cut into batches of another size now: continue after the same number of rows
-            done = done * saved_batch // self.batch_size
-            rank_zero_warn(f"ftlab: data.batch_size changed from {saved_batch} to {self.batch_size} since the checkpoint: "
-                           f"this epoch continues after the same number of rows, in batches that differ from the "
-                           f"uninterrupted run's")
+        if saved_batch != self.batch_size and done and not state.get("epoch_finished", False):
+            # the epoch's order is made for its batch size (batches of similar lengths, then shuffled): cut
+            # into other batches, the rest of the epoch would skip some rows and repeat others
+            raise ConfigError(f"data.batch_size={self.batch_size}, but the checkpoint stopped mid-epoch with batch_size "
+                              f"{saved_batch}: the rest of its epoch can only be taken in batches of {saved_batch}; "
+                              f"resume with data.batch_size={saved_batch} (change it once an epoch has ended), or keep "
+                              "the global batch with trainer.accumulate_grad_batches")
         self._resume_at = (state["epoch"], done)
         if self._train_sampler is not None:
             self._train_sampler.resume(*self._resume_at)

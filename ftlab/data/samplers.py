@@ -73,6 +73,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
         """Skip the first `global_batches_done` batches of `epoch`'s global order (a run resumed mid-epoch,
         by any number of ranks: the position counts the batches of all ranks together)."""
         self._resume = (epoch, global_batches_done)
+        # the epoch too: a DataLoader with worker processes takes its first batches as Lightning creates the
+        # iterator, before Lightning sets the epoch; at the old epoch they would be the old epoch's batches
+        self.epoch = epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of each epoch."""

@@ -59,10 +59,16 @@ class Preemption(L.Callback):
         stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
         if self.preempted or not stepped or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
-        path = trainer.checkpoint_callback.save_last_now(trainer)
+        from ftlab.checkpoints import run_checkpoint
+
+        path = run_checkpoint(trainer).save_last_now(trainer)
         rank_zero_info(f"ftlab: requeue signal: saved {path} at step {trainer.global_step}; stopping to requeue")
         self.preempted = True
         trainer.should_stop = True
+        # stop now: Lightning would train on until min_epochs/min_steps, and validate before stopping, both
+        # past the saved checkpoint and into the time the signal lead leaves for the requeue
+        trainer.fit_loop.min_epochs, trainer.fit_loop.epoch_loop.min_steps = 0, None
+        trainer.limit_val_batches = 0
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._previous is not None:

@@ -94,5 +94,8 @@ class Task(ABC):
     def validation_end(self, module) -> None:  # noqa: B027 - optional hook
         """Extra work after each validation (e.g. logging sample generations)."""
 
+    def check_policy(self, policy) -> None:  # noqa: B027 - optional hook
+        """Refuse (ConfigError) a policy this task cannot train with, before anything loads."""
+
     def resolve(self, config) -> None:  # noqa: B027 - optional hook
         """Settle choices that depend on the model's config (called before the model is built)."""

@@ -90,15 +90,28 @@ class Preference(Task):
             chunked_loss.check_model(config, self.chunked.size)
 
     # ---- reference model
+    def check_policy(self, policy) -> None:
+        if (self.loss_name in NEEDS_REFERENCE and getattr(policy, "changes_frozen_weights", False)
+                and not self.precompute_reference):
+            raise ConfigError(f"model.task.loss={self.loss_name} with init_lora_weights="
+                              f"{policy.options.get('init_lora_weights')!r}: that init moves part of the base weights "
+                              "into the adapter, so the adapter switched off is not the starting model the reference "
+                              "must be; set model.task.precompute_reference: true (the starting model's log-probs), "
+                              "or use the default init")
+
     def setup(self, module, data) -> None:
         if self.disable_dropout:
             disable_dropout(module.model)
         if self.loss_name not in NEEDS_REFERENCE:
             return
         adapter = _uses_adapter(module.model)
+        # PiSSA, OLoRA, LoftQ...: the adapter starts as a part of the base weight, taken out of the frozen base,
+        # so the adapter switched off is not the starting model; at step 0 the model itself is
+        moved_base = bool(getattr(module.policy, "changes_frozen_weights", False))  # refused unless precomputed
         # the reference pass chunked as the trained model's: its full logits would be the peak the option avoids
         if self.precompute_reference:
-            self.reference = Precomputed(AdapterOff(self.chunked) if adapter else None, self.chunked)
+            self.reference = Precomputed(AdapterOff(self.chunked) if adapter and not moved_base else None,
+                                         self.chunked)
         elif adapter:
             self.reference = AdapterOff(self.chunked)
         else:

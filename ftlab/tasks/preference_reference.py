@@ -102,10 +102,15 @@ class Precomputed(Reference):
     @staticmethod
     def cache_file(module) -> str:
         """Beside the tokenised data (whose cache key covers data, tokenizer and options), keyed by what the
-        log-probs depend on besides: the starting model and the precision it runs in."""
+        log-probs depend on besides: the starting model (its weights, their quantization, an adapter init that
+        moves part of them) and the precision it runs in."""
+        policy = module.policy
         key = {"model": module.name_or_path, "gguf": module.gguf_file, "revision": module.revision,
                "overrides": module.config_overrides, "dtype": str(module.weight_dtype()),
-               "precision": str(module.trainer.precision)}
+               "precision": str(module.trainer.precision),
+               "quantization": None if module.quantization is None else vars(module.quantization),
+               "adapter_init": (policy.options.get("init_lora_weights")
+                                if getattr(policy, "changes_frozen_weights", False) else None)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return os.path.join(module.trainer.datamodule.cache_path, f"reference-logps-{digest}.pt")
 

@@ -61,7 +61,14 @@ def test_two_node_ddp_job_runs_both_ranks(uninterrupted):
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(uninterrupted, tmp_path, tiny_bert, reviews_csv):
-    cfg = write_config(tmp_path / "pre.yaml", "runs/pre", tiny_bert, reviews_csv, max_epochs=EPOCHS, **WANDB)
+    """USR1 mid-run: saved, requeued, resumed exactly. With options that each broke it: min_epochs (Lightning
+    trained on past the save), a ModelCheckpoint of the user's (the save went to it, which has no such save:
+    AttributeError) and save_weights_only (the saved `last` could not resume)."""
+    user_checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"monitor": "val/loss", "filename": "best"}}
+    cfg = write_config(tmp_path / "pre.yaml", "runs/pre", tiny_bert, reviews_csv, max_epochs=EPOCHS,
+                       min_epochs=EPOCHS, callbacks=[user_checkpoint], **WANDB)
+    cfg.write_text(cfg.read_text() + "checkpoint:\n  save_weights_only: true\n")
     job, log = submit(cfg, cwd=tmp_path)
     wait_for_text(log, "ftlab fit: run directory")  # the header: every rank has joined, the model is loaded
     wait_for_text(tmp_path / "runs/pre/wandb-run-id", "")  # W&B is up, training is under way

@@ -376,3 +376,36 @@ def test_compare_ranks_preference_variants_by_reward_accuracy(tmp_path, tiny_cau
         summary = json.loads((tmp_path / "runs" / "compare-pairs" / name / "seed0" / "summary.json").read_text())
         assert summary["steps"] == 6 and summary["main_metric"] == "reward_accuracy"
         assert report["variants"][name]["metric_mean"] == summary["test/reward_accuracy"]
+
+
+def _first_loss(tmp_path, model, pairs_file, name: str, *extra: str) -> tuple[float, str]:
+    """The first training batch's DPO loss of a one-step LoRA run, and its log."""
+    run = tmp_path / name
+    out = run_ftlab(*task_args(run, model, "PreferenceData", pairs_file, "Preference", *ARGS, "--trainer.max_steps=1",
+                               "--model.policy.dropout=0", "--trainer.limit_val_batches=0", "--test_after_fit=false",
+                               *probe(run / "batches"), *extra, policy="Adapter"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    first = min(batches(run / "batches").values(), key=lambda b: b["step"])
+    return first["loss"], out.stderr
+
+
+def test_the_reference_is_the_starting_model_whatever_the_adapter_init_or_quantization(tmp_path, tiny_causal,
+                                                                                       pairs_file):
+    """At step 0 the trained model is its reference: every pair's reward is 0 and the DPO loss is log 2. PiSSA
+    moves part of the base into the adapter, so the adapter switched off is not the starting model: refused
+    unless the reference is precomputed, which scores the starting model itself. A precomputed table is keyed
+    by the starting model: a QLoRA run next to a LoRA run on the same data and model (one data cache) scores
+    its own 4-bit base, not the LoRA run's table."""
+    pissa = '--model.policy.options={"init_lora_weights": "pissa"}'
+    out = run_ftlab(*task_args(tmp_path / "refused", tiny_causal, "PreferenceData", pairs_file, "Preference", *ARGS,
+                               pissa, policy="Adapter"))
+    assert out.returncode == 2 and "init_lora_weights='pissa': that init moves part of the base" in out.stderr, \
+        out.stderr[-2000:]
+    loss, _ = _first_loss(tmp_path, tiny_causal, pairs_file, "pissa", pissa, "--model.task.precompute_reference=true")
+    assert loss == pytest.approx(math.log(2), abs=1e-5)  # the adapter switched off gave 0.6883
+    loss, log = _first_loss(tmp_path, tiny_causal, pairs_file, "lora", "--model.task.precompute_reference=true")
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and "computed once" in log
+    loss, log = _first_loss(tmp_path, tiny_causal, pairs_file, "qlora", "--model.task.precompute_reference=true",
+                            "--model.quantization.bits=4")
+    assert "computed once" in log, log[-2000:]  # its own table, not the LoRA run's
+    assert loss == pytest.approx(math.log(2), abs=1e-6)
