@@ -119,7 +119,9 @@ class TrainingMetrics(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and trainer.global_step % trainer.log_every_n_steps == 0:
+        every = trainer.log_every_n_steps
+        # on the steps whose metrics Lightning writes (its should_update_logs), not a step before them
+        if grads and every and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
@@ -134,8 +136,13 @@ class TrainingMetrics(L.Callback):
         # counts real tokens only.
         self._throughput.update(time=now - self._t0, batches=self._batches, samples=self._samples,
                                 lengths=self._tokens, flops=self._flops.batch(*batch["input_ids"].shape[:2]))
+        if trainer.fit_loop._should_accumulate():
+            return  # inside an accumulation window: its optimizer step ends at a later batch
         step_time, self._last = now - self._last, now
-        if trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
+        # the step index Lightning logs this step's loss and grad norm at (global_step has moved on by one): one
+        # row, one x value, for all of the step's metrics
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if not trainer.loggers or trainer.log_every_n_steps == 0 or (step + 1) % trainer.log_every_n_steps:
             return
         metrics = {"train/step_time_s": step_time}
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
@@ -155,7 +162,7 @@ class TrainingMetrics(L.Callback):
             metrics["train/tokens_per_s"] = self._tokens * trainer.world_size / elapsed
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
 
 def log_export_artifact(trainer, folders: dict[str, str], summary: dict) -> list[str]:

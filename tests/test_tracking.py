@@ -98,12 +98,18 @@ def test_csv_logger_and_logging_off(tmp_path, tiny_bert, reviews_csv):
     run = tmp_path / "run"
     out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.logger=CSVLogger",
                               f"--trainer.logger.save_dir={run}", "--trainer.logger.name=csv",
-                              "--trainer.log_every_n_steps=1"))
+                              "--trainer.log_every_n_steps=2", "--trainer.accumulate_grad_batches=2"))
     assert out.returncode == 0, out.stderr[-3000:]
     [metrics] = list(run.glob("csv/*/metrics.csv"))
     rows = list(csv.DictReader(metrics.open()))
     for key in ("train/loss", "train/lr", "train/tokens_per_s", "val/accuracy", "test/accuracy"):
         assert any(r.get(key) for r in rows), key
+    # each step's metrics at one x value: Lightning's loss, ftlab's rates and learning rate, the grad norm
+    # (ftlab logged its own one step later, and the grad norm a step before Lightning wrote it)
+    steps = {key: {int(r["step"]) for r in rows if r.get(key)} for key in
+             ("train/loss", "train/lr", "train/step_time_s", "train/grad_norm")}
+    assert steps["train/loss"] == steps["train/lr"] == steps["train/step_time_s"] == steps["train/grad_norm"], steps
+    assert steps["train/loss"] == set(range(1, 10, 2))  # 5 steps an epoch (2 x 16 rows), every other one logged
     assert not (run / "wandb").exists()
     assert (run / "config.yaml").exists()  # in the run dir, not only in the logger's folder
 
