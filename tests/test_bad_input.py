@@ -35,6 +35,8 @@ CASES = {
     "a validation split smaller than the ranks": (["--data.val_size=1", "--trainer.devices=2",
                                                    "--trainer.strategy=ddp"],
                                                   "the validation split of 1 row(s) cannot be shared by 2 ranks"),
+    "fewer training batches than ranks": (["--data.batch_size=160", "--trainer.devices=2", "--trainer.strategy=ddp"],
+                                          "makes 1 batch(es) of data.batch_size=160, fewer than the 2 ranks"),
 }
 
 

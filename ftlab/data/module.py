@@ -387,7 +387,7 @@ class TextDataModule(L.LightningDataModule):
         self.splits = prepare.load_shards(path, self.meta["shards"])
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # refused here, before the model loads, not when the loader is first built
-            from ftlab.data.samplers import check_eval_rows
+            from ftlab.data.samplers import check_eval_rows, check_train_rows
 
             used = {"fit": getattr(self, "fit_eval_splits", ("validation", "test")), "validate": ("validation",),
                     "test": ("test",)}.get(stage or "", ())
@@ -395,6 +395,8 @@ class TextDataModule(L.LightningDataModule):
             for split in used:
                 if split in self.splits and not off[split]:
                     check_eval_rows(f"the {split}", len(self.splits[split]), trainer.world_size)
+            if stage == "fit" and "train" in self.splits and trainer.limit_train_batches != 0:
+                check_train_rows(len(self.splits["train"]), self.batch_size, trainer.world_size)
 
     def _parallel(self, rows: int) -> int | None:
         """num_proc for datasets' filter/map on the raw rows: None (in this process) for small data, where

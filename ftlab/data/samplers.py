@@ -32,6 +32,16 @@ def check_eval_rows(split: str, n: int, world: int) -> None:
                           "fewer devices")
 
 
+def check_train_rows(n: int, batch_size: int, world: int) -> None:
+    """Refuse a training split that makes fewer batches than there are ranks: each rank trains on batches of its
+    own, and every rank runs as many as the others, so the run would train nothing and end as if it had."""
+    if 0 < n and math.ceil(n / batch_size) < world:
+        raise ConfigError(f"data: the training split of {n} row(s) makes {math.ceil(n / batch_size)} batch(es) of "
+                          f"data.batch_size={batch_size}, fewer than the {world} ranks (each trains on batches of its "
+                          f"own): nothing would train; set data.batch_size <= {max(1, n // world)} or run on fewer "
+                          "devices")
+
+
 class GroupedBatchSampler(Sampler[list[int]]):
     """Yields lists of indices (one batch each) for this rank.
 
