@@ -19,7 +19,7 @@ from ftlab.compare.runner import ARGS_FILE, Run, prepare
 from ftlab.errors import ConfigError
 from ftlab.slurm.cli import add_shape_arguments
 from ftlab.slurm.job import MIN_LEAD_S, SlurmJob
-from ftlab.slurm.script import TEMPLATES, _directive_value, render
+from ftlab.slurm.script import TEMPLATES, _directive_value, render, slurm_path
 
 ARRAY_TEMPLATE = TEMPLATES / "compare-array.sbatch" if (TEMPLATES / "compare-array.sbatch").exists() \
     else Path("slurm/compare-array.sbatch")
@@ -68,7 +68,7 @@ def check(job: SlurmJob, args: argparse.Namespace, trainers: list[dict]) -> None
 def _follow_up(job: SlurmJob, name: str, root: str, command: list[str], python: str) -> str:
     """A one-task job that runs `command` (an ftlab command line) in the submission's working directory."""
     d = {"job-name": f"compare-{name}-{'report' if '--report-only' in command else 'next'}", "nodes": "1",
-         "ntasks": "1", "cpus-per-task": "1", "time": job.time, "output": f"{root}/slurm/%x-%j.out",
+         "ntasks": "1", "cpus-per-task": "1", "time": job.time, "output": f"{slurm_path(root)}/slurm/%x-%j.out",
          "partition": job.partition, "account": job.account, "qos": job.qos}
     lines = ["#!/bin/bash"] + [f"#SBATCH --{k}={_directive_value(k, v)}" for k, v in d.items() if v is not None]
     if job.container and job.container.endswith(".sif"):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from ftlab.errors import ConfigError
+from ftlab.slurm.script import slurm_path
 
 MODES = ("auto", "local", "job", "none")
 LOCAL_MAX_BYTES = 200 * 1024**2  # larger data (or a hub dataset) is prepared by a CPU job by default
@@ -74,7 +75,7 @@ def job_command(args, job, run_dir: str, workdir: str, frozen_path: str, python:
     """The sbatch command line of the preparation job: one task on one node, no GPU."""
     cmd = ["sbatch", "--parsable", f"--job-name={job.job_name or os.path.basename(run_dir)}-prepare", "--nodes=1",
            "--ntasks=1", f"--cpus-per-task={args.prepare_cpus or job.cpus_per_task}", f"--time={args.prepare_time}",
-           f"--output={run_dir}/prepare-%j.out", "--open-mode=append"]
+           f"--output={slurm_path(run_dir)}/prepare-%j.out", "--open-mode=append"]
     for flag, value in (("partition", args.prepare_partition or job.partition), ("account", job.account),
                         ("qos", job.qos), ("mem", job.mem)):
         if value:

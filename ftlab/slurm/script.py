@@ -30,6 +30,12 @@ def _directive_value(key: str, value: str) -> str:
     return f'"{value}"'
 
 
+def slurm_path(path: str) -> str:
+    """A path as Slurm's --output reads it: its own `%` doubled (Slurm expands %j, %x, %u...: a run directory
+    named `lr%x` would send the log elsewhere than ftlab says)."""
+    return path.replace("%", "%%")
+
+
 def job_name(job: SlurmJob, run_dir: str) -> str:
     """The job's name: given, or the run directory's, reduced to characters every tool takes."""
     name = job.job_name or Path(run_dir).name or "ftlab"
@@ -48,7 +54,7 @@ def directives(job: SlurmJob, run_dir: str) -> dict[str, str | bool | None]:
         "signal": f"USR1@{job.signal_lead or MIN_LEAD_S}",
         "requeue": True,
         "open-mode": "append",
-        "output": f"{run_dir}/slurm-%j.out",
+        "output": f"{slurm_path(run_dir)}/slurm-%j.out",
         "partition": job.partition,
         "account": job.account,
         "qos": job.qos,

@@ -37,9 +37,10 @@ def summary(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, tmp_path_factory, tiny_bert, reviews_csv):
-    """A 2-node DDP job run through, in a run directory whose name a shell would expand."""
+    """A 2-node DDP job run through, in a run directory whose name a shell would expand, and Slurm too (%x: its
+    log goes where ftlab says only if the % is escaped)."""
     work = tmp_path_factory.mktemp("slurm-ddp")
-    run = "runs/ddp $(touch pwned) `touch pwned2` 'q'"
+    run = "runs/ddp %x $(touch pwned) `touch pwned2` 'q'"
     cfg = write_config(work / "ddp.yaml", run, tiny_bert, reviews_csv, max_epochs=EPOCHS)
     job, log = submit(cfg, cwd=work)
     state = wait_job(job)
