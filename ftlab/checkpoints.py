@@ -398,6 +398,8 @@ class AtomicCheckpoint(ModelCheckpoint):
             self._save_last_on_schedule(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._mid_window and self._last_checkpoint_saved:
+            return  # the epoch stopped inside a window (max_time, early stopping): `last` stays at its start
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_on_schedule(trainer)
@@ -415,11 +417,24 @@ class AtomicCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    _saving_last = False
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        self._saving_last = True
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._saving_last = False
+
     def save_last_now(self, trainer) -> str:
         """Save `last` now, whatever the schedule says (a preempted job's final save); returns its path."""
         filepath = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
         self.last_model_path = filepath  # part of the saved state, as in Lightning's own last save
-        self._save_checkpoint(trainer, filepath)
+        self._saving_last = True
+        try:
+            self._save_checkpoint(trainer, filepath)
+        finally:
+            self._saving_last = False
         return filepath
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -430,7 +445,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("ftlab_checkpoint_start")
         # `last` is what a resume and a requeued job start from: always whole (optimizer, loops), whatever
         # save_weights_only asks of the other checkpoints
-        weights_only = self.save_weights_only and not LAST_NAME.match(os.path.basename(filepath))
+        weights_only = self.save_weights_only and not self._saving_last
         try:
             trainer.save_checkpoint(partial, weights_only)
         except OSError as err:

@@ -142,6 +142,17 @@ class FtlabCLI(LightningCLI):
             raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
         from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
+        if trainer.world_size > 1 and getattr(trainer, "_val_check_time_interval", None) is not None:
+            # each rank reads its own clock (Lightning does not agree on it): one rank would validate and save,
+            # the others not, and their collectives hang
+            raise ConfigError(f"trainer.val_check_interval={trainer.val_check_interval!r} is a time, which each of the "
+                              f"{trainer.world_size} ranks reads on its own clock; give a number of batches or a "
+                              "fraction of the epoch on more than one device")
+        own = [cb for cb in trainer.callbacks if isinstance(cb, AtomicCheckpoint)]
+        if trainer.world_size > 1 and any(cb.save_on_exception for cb in own):
+            raise ConfigError("checkpoint.save_on_exception=true on more than one device: an exception on one rank "
+                              "would save alone, waiting on the others in the save's collectives; leave it false "
+                              "(last.ckpt is saved at every validation and epoch end)")
         if isinstance(trainer.strategy.checkpoint_io, AsyncCheckpointIO):
             raise ConfigError("trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in once every rank has "
                               "written it whole (a crash mid-save keeps the previous one), which a write still running "

@@ -167,13 +167,17 @@ def test_accumulation_resumed_mid_epoch_equals_the_straight_run_bit_for_bit(tmp_
 
 
 class CrashAt(L.Callback):
-    """Added to a test run: raises at the end of training batch `batch` of epoch 0 (a crash, a failed node)."""
+    """Added to a test run: at the end of training batch `batch` of `epoch`, raises (a crash, a failed node), or
+    with `stop`, asks the trainer to stop (as max_time and early stopping do, at any batch)."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
+    def __init__(self, batch: int, stop: bool = False, epoch: int = 0):
+        self.batch, self.stop, self.epoch = batch, stop, epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.current_epoch == 0 and batch_idx == self.batch:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            if self.stop:
+                trainer.should_stop = True
+                return
             raise RuntimeError(f"simulated crash after batch {batch_idx}")
 
 
@@ -195,6 +199,14 @@ def test_default_checkpoints_follow_validation_at_step_ends_and_a_crash_resumes_
     assert saved["global_step"] == 2  # at the end of batch 6 (0-based 5), the window after the validation
     cli = run_cli(fit_args(crashed, tiny_bert, reviews_csv, *common, "--ckpt_path=last", policy="Adapter"))
     assert cli.trainer.global_step == 8  # 4 steps an epoch (3 + 3 + 3 + 1 batches)
+    # stopped inside a window of epoch 1 (max_time, early stopping): the validation, the epoch's end and the
+    # training's end that follow save nothing there; `last` stays at epoch 0's end
+    stopped = tmp_path / "stopped"
+    run_cli(fit_args(stopped, tiny_bert, reviews_csv, *common, "--trainer.val_check_interval=1.0",
+                     "--trainer.callbacks+=tests.test_checkpoints.CrashAt", "--trainer.callbacks.batch=7",
+                     "--trainer.callbacks.stop=true", "--trainer.callbacks.epoch=1", policy="Adapter"))
+    saved = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4, saved["global_step"]  # saved mid-window, it was step 6, 8 batches in
     a, b = (json.loads((run / "summary.json").read_text()) for run in (straight, crashed))
     assert a["steps"] == b["steps"] == 8 and a["train_samples"] == b["train_samples"] == 2 * 160
     for name, tensor in weights(straight, "Adapter").items():

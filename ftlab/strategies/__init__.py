@@ -146,12 +146,6 @@ def check_resume(ckpt_path: str | None, checkpoint_dir: str, strategy, world_siz
         if stage3 != (stage == 3):  # the other family's files: DeepSpeed finds none of its own (a bare assert)
             raise ConfigError(f"ckpt_path={ckpt_path!r} was written under ZeRO-{'3' if stage3 else '1/2'}, this run is "
                               f"ZeRO-{stage}: {resume} it with the stage it was written with, {fix}")
-        if not fitting and stage3:
-            # DeepSpeed's load without the optimizer fails on the engine Lightning builds to evaluate
-            # (DeepSpeedZeRoOffload has no _restore_from_bit16_weights), and would gather every parameter at once
-            raise ConfigError(f"ckpt_path={ckpt_path!r} is a ZeRO-3 checkpoint, which DeepSpeed cannot load to "
-                              "evaluate; export it (`python -m ftlab export --run ... --ckpt ...`) and evaluate the "
-                              "export (--model.name_or_path EXPORT, no --ckpt_path: it loads partitioned)")
         if fitting and saved != world_size:  # ZeRO's own format is partitioned for its world size: load it as universal
             deepspeed.check_universal_resume(strategy, ckpt_path, path, saved, world_size, fix)
     if kind == "file" and isinstance(strategy, DeepSpeedStrategy) and not strategy.load_full_weights:

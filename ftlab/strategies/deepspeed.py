@@ -179,6 +179,8 @@ class DeepSpeed(DeepSpeedStrategy):
         self.config.setdefault("checkpoint", {})["load_universal"] = True
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
+        if self.zero_stage_3 and not self.load_full_weights and self.lightning_module.trainer.state.fn != "fit":
+            return load_for_evaluation(self, str(checkpoint_path))
         if not self.config.get("checkpoint", {}).get("load_universal") or self.load_full_weights:
             return super().load_checkpoint(checkpoint_path, weights_only)
         universal = convert_to_universal(self, str(checkpoint_path))
@@ -488,6 +490,49 @@ def _convert(path: str, out: str) -> None:
     with open(os.path.join(partial, _SOURCE), "w") as f:
         json.dump(_source_files(path), f)
     os.replace(partial, out)
+
+
+class _Tensors:
+    """The `read` of PretrainedWeights (whole, or rows [start, stop)) over tensors in memory."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        t = self.tensors[key]
+        return t if start is None else t[start:stop]
+
+
+def load_for_evaluation(strategy, path: str) -> dict:
+    """A ZeRO-3 checkpoint loaded to evaluate (validate, test, predict), at any world size. DeepSpeed's own load
+    without the optimizer fails on the engine Lightning builds to evaluate (DeepSpeedZeRoOffload has no
+    _restore_from_bit16_weights), and would gather every parameter at once. Instead: the checkpoint's universal
+    conversion (one fp32 file per parameter, made once and reused, as a resume at another world size makes it),
+    from which each rank fills its partition of every trained parameter, one parameter at a time; the frozen ones
+    the checkpoint leaves out came from the pretrained files as the model was built. Returns Lightning's part
+    of the checkpoint (callbacks, data position, ftlab's own keys). Collective: every rank calls it."""
+    universal = convert_to_universal(strategy, path)
+    zero = os.path.join(universal, "checkpoint", "zero")
+    module = strategy.lightning_module
+    missing = []
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            file = os.path.join(zero, name, "fp32.pt")
+            value = torch.load(file, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(file) else None
+            value = value.get("param") if isinstance(value, dict) else value
+            if value is None or value.numel() != param.ds_numel:  # frozen: an empty placeholder, or no file at all
+                if param.requires_grad:
+                    missing.append(name)
+                continue
+            _fill_partition(param, _Tensors({name: value.reshape(tuple(param.ds_shape))}), name)
+    if missing:
+        raise ConfigError(f"{path} holds no trained values of {missing[:3]} ({len(missing)} trained tensors): was it "
+                          "written by this run's config (model, policy)?")
+    files = sorted(glob.glob(os.path.join(path, "checkpoint", "*model_states.pt")))
+    state = torch.load(files[0], map_location="cpu", weights_only=True)
+    rank_zero_info(f"ftlab: loaded the trained weights of {path} ({saved_world_size(path)} ranks) into this run's "
+                   f"partitions on {strategy.world_size} rank(s), from its universal checkpoint {universal}")
+    return {k: v for k, v in state.items() if k not in ("module", "optimizer")}
 
 
 def _own_steps(optimizer) -> None:
