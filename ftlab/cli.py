@@ -145,7 +145,7 @@ class FtlabCLI(LightningCLI):
         if trainer.world_size > 1 and getattr(trainer, "_val_check_time_interval", None) is not None:
             # each rank reads its own clock (Lightning does not agree on it): one rank would validate and save,
             # the others not, and their collectives hang
-            raise ConfigError(f"trainer.val_check_interval={trainer.val_check_interval!r} is a time, which each of the "
+            raise ConfigError(f"trainer.val_check_interval={trainer_cfg.get('val_check_interval')!r} is a time, which each of the "
                               f"{trainer.world_size} ranks reads on its own clock; give a number of batches or a "
                               "fraction of the epoch on more than one device")
         own = [cb for cb in trainer.callbacks if isinstance(cb, AtomicCheckpoint)]
