@@ -383,7 +383,8 @@ def _first_loss(tmp_path, model, pairs_file, name: str, *extra: str) -> tuple[fl
     run = tmp_path / name
     out = run_ftlab(*task_args(run, model, "PreferenceData", pairs_file, "Preference", *ARGS, "--trainer.max_steps=1",
                                "--model.policy.dropout=0", "--trainer.limit_val_batches=0", "--test_after_fit=false",
-                               *probe(run / "batches"), *extra, policy="Adapter"))
+                               *probe(run / "batches"), *extra, policy="Adapter"),
+                    env={"FTLAB_CACHE": str(tmp_path / "cache")})  # this test's runs share one cache, no other's
     assert out.returncode == 0, out.stderr[-3000:]
     first = min(batches(run / "batches").values(), key=lambda b: b["step"])
     return first["loss"], out.stderr
