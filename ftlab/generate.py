@@ -94,6 +94,9 @@ class Generator:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        from ftlab.loading import check_tokenizer_files
+
+        check_tokenizer_files(folder, "--model")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = getattr(transformers, auto).from_pretrained(folder).to(self.device).eval()
         self.max_new_tokens, self.temperature, self.system = max_new_tokens, temperature, system

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -182,7 +183,6 @@ def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kw
 def new_head(model, info: dict) -> dict | None:
     """{names, why} when the only weights the checkpoint lacked are a task head outside the pretrained
     backbone (as for every classifier on a plain encoder), else None."""
-    import re
 
     missing = sorted(info.get("missing_keys") or [])
     if not missing or info.get("mismatched_keys") or info.get("error_msgs"):
@@ -196,10 +196,25 @@ def new_head(model, info: dict) -> dict | None:
                                    "for this task; it trains now"}
 
 
-def load_tokenizer(name_or_path: str, gguf_file: str | None = None, **kwargs):
+_TOKENIZER_FILE = re.compile(r"^(tokenizer.*|vocab.*|merges\.txt|.*\.model|spiece.*|sentencepiece.*|special_tokens_map\.json)$")
+
+
+def check_tokenizer_files(folder: str, option: str) -> None:
+    """Refuse a local model folder without tokenizer files: transformers then builds a tokenizer of a few special
+    tokens from the config alone, every word becomes [UNK], and a run trains on nothing and exits 0."""
+    if os.path.isdir(folder) and not any(_TOKENIZER_FILE.match(n) for n in os.listdir(folder)):
+        raise ConfigError(f"{option}={folder!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                          "vocab.*, *.model): save the tokenizer beside the weights "
+                          f"(AutoTokenizer.from_pretrained(BASE).save_pretrained({folder!r}))")
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, option: str = "data.tokenizer", **kwargs):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path, gguf_file, **kwargs), **kwargs)
+    folder = resolve_pretrained(name_or_path, gguf_file, **kwargs)
+    if not gguf_file:  # a GGUF file holds its tokenizer
+        check_tokenizer_files(folder, option)
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def load_config(name_or_path: str, gguf_file: str | None = None, **kwargs):

@@ -456,7 +456,7 @@ class FineTuneModule(L.LightningModule):
         checkpoint's left-out frozen weights came from."""
         self.skipped_steps = checkpoint.get("ftlab_skipped_steps", 0)
         why = (base_mismatch(checkpoint.get("ftlab_base"), self._base_files, self.name_or_path)
-               if self.left_out_of_checkpoints() else None)
+               if self.left_out_of_checkpoints() else None) or self._other_model(checkpoint.get("state_dict"))
         if self._trainer is None:  # load_from_checkpoint: one process, no ranks to agree with
             if why:
                 raise ConfigError(why)
@@ -464,6 +464,21 @@ class FineTuneModule(L.LightningModule):
         if not self.trainer.strategy.reduce_boolean_decision(why is None, all=True):
             raise ConfigError(why or f"model.name_or_path={self.name_or_path!r}: another rank found other weight files "
                                      "than those the checkpoint was written against (its error says which)")
+
+    def _other_model(self, saved: dict | None) -> str | None:
+        """Why a checkpoint's weights (a file: single device, DDP, FSDP full) are not this run's model's, or None:
+        another policy, task or model (torch's strict load would print every key, as a traceback)."""
+        if not isinstance(saved, dict) or not saved or self.model is None:
+            return None
+        own = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        own |= {n for n, _ in self.named_buffers(remove_duplicate=False)}
+        trained = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        unexpected, missing = sorted(set(saved) - own), sorted(trained - set(saved))
+        if not unexpected and not missing:
+            return None
+        return (f"the checkpoint's weights are not this run's model's (missing {len(missing)} trained tensors, e.g. "
+                f"{missing[:2]}; {len(unexpected)} others, e.g. {unexpected[:2]}): was it written with another config "
+                "(model, policy, task)? Run it with that run's config: --config <run>/config.yaml")
 
     def on_validation_start(self) -> None:
         self.task.before_loop(self)

@@ -1,6 +1,7 @@
 """The CLI end to end, as a user runs it, on tiny models built from configs and saved to disk."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -89,6 +90,20 @@ def test_validate_and_resume_from_checkpoint(tmp_path, tiny_bert, reviews_csv):
     assert len(predictions) == 40 and {p["label"] for p in predictions} <= {"neg", "pos"}
     accuracy = sum(p["label"] == p["true_label"] for p in predictions) / len(predictions)
     assert accuracy == pytest.approx(first["test/accuracy"])
+
+    # the checkpoint of another config (a Full run's, evaluated as a LoRA run): one line, not torch's key list
+    other = run_ftlab("validate", *fit_args(run, tiny_bert, reviews_csv, f"--ckpt_path={ckpt}", policy="Adapter")[1:])
+    assert other.returncode == 2 and "the checkpoint's weights are not this run's model's" in other.stderr, \
+        other.stderr[-2000:]
+    assert "Traceback" not in other.stderr
+    # a model folder without its tokenizer (transformers made one of 5 tokens: every word [UNK], exit 0)
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run / "export" / name, bare / name)
+    out = run_ftlab(*fit_args(tmp_path / "bare", bare, reviews_csv))
+    assert out.returncode == 2 and f"model.name_or_path (data.tokenizer)='{bare}' holds no tokenizer files" in \
+        out.stderr, out.stderr[-2000:]
 
     resumed = run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"))
     assert resumed.trainer.global_step == 20

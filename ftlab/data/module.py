@@ -248,7 +248,9 @@ class TextDataModule(L.LightningDataModule):
             from ftlab.loading import load_tokenizer
 
             try:
-                tok = load_tokenizer(self.tokenizer_name, self.gguf_file, trust_remote_code=self.trust_remote_code)
+                # the option as the user gave it: data.tokenizer defaults to (is linked from) model.name_or_path
+                tok = load_tokenizer(self.tokenizer_name, self.gguf_file, option="model.name_or_path (data.tokenizer)",
+                                     trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"data.tokenizer={self.tokenizer_name!r}: no tokenizer could be loaded "
                                   f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None

@@ -120,7 +120,7 @@ class Distillation(Task):
                 raise ConfigError(f"model.task.teacher={self.teacher!r} predicts labels {names}, the student's data "
                                   f"has {list(data.label_names)}; distil from a teacher trained on these labels")
             return
-        teacher_vocab = load_tokenizer(path, self.teacher_gguf_file).get_vocab()
+        teacher_vocab = load_tokenizer(path, self.teacher_gguf_file, option="model.task.teacher").get_vocab()
         student_vocab = data.tokenizer.get_vocab()
         if teacher_vocab != student_vocab:
             differ = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
