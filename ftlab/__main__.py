@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ftlab.errors import ConfigError
+from ftlab.errors import ConfigError, did_you_mean
 
 
 def user_error(err: BaseException) -> ConfigError | None:
@@ -56,11 +56,33 @@ def parse_error_line(err: BaseException) -> str | None:
         fix = (f"give its class: {' '.join(form)} --{key}.{option}={val}" if form else
                f"give it as a class path (see --help) before --{key}.{option}")
         return f"{key}.{option}={val}: {key} is given by name{given}, which takes no options; {fix}"
+    unknown = re.search(r"Expected a dot import path string: (\S+)", text)
+    base = re.search(r"Subtypes: \[<class '([\w.]+)'>", text)
+    if key and unknown and base:  # a class given by a name that is none of the known ones
+        return f"{key}={unknown.group(1)}: no such class; {did_you_mean(unknown.group(1), _subclass_names(base.group(1)))}"
     if key and value is not None:
         if value == "None":
             return f"{key} is required but not given; set it in the config or as --{key} VALUE"
         return f"{key}={value}: expected {want} (see --help)"
     return " ".join(text.split())[:500] + " (see --help)"
+
+
+def _subclass_names(path: str) -> list[str]:
+    """The names a class-typed option takes: the subclasses of `path` (module.Class), at any depth."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        base = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    names, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        if not cls.__name__.startswith("_"):
+            names.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ def did_you_mean(value: str, choices) -> str:
     """A short hint naming the closest valid choices, for error messages."""
     import difflib
 
-    choices = [str(c) for c in choices]
+    choices = list(dict.fromkeys(str(c) for c in choices))  # each once
     close = difflib.get_close_matches(str(value), choices, n=3)
     if close:
         return f"did you mean {', '.join(repr(c) for c in close)}?"

@@ -97,6 +97,9 @@ MORE = {
                                             "--trainer.strategy=ddp"], "is a time, which each of the 2 ranks reads"),
     "saving on an exception on two ranks": (["--checkpoint.save_on_exception=true", "--trainer.devices=2",
                                              "--trainer.strategy=ddp"], "checkpoint.save_on_exception=true on more"),
+    "policy class typo": (["--model.policy=Freez"], "model.policy=Freez: no such class; did you mean 'Freeze'?"),
+    "data class typo": (["--data=TextClasificationData"], "data=TextClasificationData: no such class; did you mean "
+                                                          "'TextClassificationData'"),
     "checkpoints written in the background": (["--trainer.plugins=AsyncCheckpointIO"],
                                               "trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in"),
 }
