@@ -24,7 +24,7 @@ from ftlab.estimate.memory import (
     read_checkpoint,
     state_per_rank,
 )
-from ftlab.estimate.throughput import GPUS, flops_per_token, speed
+from ftlab.estimate.throughput import GPUS, NO_BF16, flops_per_token, speed
 
 STRATEGIES = {"auto": "ddp", "ddp": "ddp", "single": "ddp", "fsdp": "fsdp", "deepspeed_stage_1": "deepspeed_stage_1",
               "deepspeed_stage_2": "deepspeed_stage_2", "deepspeed_stage_2_offload": "deepspeed_stage_2",
@@ -131,7 +131,10 @@ def estimate(args: argparse.Namespace, fit_overrides: list[str]) -> dict:
     module, data = cli.model, cli.datamodule
     if getattr(data, "label_names", True) is None:
         data.label_names = ["0", "1"]  # the head's size only: the labels are read with the data
-    precision = str(trainer.get("precision") or "32-true")
+    # as fit picks it: bf16-mixed on a GPU that computes in bf16 when the config sets none (cli.default_precision)
+    on_gpu = str(trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda")
+    precision = str(trainer.get("precision") or ("bf16-mixed" if on_gpu and args.gpu in GPUS and args.gpu not in NO_BF16
+                                                 else "32-true"))
     # the dtype the weights load (and train) in, as FineTuneModule.weight_dtype picks it
     load_dtype = module.load_dtype or {"bf16-true": "bfloat16", "16-true": "float16"}.get(precision, "float32")
     param_bytes = torch.empty(0, dtype=getattr(torch, load_dtype)).element_size()

@@ -26,6 +26,7 @@ GPUS: dict[str, tuple[float, float]] = {
     "V100": (125.0, 32.0),
     "T4": (65.0, 16.0),
 }
+NO_BF16 = {"V100", "T4"}  # before Ampere: fit keeps 32-true there unless the config says otherwise
 
 
 @dataclass

@@ -146,3 +146,7 @@ def test_estimate_command_reports_and_says_whether_it_fits(tiny_bert, reviews_cs
     assert out.returncode == 3 and "DOES NOT FIT" in out.stdout
     out = run_ftlab("estimate", "--gpu", "B300", *args)
     assert out.returncode == 2 and "--gpu 'B300' is not in the table" in out.stderr
+    # no precision in the config: fit trains bf16-mixed on a GPU that computes in bf16, fp32 on an older one
+    for gpu, precision in (("H100", "bf16-mixed"), ("T4", "32-true")):
+        out = run_ftlab("estimate", "--gpu", gpu, "--json", *args, "--trainer.accelerator=auto")
+        assert out.returncode == 0 and json.loads(out.stdout)["precision"] == precision, (gpu, out.stderr[-2000:])
