@@ -455,6 +455,10 @@ class FineTuneModule(L.LightningModule):
         """Refuse, on every rank alike (ranks read node-local caches), a base model other than the one the
         checkpoint's left-out frozen weights came from."""
         self.skipped_steps = checkpoint.get("ftlab_skipped_steps", 0)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # a mid-epoch resume: Lightning skips on_train_epoch_start, where gradual unfreezing unfreezes, for the
+            # epoch it resumes in; what had been unfrozen when the checkpoint was written trains again here
+            self.restore_trainable_set(checkpoint)
         why = (base_mismatch(checkpoint.get("ftlab_base"), self._base_files, self.name_or_path)
                if self.left_out_of_checkpoints() else None) or self._other_model(checkpoint.get("state_dict"))
         if self._trainer is None:  # load_from_checkpoint: one process, no ranks to agree with

@@ -82,11 +82,11 @@ def test_bad_options_are_refused():
 @pytest.mark.parametrize("strategy", [(), ("--trainer.strategy=fsdp", "--trainer.devices=2")])
 def test_gradual_unfreezing_resumed_between_unfreezings_ends_as_the_straight_run(tmp_path, tiny_bert, reviews_csv,
                                                                                 strategy):
-    """Stopped after 2 epochs (one block unfrozen since the second) and resumed to 3: the checkpoint holds what
-    trains in the run (the head, the block trained so far, the block still to unfreeze) but not the frozen
-    embeddings, the optimizer state, and the resumed run unfreezes the next block on time: it ends where the
-    run never stopped ends. (FSDP's sharded load reads what the model's state dict names at the resume,
-    when the blocks unfrozen before the save are frozen again until their epoch starts.)"""
+    """Stopped in the middle of the second epoch (one block unfrozen at its start) and resumed to the end of the
+    third: the checkpoint holds what trains in the run (the head, the block trained so far, the block still to
+    unfreeze) but not the frozen embeddings; the resumed run trains the block unfrozen before the save again
+    (Lightning skips the start of the epoch it resumes in, where unfreezing happens: that block stayed frozen)
+    and unfreezes the next one on time: it ends where the run never stopped ends."""
     import torch
     from safetensors.torch import load_file
 
@@ -95,11 +95,12 @@ def test_gradual_unfreezing_resumed_between_unfreezings_ends_as_the_straight_run
     common = ["--model.policy.unfreeze_every=1", "--test_after_fit=false", "--model.optim.schedule=constant",
               "--model.optim.warmup_ratio=0", *strategy]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for run, extra in ((straight, ["--trainer.max_epochs=3"]), (resumed, ["--trainer.max_epochs=2"]),
+    stop = ["--trainer.max_epochs=3", f"--trainer.max_steps={7 if strategy else 15}"]  # mid-epoch 1 (5 or 10 an epoch)
+    for run, extra in ((straight, ["--trainer.max_epochs=3"]), (resumed, stop),
                        (resumed, ["--trainer.max_epochs=3", "--ckpt_path=last"])):
         out = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, *common, *extra, policy="Freeze"), timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
-        if extra == ["--trainer.max_epochs=2"]:
+        if extra == stop:
             saved = saved_weights(run / "checkpoints" / "last.ckpt")
             assert any(".layer.1." in n for n in saved) and any(".layer.0." in n for n in saved), sorted(saved)
             assert not any("word_embeddings" in n for n in saved), sorted(saved)
