@@ -415,7 +415,12 @@ def _replica(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = 
     """A plain copy of `module` holding `tensors` (its gathered state, by name), without the live module's hooks
     (FSDP2, DeepSpeed) and with its own peft bookkeeping: peft merges on it, never on the live, maybe sharded,
     layer."""
-    clone = copy.copy(module)
+    cls = type(module)
+    # an FSDP2 unit's class is a subclass made for it, whose __new__ re-runs the original __init__ (without its
+    # arguments: peft's wrappers fail); the replica is of the original class, with none of FSDP's behaviour
+    orig = cls.__mro__[getattr(cls, "_orig_cls_mro_index", 0)]
+    clone = orig.__new__(orig)
+    clone.__dict__.update(module.__dict__)
     for key, value in module.__dict__.items():
         if key in ("_parameters", "_buffers", "_modules"):
             continue

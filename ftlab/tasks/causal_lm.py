@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from torch.distributed.fsdp import FSDPModule
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -78,6 +79,11 @@ class CausalLM(Task):
         rows = []
         was_training = model.training
         model.eval()
+        # peft's generate runs the inner model, past the FSDP2 root's pre-forward: the root's own weights (the
+        # final norm...) must be gathered here, since the chunked loss leaves the root resharded after evaluation
+        root = model if isinstance(model, FSDPModule) else None
+        if root is not None:
+            root.unshard()
         try:
             for sample in samples:
                 prompt = data.render(sample["messages"], generation_prompt=True)
@@ -92,6 +98,8 @@ class CausalLM(Task):
                              "reference": sample["reference"], "generated": answer})
         finally:
             model.train(was_training)
+            if root is not None:
+                root.reshard()
         if module.trainer.is_global_zero:
             with open(os.path.join(module.trainer.default_root_dir, "samples.jsonl"), "a") as f:
                 for row in rows:

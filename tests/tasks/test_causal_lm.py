@@ -92,11 +92,19 @@ def test_sft_fit_learns_logs_samples_exports_and_reloads(tmp_path, tiny_models, 
     assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == samples[-1]["generated"]
 
 
-def test_sft_under_fsdp_two_ranks(tmp_path, tiny_models, chat_file):
+@pytest.mark.parametrize("policy,extra", [
+    ("Full", ()),
+    # LoRA with the untied head trained beside it (peft's ModulesToSaveWrapper, an FSDP unit of its own: the export
+    # copied it through FSDP's class, whose __new__ re-ran peft's __init__), and the chunked loss (it reshards the
+    # root after evaluation, and peft's generate runs past the root's pre-forward: the final norm was sharded)
+    ("Adapter", ("--model.loss_chunk_size=16", "--model.policy.dropout=0")),
+])
+def test_sft_under_fsdp_two_ranks(tmp_path, tiny_models, chat_file, policy, extra):
     run = tmp_path / "run"
     out = run_ftlab(*task_args(run, tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
                                f"--data.chat_template={CHAT_TEMPLATE}", "--data.max_length=64", "--data.batch_size=2",
-                               "--trainer.strategy=fsdp", "--trainer.devices=2", "--model.task.max_new_tokens=4"),
+                               "--trainer.strategy=fsdp", "--trainer.devices=2", "--model.task.max_new_tokens=4",
+                               *extra, policy=policy),
                     timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -104,7 +112,7 @@ def test_sft_under_fsdp_two_ranks(tmp_path, tiny_models, chat_file):
     ppl = [h["val/perplexity"] for h in summary["val_history"]]
     assert ppl[-1] < ppl[0]
     assert len((run / "samples.jsonl").read_text().splitlines()) == 3 * len(ppl)  # rank 0 writes, once
-    AutoModelForCausalLM.from_pretrained(run / "export")
+    AutoModelForCausalLM.from_pretrained(run / "export" / ("merged" if policy == "Adapter" else ""))
 
 
 def test_a_tokenizer_without_chat_template_is_refused_before_the_model_loads(tmp_path, tiny_models, chat_file):
