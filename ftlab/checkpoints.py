@@ -469,8 +469,6 @@ class AtomicCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
 
-
-
 def last_checkpoint(checkpoint_dir: str) -> str | None:
     """The run's last checkpoint, chosen as Lightning chooses it for `--ckpt_path last`: the newest
     `last*.ckpt` (file or sharded folder) in the checkpoint folder. ftlab writes one `last.ckpt` per run;
