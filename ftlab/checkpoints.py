@@ -326,9 +326,6 @@ def recover_path(final: str) -> None:
         os.replace(old, final)
 
 
-LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
-
-
 def run_checkpoint(trainer) -> AtomicCheckpoint | None:
     """The run's own checkpoint callback (`--checkpoint.*`); the user may add other ModelCheckpoints, which
     Lightning's `trainer.checkpoint_callback` may return instead."""
@@ -467,6 +464,9 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
 def last_checkpoint(checkpoint_dir: str) -> str | None:

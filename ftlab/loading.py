@@ -183,7 +183,6 @@ def load_model(auto_class, name_or_path: str, gguf_file: str | None = None, **kw
 def new_head(model, info: dict) -> dict | None:
     """{names, why} when the only weights the checkpoint lacked are a task head outside the pretrained
     backbone (as for every classifier on a plain encoder), else None."""
-
     missing = sorted(info.get("missing_keys") or [])
     if not missing or info.get("mismatched_keys") or info.get("error_msgs"):
         return None

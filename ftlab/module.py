@@ -452,8 +452,9 @@ class FineTuneModule(L.LightningModule):
             checkpoint["ftlab_trainable"] = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse, on every rank alike (ranks read node-local caches), a base model other than the one the
-        checkpoint's left-out frozen weights came from."""
+        """Take back the run's own state (skipped steps; when fitting, what gradual unfreezing had unfrozen), and
+        refuse, on every rank alike (ranks read node-local caches), a base model other than the one the
+        checkpoint's left-out frozen weights came from, or a checkpoint of another model (`_other_model`)."""
         self.skipped_steps = checkpoint.get("ftlab_skipped_steps", 0)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # a mid-epoch resume: Lightning skips on_train_epoch_start, where gradual unfreezing unfreezes, for the
