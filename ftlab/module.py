@@ -207,6 +207,15 @@ class FineTuneModule(L.LightningModule):
         precision = str(trainer.precision) if trainer is not None else self.run_precision
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, self.weight_dtype())
 
+    def frozen_options(self, same_model: bool) -> dict:
+        """from_pretrained's options for a frozen model beside this one: the attention kernel this one runs;
+        and, for a copy of this very model (a preference reference), `trust_remote_code`, which the user
+        granted to this model's repository only (a teacher's is another one)."""
+        options = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        if same_model and self.trust_remote_code:
+            options["trust_remote_code"] = True
+        return options
+
     def model_config(self, data):
         """The model's config (cheap: no weights); the task settles its config-dependent choices on it."""
         config_kwargs = {k: v for k, v in self._load_kwargs(data).items() if k in ("trust_remote_code", "revision")}

@@ -240,23 +240,25 @@ def build_sharded(strategy, module, data) -> nn.Module:
 
 
 def build_frozen(strategy, auto_class, path: str, gguf_file: str | None, dtype: torch.dtype,
-                 revision: str | None = None) -> nn.Module:
+                 revision: str | None = None, **options) -> nn.Module:
     """A frozen pretrained model beside the trained one (a distillation teacher, a preference reference: at
     `revision`, the trained model's), placed as the strategy places the student: FSDP shards it (each rank
     reading its own rows), ZeRO-3 partitions it (it loads inside the strategy's partitioned init, and
-    deepspeed.initialize takes it with the LightningModule), DDP and ZeRO-1/2 replicate it."""
+    deepspeed.initialize takes it with the LightningModule), DDP and ZeRO-1/2 replicate it. `options` are
+    from_pretrained's model options the trained model has too (`attn_implementation`, `trust_remote_code`)."""
     if isinstance(strategy, FSDP):
-        return fsdp.load_frozen(strategy, auto_class, path, gguf_file, dtype, revision)
+        return fsdp.load_frozen(strategy, auto_class, path, gguf_file, dtype, revision, **options)
+    extra = {"revision": revision} if revision else {}
     if isinstance(strategy, DeepSpeed) and strategy.zero_stage_3:
         from ftlab.loading import load_config
 
-        config = load_config(path, gguf_file, **({"revision": revision} if revision else {}))
-        model = deepspeed.load_partitioned(strategy, lambda: auto_class.from_config(config, dtype=dtype), path,
-                                           gguf_file, revision)
+        trust = {k: v for k, v in options.items() if k == "trust_remote_code"}
+        config = load_config(path, gguf_file, **extra, **trust)
+        model = deepspeed.load_partitioned(strategy, lambda: auto_class.from_config(config, dtype=dtype, **options),
+                                           path, gguf_file, revision)
         if model is not None:
             return model.eval().requires_grad_(False)
-    extra = {"revision": revision} if revision else {}
-    return load_model(auto_class, path, gguf_file, dtype=dtype, **extra).eval().requires_grad_(False)
+    return load_model(auto_class, path, gguf_file, dtype=dtype, **extra, **options).eval().requires_grad_(False)
 
 
 def shard_model(strategy, model: nn.Module) -> nn.Module:

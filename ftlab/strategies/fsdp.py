@@ -353,21 +353,22 @@ def _shard_and_fill(strategy: FSDP, model: nn.Module, weights, from_checkpoint: 
 
 
 def load_frozen(strategy: FSDP, auto_class, path: str, gguf_file: str | None, dtype: torch.dtype,
-                revision: str | None = None) -> nn.Module:
+                revision: str | None = None, **options) -> nn.Module:
     """A frozen pretrained model (a distillation teacher) sharded as the student is, each rank reading only
     its rows of the checkpoint: replicated, a 70B teacher would not fit beside a sharded student. Falls
     back to a whole load on each rank, sharded afterwards, where the weights are not plain safetensors."""
     from ftlab.loading import PretrainedWeights, adopt_generation_config, load_config, load_model
 
     extra = {"revision": revision} if revision else {}
+    trust = {k: v for k, v in options.items() if k == "trust_remote_code"}
     with torch.device("meta"):
-        model = auto_class.from_config(load_config(path, gguf_file, **extra), dtype=dtype)
+        model = auto_class.from_config(load_config(path, gguf_file, **extra, **trust), dtype=dtype, **options)
     weights = PretrainedWeights.find(path, gguf_file, revision, getattr(model, "base_model_prefix", ""))
     source = {n: weights.key(n) for n, _ in model.named_parameters()} if weights else {}
     if weights is None or None in source.values() or not all(map(weights.floating, source.values())) or \
             getattr(model.config, "quantization_config", None):
         rank_zero_info(f"ftlab: fsdp: every rank loads the whole of {path} before sharding it (not plain safetensors)")
-        model = load_model(auto_class, path, gguf_file, dtype=dtype, **extra).eval().requires_grad_(False)
+        model = load_model(auto_class, path, gguf_file, dtype=dtype, **extra, **options).eval().requires_grad_(False)
         return strategy.shard_module(model, frozen=True)
     buffers = {n: weights.key(n) for n, _ in model.named_buffers()}
     _materialize_on_host(model, [n for n, key in buffers.items() if key is None])

@@ -139,7 +139,7 @@ class Distillation(Task):
         from ftlab.strategies import build_frozen
 
         teacher = build_frozen(module.trainer.strategy, self.auto_class, self._teacher_path(), self.teacher_gguf_file,
-                               module.frozen_dtype())
+                               module.frozen_dtype(), **module.frozen_options(same_model=False))
         module.teacher = self._teacher = FrozenTeacher(teacher)
 
     def metrics(self):

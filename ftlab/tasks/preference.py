@@ -132,7 +132,7 @@ class Preference(Task):
             raise ConfigError("model.config_overrides change the trained model but not a frozen reference copy "
                               "loaded from model.name_or_path; set model.task.precompute_reference: true")
         frozen = build_frozen(module.trainer.strategy, self.auto_class, module.name_or_path, module.gguf_file,
-                              module.frozen_dtype(), module.revision)
+                              module.frozen_dtype(), module.revision, **module.frozen_options(same_model=True))
         module.reference = FrozenTeacher(frozen)  # a submodule: moved to the device and placed with the module
         return FrozenCopy(module.reference, self.chunked)
 

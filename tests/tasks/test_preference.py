@@ -148,6 +148,8 @@ class BatchLosses(L.Callback):
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else  # ZeRO-3: this rank's partition
                    p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)  # FSDP: shard
         self.reference = {"held": held, "total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+        if params:  # the trained model's attention kernel (set in the tests below: eager)
+            self.reference["attn"] = pl_module.reference.model.config._attn_implementation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step  # the step this batch belongs to (it moves on after the last micro-batch)
@@ -228,9 +230,9 @@ def test_precomputed_reference_trains_exactly_like_the_frozen_copy(tmp_path_fact
 
 
 # strategy -> (options, whether the reference is sharded): each places the reference another way
-TWO_RANKS = {
-    "fsdp": ((), True),  # a frozen copy, sharded like the model
-    "deepspeed_stage_3": ((), True),  # a frozen copy, partitioned like the model
+TWO_RANKS = {  # the frozen copies load with the trained model's attention kernel
+    "fsdp": (("--model.attn_implementation=eager",), True),  # a frozen copy, sharded like the model
+    "deepspeed_stage_3": (("--model.attn_implementation=eager",), True),  # a frozen copy, partitioned like it
     # precomputed: each rank scores its share of the pairs; its own cache, so that the table is computed here
     "ddp": (("--model.task.precompute_reference=true",), False),
 }
@@ -255,6 +257,7 @@ def test_two_ranks_train_batch_by_batch_like_one_process(tmp_path_factory, tiny_
         ref = json.loads((run / "batches" / f"rank{rank}.json").read_text())["reference"]
         if sharded:  # each rank holds its share of the frozen reference, not a whole copy
             assert 0 < ref["held"] < 0.6 * ref["total"], ref
+            assert ref["attn"] == "eager", ref
         else:
             assert ref["total"] == 0  # no reference model held while training
     mine, theirs = batches(run / "batches"), batches(single_run / "batches")
