@@ -34,7 +34,8 @@ class Freeze(Policy):
                 the top. 0 = off.
             unfreeze_max_layers: Stop gradual unfreezing at this many trainable blocks (default: all).
             layer_lr_decay: Layer-wise learning-rate decay (1.0 = off): each block gets this factor times
-                the rate of the block above it; the head gets the base rate.
+                the rate of the block above it; the head gets the base rate (a head tied to the
+                embeddings is one weight with them: the embeddings' rate).
         """
         if top_k_layers < 0:
             raise ConfigError(f"policy.top_k_layers={top_k_layers} must be >= 0")

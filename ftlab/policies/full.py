@@ -19,6 +19,7 @@ class Full(Policy):
         Args:
             layer_lr_decay: Layer-wise learning-rate decay (1.0 = off). The head gets the base rate, each
                 transformer block below it this factor times the one above (e.g. 0.9), the embeddings least.
+                An LM head tied to the embeddings is one weight with them: it gets the embeddings' rate.
         """
         if not 0 < layer_lr_decay <= 1:
             raise ConfigError(f"policy.layer_lr_decay={layer_lr_decay} must be in (0, 1]; use e.g. 0.9, or 1.0 for off")
