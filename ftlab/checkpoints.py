@@ -320,10 +320,14 @@ def replace_path(new: str, final: str) -> None:
 
 
 def recover_path(final: str) -> None:
-    """After a crash in `replace_path`: the previous folder is at `final.old`; put it back."""
+    """After a crash in `replace_path`: the previous folder is at `final.old`; put it back. Every rank may
+    call it at once: one rename wins, the others find nothing left to do."""
     old = final + ".old"
     if os.path.exists(old) and not os.path.exists(final):
-        os.replace(old, final)
+        try:
+            os.replace(old, final)
+        except FileNotFoundError:
+            pass
 
 
 def run_checkpoint(trainer) -> AtomicCheckpoint | None:
@@ -469,11 +473,17 @@ class AtomicCheckpoint(ModelCheckpoint):
 LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
 
 
-def last_checkpoint(checkpoint_dir: str) -> str | None:
+def last_checkpoint(checkpoint_dir: str, recover: bool = False) -> str | None:
     """The run's last checkpoint, chosen as Lightning chooses it for `--ckpt_path last`: the newest
     `last*.ckpt` (file or sharded folder) in the checkpoint folder. ftlab writes one `last.ckpt` per run;
-    folders of older versions may also hold `last-v1.ckpt`..., written by later runs into the same folder."""
+    folders of older versions may also hold `last-v1.ckpt`..., written by later runs into the same folder.
+    With `recover` (a run about to resume; never while another may be saving), a `last` folder a crash left
+    moved aside (`replace_path`) is put back first: Lightning looks for `last` before the checkpoint
+    callback's setup would put it back, and would start over."""
     try:
+        for name in os.listdir(checkpoint_dir) if recover else []:
+            if name.endswith(".old") and LAST_NAME.match(name[: -len(".old")]):
+                recover_path(os.path.join(checkpoint_dir, name[: -len(".old")]))
         names = [n for n in os.listdir(checkpoint_dir) if LAST_NAME.match(n)]
     except OSError:
         return None

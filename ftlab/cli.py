@@ -83,7 +83,7 @@ class FtlabCLI(LightningCLI):
         if self.subcommand == "fit" and restart_count() > 0:
             # a requeued Slurm job (preempted, or its node failed) continues from its own last checkpoint, also
             # when it was submitted to start from another one (--ckpt_path): that one is behind it now
-            last = last_checkpoint(_checkpoint_dir(run_dir))
+            last = last_checkpoint(_checkpoint_dir(run_dir), recover=True)
             given = cfg.get("ckpt_path")
             if last or given is None:
                 cfg["ckpt_path"] = "last"
@@ -202,7 +202,8 @@ class FtlabCLI(LightningCLI):
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path == "last":  # the checkpoint Lightning resumes: the newest last*.ckpt
-            ckpt_path = last_checkpoint(_checkpoint_dir(self.trainer.default_root_dir)) or "last"
+            ckpt_path = last_checkpoint(_checkpoint_dir(self.trainer.default_root_dir),
+                                        recover=self.subcommand == "fit") or "last"
         check_resume(ckpt_path, _checkpoint_dir(self.trainer.default_root_dir), self.trainer.strategy,
                      self.trainer.world_size, fitting=self.subcommand == "fit")
         split_cpu_threads(self.trainer)

@@ -119,13 +119,16 @@ def test_saves_are_atomic_and_crash_leftovers_are_never_resumed(tmp_path, tiny_b
     good = torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]
 
     # what a crash mid-save leaves: a half-written partial file; and a crash between the two renames
-    # of a folder swap: the previous folder moved aside
+    # of a folder swap: the previous folder moved aside (of the last checkpoint, and of a top-k one)
     (ckpts / "last.ckpt.partial").write_bytes(b"\x80\x02half a pickle")
+    (ckpts / "last.ckpt").rename(ckpts / "last.ckpt.old")
     (ckpts / "epoch=0-step=10.ckpt.old").mkdir()
     (ckpts / "epoch=0-step=10.ckpt.old" / "meta.pt").write_bytes(b"x")
     resumed = run_cli(fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=2", "--ckpt_path=last",
                                "--test_after_fit=false"))
-    assert resumed.trainer.global_step == 2 * good  # resumed from the intact checkpoint
+    # resumed from the intact checkpoint, put back before "last" was looked for (not started over)
+    assert resumed.trainer.ckpt_path == str(ckpts / "last.ckpt")
+    assert resumed.trainer.global_step == 2 * good
     names = sorted(p.name for p in ckpts.iterdir())
     assert "last.ckpt.partial" not in names and "epoch=0-step=10.ckpt" in names  # cleaned, and put back
 
