@@ -33,6 +33,10 @@ def test_fit_writes_run_dir_and_export_reloads_with_same_logits(tmp_path, tiny_m
     assert summary["steps"] == 2 * 10 and summary["epochs"] == 2 and summary["world_size"] == 1
     assert 0 < summary["trainable_params"] <= summary["total_params"]
     assert summary["train_tokens"] > summary["train_samples"] == 2 * 160
+    # the rates leave out the validations (2, one per epoch), which the wall time includes
+    training = summary["wall_time_s"] - summary["val_time_s"]
+    assert 0 < summary["val_time_s"] < training
+    assert summary["train_samples_per_s"] == pytest.approx(summary["train_samples"] / training, rel=0.02)
     assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
     # validate/test/predict under no_grad, as on gloo (where the tests run), not inference mode (Lightning's on NCCL)
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["inference_mode"] is False

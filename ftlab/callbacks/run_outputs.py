@@ -62,6 +62,8 @@ class RunOutputs(L.Callback):
         self._finished = False  # this fit's summary written
         self._trainer = None
         self.wall_time_s = 0.0
+        self.val_time_s = 0.0  # of wall_time_s, the validations' (left out of the training rates)
+        self._val_start: float | None = None
         self._fit_start: float | None = None
         self._start_step = 0
         self._report_tries = 0
@@ -127,12 +129,14 @@ class RunOutputs(L.Callback):
         # a resume at any world size goes on from them (rank 0's file alone is kept)
         tokens, samples = self._global_counts(self._trainer) if self._trainer is not None else (0, 0)
         return {"train_tokens": tokens, "train_samples": samples, "wall_time_s": self._elapsed(),
+                "val_time_s": self.val_time_s,
                 "best": self.best, "val_history": self.val_history}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = (state_dict.get("train_tokens", 0), state_dict.get("train_samples", 0))
         self.train_tokens = self.train_samples = 0
         self.wall_time_s = state_dict.get("wall_time_s", 0.0)
+        self.val_time_s = state_dict.get("val_time_s", 0.0)
         self.best = tuple(state_dict["best"]) if state_dict.get("best") else None
         self.val_history = list(state_dict.get("val_history", []))
 
@@ -209,6 +213,7 @@ class RunOutputs(L.Callback):
         settle_for_reading(trainer.strategy)
         tokens, samples = self._global_counts(trainer)
         wall = self._elapsed()
+        training = wall - self.val_time_s
         stats = sharding_stats(trainer, pl_module.model)
         folders = self._export(trainer, pl_module) if export else None
         if trainer.is_global_zero:
@@ -220,8 +225,10 @@ class RunOutputs(L.Callback):
                 # rows of the train split (after data.max_train_rows; packed rows for packed LM data)
                 "train_rows": len(getattr(trainer.datamodule, "splits", {}).get("train") or []) or None,
                 "wall_time_s": round(wall, 2),
-                "train_samples_per_s": round(samples / wall, 2) if wall else None,
-                "train_tokens_per_s": round(tokens / wall, 1) if wall else None,
+                "val_time_s": round(self.val_time_s, 2),
+                # the training's own rate: validation time left out (it grows with val_check_interval)
+                "train_samples_per_s": round(samples / training, 2) if training > 0 else None,
+                "train_tokens_per_s": round(tokens / training, 1) if training > 0 else None,
                 "dtypes": self.dtypes,
                 **stats,
             }
@@ -249,7 +256,15 @@ class RunOutputs(L.Callback):
                                dtype=pl_module.weight_dtype(), writer=trainer.is_global_zero,
                                base_model=pl_module.name_or_path)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # the sanity check runs before the fit's clock starts (on_train_start)
+        fitting = trainer.state.fn == "fit" and self._fit_start is not None and not trainer.sanity_checking
+        self._val_start = time.perf_counter() if fitting else None
+
     def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_start is not None:
+            self.val_time_s += time.perf_counter() - self._val_start
+            self._val_start = None
         key = f"val/{pl_module.task.main_metric}"
         value = trainer.callback_metrics.get(key)
         if trainer.state.fn == "fit" and value is not None and not trainer.sanity_checking:
