@@ -102,6 +102,8 @@ def _train_rows(data) -> tuple[int | None, str]:
     except Exception:  # noqa: BLE001 - no tokenizer at hand: fall back
         pass
     rows = data.max_train_rows
+    if rows and getattr(data, "packing", False):  # examples: packed, they make fewer rows, as yet unknown
+        return None, "data.max_train_rows (examples, before packing)"
     if isinstance(rows, float) and rows < 1:  # a fraction of a train split not counted yet
         return None, "data.max_train_rows (a fraction)"
     return (int(rows) if rows else rows), "data.max_train_rows"

@@ -119,18 +119,22 @@ def test_estimate_command_reports_each_option(tiny_models, tmp_path):
     args = ["--model.name_or_path", str(tiny_models["llama"]), "--model.task=CausalLM", "--data=LanguageModelingData",
             f"--data.source={data}", "--data.max_length=32", "--data.batch_size=2", "--trainer.accelerator=cpu",
             "--model.policy=Adapter", "--model.policy.r=4"]
-    plain = run_ftlab("estimate", "--json", *args)
+    plain = run_ftlab("estimate", "--json", *args, "--data.max_train_rows=100")
     assert plain.returncode == 0, plain.stderr[-2000:]
     import json
 
     plain = json.loads(plain.stdout)
+    # 100 examples pack into fewer rows, unknown before the data is prepared: no step count made of them
+    assert plain["steps"] is None and plain["train_rows"] is None
     out = run_ftlab("estimate", *args, "--model.quantization.bits=4", "--model.optim.name=adamw_8bit",
                     "--model.loss_chunk_size=16")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "base quantized: nf4 4-bit" in out.stdout and "AdamW 8-bit" in out.stdout
     assert "activation checkpointing; loss in chunks of 16 tokens" in out.stdout
-    quant = run_ftlab("estimate", "--json", *args, "--model.quantization.bits=4")
+    quant = run_ftlab("estimate", "--json", *args, "--model.quantization.bits=4", "--data.max_train_rows=100",
+                      "--data.packing=false")
     est = json.loads(quant.stdout)
+    assert est["steps"] == 50 and est["train_rows"] == 100  # unpacked: a row an example, 2 a batch
     assert est["quantization"] == "nf4 4-bit, double-quantized scales" and est["activation_checkpointing"]
     assert est["params"]["numel"] == plain["params"]["numel"] and est["params"]["bytes"] < plain["params"]["bytes"]
     assert math.isfinite(est["activation_peak_bytes"]) and est["activation_peak_bytes"] > 0
