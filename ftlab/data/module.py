@@ -286,6 +286,12 @@ class TextDataModule(L.LightningDataModule):
                 tok_id = json.dumps(state, sort_keys=True)
             else:
                 tok_id = repr(sorted(tok.get_vocab().items()))
+            # what tokenizer_config.json holds beside the vocabulary, and the rows depend on: its chat
+            # template (rendered when data.chat_template is unset), its special tokens, its sides
+            extra = {"chat_template": getattr(tok, "chat_template", None),
+                     "special_tokens": getattr(tok, "special_tokens_map", None),
+                     "sides": [getattr(tok, "truncation_side", None), getattr(tok, "padding_side", None)]}
+            tok_id += json.dumps(extra, sort_keys=True, default=str)
             self._tok_digest = hashlib.sha256(tok_id.encode()).hexdigest()[:16]
         return self._tok_digest
 

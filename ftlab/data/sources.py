@@ -122,8 +122,9 @@ class Source:
                 raise ConfigError(f"{option}: mixed file formats {sorted(builders)}; use one format for all splits")
 
     def fingerprint(self) -> str:
-        """Changes when the data changes: file paths, sizes and modification times, or the hub id."""
-        h = hashlib.sha256()
+        """Changes when the data changes: file paths, sizes and modification times, or the hub id; and with
+        the format the rows are read as (data.source_format)."""
+        h = hashlib.sha256(f"format:{self.format}".encode())
         if self.hub_id:
             h.update(self.hub_id.encode())
         for split, files in sorted(self.files.items()):

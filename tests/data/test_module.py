@@ -135,3 +135,21 @@ def test_unknown_format_and_bad_sizes(tmp_path, tiny_bert, reviews_csv):
 def test_missing_tokenizer(reviews_csv, tmp_path):
     with pytest.raises(ConfigError, match="no tokenizer could be loaded"):
         data(reviews_csv, tmp_path / "no-model").prepare_data()
+
+
+def test_the_cache_key_follows_the_tokenizer_config_and_the_source_format(reviews_csv, tiny_bert, tmp_path):
+    """Two tokenizers with one vocabulary but another chat template (rendered when data.chat_template is unset)
+    or truncation side make other rows: other keys; so does reading the same file as another format."""
+    import shutil
+
+    keys = {}
+    for name, edit in (("same", {}), ("template", {"chat_template": "{{ messages }}"}),
+                       ("left", {"truncation_side": "left"})):
+        folder = tmp_path / name
+        shutil.copytree(tiny_bert, folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **edit}))
+        keys[name] = data(reviews_csv, folder).cache_key()
+    assert keys["same"] == data(reviews_csv, tiny_bert).cache_key()  # a copy: the same key
+    assert len(set(keys.values())) == 3, keys
+    assert data(reviews_csv, tiny_bert, source_format="csv").cache_key() != keys["same"]
