@@ -1,5 +1,6 @@
-"""Metrics torchmetrics does not have: entity-level F1 for BIO tagging, and token-weighted perplexity.
-Both keep sums as metric states, so torchmetrics syncs them across ranks (one all-reduce per epoch)."""
+"""Metrics torchmetrics does not have: entity-level F1 for BIO tagging, token-weighted perplexity, and
+ROUGE-L kept as sums. Each keeps sums as metric states, so torchmetrics syncs them across ranks (one
+all-reduce per state, the same number on every rank)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,30 @@ class Perplexity(Metric):
 
     def compute(self) -> torch.Tensor:
         return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
+
+
+class RougeL(Metric):
+    """Mean sentence-level ROUGE-L (precision, recall, F-measure), as torchmetrics' ROUGEScore computes it,
+    kept as sums. ROUGEScore keeps one tensor per sentence and syncs them one all-gather each: ranks with
+    another number of sentences (an odd evaluation split on 2 ranks) wait on each other forever."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("fmeasure", "precision", "recall"):
+            self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sentences", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: list[str], target: list[str]) -> None:
+        from torchmetrics.functional.text import rouge_score
+
+        for pred, ref in zip(preds, target, strict=True):
+            scores = rouge_score(pred, ref, rouge_keys="rougeL")
+            for name in ("fmeasure", "precision", "recall"):
+                setattr(self, name, getattr(self, name) + float(scores[f"rougeL_{name}"]))
+        self.sentences += len(preds)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.sentences.clamp(min=1)
+        return {f"rougeL_{name}": (getattr(self, name) / n).float() for name in ("fmeasure", "precision", "recall")}

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.text import BLEUScore, ROUGEScore
+from torchmetrics.text import BLEUScore
 from transformers import AutoModelForSeq2SeqLM
 
 from ftlab.errors import ConfigError
+from ftlab.metrics import RougeL
 from ftlab.tasks.base import Task
 
 
@@ -40,7 +41,8 @@ class Seq2Seq(Task):
         return {}
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({"rouge": ROUGEScore(rouge_keys="rougeL"), "bleu": BLEUScore()},
+        # RougeL, not torchmetrics' ROUGEScore: its per-sentence states hang the sync on an uneven split
+        return MetricCollection({"rouge": RougeL(), "bleu": BLEUScore()},
                                 compute_groups=False)
 
     def forward(self, model, batch: dict) -> Any:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -36,3 +37,37 @@ def test_a_task_with_the_wrong_data_module_is_refused(tmp_path, tiny_t5, seq2seq
     out = run_ftlab(*task_args(tmp_path / "run", tiny_t5, "TextClassificationData", seq2seq_csv, "Seq2Seq",
                                "--data.label_column=target"))
     assert out.returncode == 2 and "task seq2seq reads data: class_path: ftlab.data.Seq2SeqData, got TextClassificationData" in out.stderr
+
+
+def test_two_ranks_score_an_uneven_split_as_one_process_does(tmp_path, tiny_t5, seq2seq_csv):
+    """33 validation and test rows on 2 ranks (17 and 16): the generation metrics sync (torchmetrics' ROUGEScore
+    synced one gather per sentence, and the ranks waited on each other forever) and equal one process's on the
+    same checkpoint."""
+    run = tmp_path / "run"
+    common = ["--data.max_target_length=8", "--data.val_size=33", "--data.test_size=33", "--data.eval_batch_size=8"]
+    out = run_ftlab(*task_args(run, tiny_t5, "Seq2SeqData", seq2seq_csv, "Seq2Seq", *common, "--trainer.max_epochs=1",
+                               "--trainer.devices=2", "--trainer.strategy=ddp"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = json.loads((run / "summary.json").read_text())
+    assert two["world_size"] == 2 and "test/rougeL_fmeasure" in two
+    args = task_args(tmp_path / "one", tiny_t5, "Seq2SeqData", seq2seq_csv, "Seq2Seq", *common)
+    out = run_ftlab("validate", *args[1:], f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for key in ("val/rougeL_fmeasure", "val/rougeL_recall", "val/bleu"):
+        assert two["val_history"][-1][key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_rouge_l_as_sums_equals_torchmetrics():
+    from torchmetrics.text import ROUGEScore
+
+    from ftlab.metrics import RougeL
+
+    preds, refs = ["the cat sat on the mat", "a dog barked", "hello there", ""], ["the cat is on the mat",
+                                                                                  "the dog barked", "hi there", "x"]
+    ours, theirs = RougeL(), ROUGEScore(rouge_keys="rougeL")
+    for metric in (ours, theirs):
+        metric.update(preds[:3], refs[:3])
+        metric.update(preds[3:], refs[3:])
+    for key, value in theirs.compute().items():
+        assert float(ours.compute()[key]) == pytest.approx(float(value), abs=1e-6), key
