@@ -154,7 +154,7 @@ class FineTuneModule(L.LightningModule):
             rank_zero_warn(f"ftlab: trust_remote_code is ON: code from {name_or_path!r} will run on this machine")
         self.model: torch.nn.Module | None = None
         self.metrics = torch.nn.ModuleDict()
-        self.val_loss = MeanMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.trainable_params = self.total_params = 0
         self._base_files: dict = {}  # checkpoints.base_files of the base the model was built from
         self._pretrained_names: set[str] = set()  # the model's parameters the pretrained files hold (finish_model)
@@ -392,11 +392,12 @@ class FineTuneModule(L.LightningModule):
     def _eval_step(self, batch: dict, split: str):
         outputs = self.forward(batch)  # as in training_step
         self.task.update_metrics(self.metrics[f"{split}_"], outputs, batch)
-        return outputs, batch
+        weight = self.task.loss_weight(batch)
+        if weight:  # a batch with nothing labelled has a NaN loss and nothing to add
+            (self.val_loss if split == "val" else self.test_loss).update(self.task.loss(outputs, batch), weight=weight)
 
     def validation_step(self, batch: dict, batch_idx: int):
-        outputs, batch = self._eval_step(batch, "val")
-        self.val_loss.update(self.task.loss(outputs, batch), weight=batch["input_ids"].shape[0])
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int):
         self._eval_step(batch, "test")
@@ -501,6 +502,8 @@ class FineTuneModule(L.LightningModule):
         self.task.before_loop(self)
 
     def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute(), sync_dist=True)
+        self.test_loss.reset()
         self._log_metrics("test")
 
     def restore_trainable_set(self, checkpoint: dict) -> None:

@@ -56,6 +56,12 @@ class Task(ABC):
     def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
         return outputs.loss
 
+    def loss_weight(self, batch: dict) -> int:
+        """What the batch's loss is a mean over (its rows; token-level tasks: their labelled tokens): the
+        evaluation loss weighs each batch by it, to be the split's own mean whatever the batching and the
+        number of ranks."""
+        return batch["input_ids"].shape[0]
+
     @abstractmethod
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         """Feed a batch's outputs to the metrics."""

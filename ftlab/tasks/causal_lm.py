@@ -65,6 +65,9 @@ class CausalLM(Task):
     def metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity()})
 
+    def loss_weight(self, batch: dict) -> int:
+        return predicted_tokens(batch)
+
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         metrics["perplexity"].update(outputs.loss, predicted_tokens(batch))
 

@@ -145,6 +145,9 @@ class Distillation(Task):
     def metrics(self):
         return self.student.metrics()
 
+    def loss_weight(self, batch: dict) -> int:
+        return self.student.loss_weight(batch)
+
     def update_metrics(self, metrics, outputs: Any, batch: dict) -> None:
         self.student.update_metrics(metrics, outputs, batch)
 

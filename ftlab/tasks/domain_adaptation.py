@@ -109,9 +109,11 @@ class DomainAdaptation(CausalLM):
     def metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": Perplexity()})
 
+    def loss_weight(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum()) if self.objective == "mlm" else predicted_tokens(batch)
+
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
-        tokens = int((batch["labels"] != -100).sum()) if self.objective == "mlm" else predicted_tokens(batch)
-        metrics["perplexity"].update(outputs.loss, tokens)
+        metrics["perplexity"].update(outputs.loss, self.loss_weight(batch))
 
     def validation_end(self, module) -> None:
         self._eval_masker = None  # the next validation masks the same tokens again

@@ -54,6 +54,9 @@ class Seq2Seq(Task):
                 num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, synced_gpus=sharded)
         return outputs
 
+    def loss_weight(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())  # target tokens
+
     def _texts(self, ids: torch.Tensor) -> list[str]:
         ids = ids.masked_fill(ids == -100, self.tokenizer.pad_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

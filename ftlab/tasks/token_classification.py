@@ -39,6 +39,9 @@ class TokenClassification(Task):
                                                ignore_index=-100),
         }, compute_groups=False)
 
+    def loss_weight(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())  # the labelled words' first tokens
+
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         preds = outputs.logits.argmax(-1)
         metrics["entity"].update(preds, batch["labels"])

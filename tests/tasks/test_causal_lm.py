@@ -2,6 +2,7 @@
 end to end (sample generations, export), a 2-process FSDP run, the real GGUF SmolLM2, bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -75,6 +76,10 @@ def test_sft_fit_learns_logs_samples_exports_and_reloads(tmp_path, tiny_models, 
     ppl = [h["val/perplexity"] for h in summary["val_history"]]
     assert ppl[-1] < 0.6 * ppl[0], ppl  # held-out answer loss falls (first point: after epoch 1)
     assert summary["test/perplexity"] == pytest.approx(ppl[-1], rel=0.5)
+    # the losses are means over the split's predicted tokens, as the perplexities are (not over its batches)
+    for point in summary["val_history"]:
+        assert point["val/loss"] == pytest.approx(math.log(point["val/perplexity"]), rel=1e-5)
+    assert summary["test/loss"] == pytest.approx(math.log(summary["test/perplexity"]), rel=1e-5)
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 * len(ppl) and {"prompt", "reference", "generated", "step"} <= set(samples[0])
     # by the end the greedy answers are made of the answer words
@@ -111,6 +116,8 @@ def test_sft_under_fsdp_two_ranks(tmp_path, tiny_models, chat_file, policy, extr
     assert max(summary["param_numel_per_rank"]) < 0.6 * summary["total_params"]
     ppl = [h["val/perplexity"] for h in summary["val_history"]]
     assert ppl[-1] < ppl[0]
+    for point in summary["val_history"]:  # the token mean over both ranks' batches
+        assert point["val/loss"] == pytest.approx(math.log(point["val/perplexity"]), rel=1e-5)
     assert len((run / "samples.jsonl").read_text().splitlines()) == 3 * len(ppl)  # rank 0 writes, once
     AutoModelForCausalLM.from_pretrained(run / "export" / ("merged" if policy == "Adapter" else ""))
 
