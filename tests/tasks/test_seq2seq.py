@@ -71,3 +71,27 @@ def test_rouge_l_as_sums_equals_torchmetrics():
         metric.update(preds[3:], refs[3:])
     for key, value in theirs.compute().items():
         assert float(ours.compute()[key]) == pytest.approx(float(value), abs=1e-6), key
+
+
+def test_freeze_and_lora_on_t5_train_the_decoders_top_not_the_whole_model(tmp_path, tiny_t5, seq2seq_csv):
+    """T5 is its own backbone (no base_model prefix): the head is its LM head (tied here: no weights of its own),
+    not every parameter. Freeze's top block is the decoder's last; LoRA adapts, with nothing else trained."""
+    from ftlab.policies.layers import find_parts
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
+    parts = find_parts(model)
+    assert parts.blocks == ("encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1")
+    assert not [n for n, _ in model.named_parameters() if parts.is_head(n)]  # the LM head is tied to `shared`
+    top = sum(p.numel() for n, p in model.named_parameters() if n.startswith("decoder.block.1."))
+    for policy, extra, expected in (("Freeze", ["--model.policy.top_k_layers=1"], top),
+                                    ("Adapter", ["--model.policy.r=2"], None)):
+        run = tmp_path / policy
+        out = run_ftlab(*task_args(run, tiny_t5, "Seq2SeqData", seq2seq_csv, "Seq2Seq", "--trainer.max_epochs=1",
+                                   "--data.max_target_length=8", "--test_after_fit=false", *extra, policy=policy))
+        assert out.returncode == 0, out.stderr[-3000:]
+        summary = json.loads((run / "summary.json").read_text())
+        if expected is not None:
+            assert summary["trainable_params"] == expected, summary["trainable_params"]
+        else:  # LoRA matrices only: a few percent of the weights
+            assert 0 < summary["trainable_params"] < 0.2 * summary["total_params"]
+            AutoModelForSeq2SeqLM.from_pretrained(run / "export" / "merged")
