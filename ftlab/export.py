@@ -356,17 +356,21 @@ def skipped_on_save(model: nn.Module, prefix: str = "") -> set[str]:
     tied copies (`_tied_weights_keys`) go."""
     patterns = [f"{name}.{key}" if name else key for name, m in model.named_modules()
                 for key in (getattr(m, "_tied_weights_keys", None) or ())]
+    skip = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    for names in tied_groups(model):
+        tied = [n for n in sorted(names) if any(re.search(p, n) for p in patterns)]
+        drop = set(tied if len(tied) < len(names) else tied[:-1])
+        kept = [n for n in names if n not in drop]
+        skip |= drop | set(kept[1:])  # sharing no model declares (transformers refuses it): keep the first
+    return {prefix + n for n in skip}
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """The state-dict names that share one tensor (tied embeddings), a list per tensor shared."""
     names_of = collections.defaultdict(list)
     for name, owner, attr, is_buffer in _subtree_entries(model):
         names_of[id((owner._buffers if is_buffer else owner._parameters)[attr])].append(name)
-    skip = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
-    for names in names_of.values():
-        if len(names) > 1:
-            tied = [n for n in sorted(names) if any(re.search(p, n) for p in patterns)]
-            drop = set(tied if len(tied) < len(names) else tied[:-1])
-            kept = [n for n in names if n not in drop]
-            skip |= drop | set(kept[1:])  # sharing no model declares (transformers refuses it): keep the first
-    return {prefix + n for n in skip}
+    return [names for names in names_of.values() if len(names) > 1]
 
 
 def _reverter(model: nn.Module) -> Callable[[dict], dict]:
@@ -380,10 +384,13 @@ def _reverter(model: nn.Module) -> Callable[[dict], dict]:
     return lambda state: revert_weight_conversion(model, state) if state else state
 
 
-def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype) -> None:
-    """config.json, generation_config.json and remote code, as save_pretrained writes them."""
+def _save_model_files(hf_model: nn.Module, folder: str, dtype: torch.dtype, untie: bool = False) -> None:
+    """config.json, generation_config.json and remote code, as save_pretrained writes them. `untie`: the
+    weights written hold a tied pair's tensors apart (from_pretrained would tie them again)."""
     config = copy.deepcopy(hf_model.config)
     config.dtype = str(dtype).removeprefix("torch.")
+    if untie:
+        config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):  # QLoRA: the export is dequantized
         del config.quantization_config
     config.architectures = [type(hf_model).__name__.removeprefix("FSDP")]  # FSDP2 subclasses the root
@@ -548,9 +555,9 @@ def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str,
 
 def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder: str, *, strip: str = "",
                tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-               writer: bool = True) -> None:
+               writer: bool = True, untie: bool = False) -> None:
     """A from_pretrained folder of `hf_model`, its tensors streamed from `gather` (names: state-dict names less
-    `strip`) into shards as they come."""
+    `strip`) into shards as they come (`untie`: see _save_model_files)."""
     items = _items(hf_model, gather, blocks, strip, WorkProgress(f"export to {folder}", len(blocks), "blocks", "gathered"))
     if not writer:
         for _ in items:  # every rank takes part in each gather
@@ -568,7 +575,7 @@ def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder:
                 pass
             raise
         shards.close()
-        _save_model_files(hf_model, tmp, dtype or hf_model.dtype)
+        _save_model_files(hf_model, tmp, dtype or hf_model.dtype, untie)
 
     _write_folder(folder, fill, tokenizer)
 
@@ -581,8 +588,13 @@ def _export_merged(model: PeftModel, gather: Gather, folder: str, **kwargs) -> N
     base = model.get_base_model()
     prefix = next(f"{name}." for name, m in model.named_modules() if m is base)
     skip = skipped_on_save(base, prefix)
+    units = tuple(f"{prefix}{name}." for name, m in base.named_modules() if name and _is_peft_unit(m))
+    # a tied tensor that a peft layer adapts or trains a copy of (LoRA on a tied LM head or embedding, a
+    # masked-LM head in modules_to_save) is no longer one tensor once merged: every name is written, untied
+    broken = [names for names in tied_groups(base) if any((prefix + n).startswith(units) for n in names)]
+    skip -= {prefix + n for names in broken for n in names}
     blocks = state_blocks(base, prefix=prefix, keep=lambda n: n not in skip, whole=_is_peft_unit)
-    _export_hf(base, gather, blocks, folder, strip=prefix, **kwargs)
+    _export_hf(base, gather, blocks, folder, strip=prefix, untie=bool(broken), **kwargs)
 
 
 def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer=None, merge_adapter: bool = True,

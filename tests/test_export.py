@@ -110,6 +110,33 @@ def test_adapter_merged_layer_by_layer_equals_merge_and_unload(tmp_path, tiny_mo
         torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind,targets", [
+    ("bert", None),  # masked LM on a plain encoder: the new MLM head (its decoder tied to the embeddings) trains a copy
+    ("gpt2", ["c_attn", "lm_head"]),  # LoRA on a tied LM head
+    ("gpt2", ["c_attn", "wte"]),  # LoRA on a tied embedding: the head keeps the embedding's unadapted weight
+])
+def test_a_merged_export_of_an_adapted_tied_weight_unties_it_and_reloads_as_trained(tmp_path, tiny_models, kind,
+                                                                                  targets):
+    """Once merged, a tied pair of which an adapter changed one side is two tensors: the export writes both and
+    says the weights are untied (from_pretrained would tie them again). It crashed (KeyError) before."""
+    from ftlab.tasks import CausalLM, DomainAdaptation
+
+    auto_class, task = (AutoModelForMaskedLM, DomainAdaptation()) if kind == "bert" else (AutoModelForCausalLM,
+                                                                                            CausalLM())
+    torch.manual_seed(0)
+    model = Adapter(method="lora", r=4, target_modules=targets).apply(auto_class.from_pretrained(tiny_models[kind]),
+                                                                      task)
+    nudge_trainable(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS, attention_mask=MASK).logits
+    export_streamed(model, local_gather, str(tmp_path / "export"))
+    merged = auto_class.from_pretrained(tmp_path / "export" / "merged").eval()
+    assert merged.config.tie_word_embeddings is False
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS, attention_mask=MASK).logits, expected, rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def fsdp_adapter_run(tmp_path_factory, tiny_models, reviews_csv):
     """A 2-rank FSDP LoRA fit whose export streams into 20KB shards."""
