@@ -635,21 +635,30 @@ class TextClassificationData(TextDataModule):
 
         feature = raw["train"].features[self.label_column]
         own_names = getattr(feature, "names", None)
-        counts: Counter = Counter()
-        for ds in raw.values():  # in batches: no list of the whole column
+        counts: dict[str, Counter] = {}
+        for split, ds in raw.items():  # in batches: no list of the whole column
+            counts[split] = Counter()
             for batch in ds.select_columns([self.label_column]).iter(batch_size=10_000):
-                counts.update(own_names[v] if own_names and isinstance(v, int) else v for v in batch[self.label_column])
-        if None in counts:
-            raise ConfigError(f"data.label_column={self.label_column!r}: {counts[None]} rows have no label; "
+                counts[split].update(own_names[v] if own_names and isinstance(v, int) else v
+                                     for v in batch[self.label_column])
+        missing = sum(c[None] for c in counts.values())
+        if missing:
+            raise ConfigError(f"data.label_column={self.label_column!r}: {missing} rows have no label; "
                               "fill them or drop them from the file")
-        names = self.given_label_names or own_names or sorted(str(v) for v in counts)
+        # found, the labels are the training split's: a label only an evaluation split has is no class the
+        # model learns (and, sorted in, it would shift the ids of the others)
+        names = self.given_label_names or own_names or sorted(str(v) for v in counts.get("train") or sum(counts.values(), Counter()))
         names = [str(n) for n in names]
-        unknown = {str(v): c for v, c in counts.items() if str(v) not in names}
-        if unknown:
+        for split, split_counts in counts.items():
+            unknown = {str(v): c for v, c in split_counts.items() if str(v) not in names}
+            if not unknown:
+                continue
             shown = ", ".join(f"{v!r} ({c} rows)" for v, c in sorted(unknown.items())[:5])
+            where = "data.label_names" if self.given_label_names or own_names else "the training split's labels"
             raise ConfigError(
-                f"data: labels {shown} in column {self.label_column!r} are not in data.label_names={names}; add them "
-                f"to label_names, or keep only known labels with data.keep_rows: {{{self.label_column}: {names}}}"
+                f"data: labels {shown} of the {split} split (column {self.label_column!r}) are not in {where} {names}; "
+                f"give every label in data.label_names, or keep only known labels with data.keep_rows: "
+                f"{{{self.label_column}: {names}}}"
             )
         if len(names) < 2:
             raise ConfigError(f"data: only one label {names} in column {self.label_column!r}; classification needs two or more")

@@ -117,7 +117,7 @@ def test_missing_column_names_the_columns_there_are(reviews_csv, tiny_bert):
 
 
 def test_label_outside_label_names(reviews_csv, tiny_bert):
-    with pytest.raises(ConfigError, match=r"labels 'pos' \(\d+ rows\) in column 'label' are not in data.label_names=\['neg', 'bad'\]"):
+    with pytest.raises(ConfigError, match=r"labels 'pos' \(\d+ rows\) of the train split \(column 'label'\) are not in data.label_names \['neg', 'bad'\]"):
         data(reviews_csv, tiny_bert, label_names=["neg", "bad"]).prepare_data()
 
 
@@ -153,3 +153,15 @@ def test_the_cache_key_follows_the_tokenizer_config_and_the_source_format(review
     assert keys["same"] == data(reviews_csv, tiny_bert).cache_key()  # a copy: the same key
     assert len(set(keys.values())) == 3, keys
     assert data(reviews_csv, tiny_bert, source_format="csv").cache_key() != keys["same"]
+
+
+def test_labels_found_are_the_training_splits_and_an_evaluation_only_label_is_refused(tmp_path, tiny_bert):
+    """Without data.label_names, a label that only the validation file has is no class the model learns (sorted in,
+    'meh' shifted the ids of 'neg' and 'pos'): refused, naming the split."""
+    rows = make_rows(60, seed=5)
+    train, val = write_csv(tmp_path / "train.csv", rows[:40]), tmp_path / "val.csv"
+    write_csv(val, rows[40:50] + [{**rows[50], "label": "meh"}])
+    dm = data({"train": str(train), "validation": str(val)}, tiny_bert, test_size=0)
+    with pytest.raises(ConfigError, match=r"labels 'meh' \(1 rows\) of the validation split \(column 'label'\) are not "
+                                          r"in the training split's labels \['neg', 'pos'\]"):
+        dm.setup("fit")
