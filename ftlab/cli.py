@@ -91,6 +91,17 @@ class FtlabCLI(LightningCLI):
                 print(f"ftlab: Slurm restart {restart_count()}: "
                       + (f"resuming from {last}" if last else f"no checkpoint saved yet: starting again from {given}"
                          if given else "no checkpoint saved yet: starting over"), file=sys.stderr)
+        elif cfg.get("ckpt_path") == "last" and last_checkpoint(_checkpoint_dir(run_dir),
+                                                                recover=self.subcommand == "fit") is None:
+            where = _checkpoint_dir(run_dir)
+            if self.subcommand != "fit":  # Lightning would go on with the pretrained model, a new head untrained
+                raise ConfigError(f"ckpt_path=last: no checkpoint in {where}; give the run's folder "
+                                  "(--trainer.default_root_dir) or a checkpoint file (--ckpt_path PATH)")
+            # nothing to resume yet (a first submission of a resubmittable job): a new run, checked as one
+            if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+                print(f"ftlab: --ckpt_path last: no checkpoint in {where} yet: starting from the beginning",
+                      file=sys.stderr)
+            cfg["ckpt_path"] = None
         check_ckpt_path(cfg.get("ckpt_path"))
         _absolute_template_path(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:

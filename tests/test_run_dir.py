@@ -24,8 +24,10 @@ def test_a_used_run_dir_is_refused_and_a_resume_keeps_one_last_checkpoint(tmp_pa
     run.mkdir()
     # what a `validate` before training leaves: not a run, but not this run's summary either
     (run / "summary.json").write_text(json.dumps({"val/accuracy": 0.123, "best/step": 304}))
-    first = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1"))
+    # `--ckpt_path last` before any checkpoint exists (a resubmittable job's first start): a new run, said so
+    first = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--trainer.max_epochs=1", "--ckpt_path=last"))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert f"--ckpt_path last: no checkpoint in {run}/checkpoints yet: starting from the beginning" in first.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 10 and summary.get("best/step") != 304
     assert summary["val/accuracy"] != 0.123
@@ -64,6 +66,12 @@ def test_checkpointing_can_be_turned_off(tmp_path, tiny_bert, reviews_csv):
     assert "export/" in out.stdout and "checkpoints/" not in out.stdout, out.stdout  # the summary's outputs: what is there
     again = run_ftlab(*fit_args(run, tiny_bert, reviews_csv))
     assert again.returncode == 2 and "already holds a run (export/, summary.json): start a new run" in again.stderr
+    # nothing to resume: `--ckpt_path last` would have trained from scratch over the finished run, and evaluated
+    # the pretrained model with an untrained head
+    again = run_ftlab(*fit_args(run, tiny_bert, reviews_csv, "--ckpt_path=last"))
+    assert again.returncode == 2 and "already holds a run (export/, summary.json): start a new run" in again.stderr
+    again = run_ftlab("validate", *fit_args(run, tiny_bert, reviews_csv)[1:], "--ckpt_path=last")
+    assert again.returncode == 2 and f"ckpt_path=last: no checkpoint in {run}/checkpoints; give" in again.stderr
 
 
 @pytest.fixture(scope="module")
