@@ -4,8 +4,8 @@ Three jobs, for `TextDataModule.prepare_data` and `ftlab prepare`:
 
 - **Who prepares** (`ensure_prepared`): a file lock next to the cache (`<key>.lock`) lets one process prepare;
   the others poll for the finished cache (no torch.distributed collective, so no collective timeout) and
-  print who holds the lock. A preparation that fails leaves `<key>.failed` with its error, which the
-  waiting processes raise instead of waiting forever.
+  print who holds the lock. A preparation that fails leaves `<key>.failed` with its error and who failed,
+  which the processes waiting on it raise instead of waiting forever; a later run's preparer removes it.
 - **On every core** (`encode_splits`): each split is cut into contiguous shards whose bounds are multiples of
   the encode batch (`MAP_BATCH` rows); worker processes encode them into Arrow files. Every encode call
   therefore sees exactly the rows it would see in one process (packing packs within one call), so the
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 MAP_BATCH = 1000  # rows per encode call (datasets' default batch, which packing was tuned for)
 SHARD_BATCHES = 50  # at most this many batches per shard: more shards than processes balance uneven rows
 POLL_S = 1.0
-STALE_FAILURE_S = 60.0
+STALE_FAILURE_S = 60.0  # another host's failure this old is an earlier run's (not a node of this job's)
 REPORT_EVERY_S = 60.0
 
 
@@ -65,7 +66,32 @@ def shard_bounds(rows: int, procs: int, batch: int = MAP_BATCH) -> list[tuple[in
 _WORKER: dict = {}  # the worker's data module, counters and splits (inherited by fork, or unpickled)
 
 
-def _init_worker(payload) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Has the kernel SIGKILL this worker when its parent ends: a parent SIGKILLed (the OOM killer, scancel, a
+    killed `ftlab prepare`) runs no shutdown, and its workers lived on, orphaned, holding hundreds of MB each
+    and never ending. Linux only (prctl); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl in this libc
+        return
+    # the signal is set only from now on: a parent that died before the call has left us to a new parent
+    # (init or a subreaper) already. (It fires when the thread that started the pool ends: ensure_prepared's,
+    # which waits for the workers.)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(payload: dict, parent: int) -> None:
+    _die_with_parent(parent)
     # one tokenizer thread per process: the processes are the parallelism (and a fork must not
     # inherit a busy Rust thread pool)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -147,7 +173,8 @@ def _run_jobs(dm: TextDataModule, splits: dict, meta: dict, jobs: list, procs: i
     if procs > 1:
         # an executor, not multiprocessing.Pool: a worker killed outright (the kernel's OOM killer) breaks it
         # and the wait ends; Pool starts a new worker and waits forever for the lost shard
-        pool = ProcessPoolExecutor(procs, mp_context=_pool_context(), initializer=_init_worker, initargs=(payload,))
+        pool = ProcessPoolExecutor(procs, mp_context=_pool_context(), initializer=_init_worker,
+                                   initargs=(payload, os.getpid()))
         try:
             pending = pool.map(_encode_shard, jobs)  # every job submitted: the workers are forked now
             with console.still_running(what):
@@ -248,16 +275,28 @@ def _holder(path: str) -> str:
 
 
 def _raise_if_failed(path: str, since: float) -> None:
-    """Raise the error a preparer left, unless it is older than this wait (an earlier run's, which the next
-    preparer removes when it starts)."""
+    """Raise the error a preparer left if it is this wait's: written during it (by a holder this process waited
+    on), or shortly before it on another host (maybe a node of this job that failed before this one came:
+    retrying would only spend this node's time to fail again). Otherwise it is an earlier run's, which the
+    next preparer removes: one left on this host before this wait (a job's processes on one host wait in
+    Lightning's barrier or on the lock, so none comes after another failed), e.g. by a run the user fixed
+    without changing the cache key (a lower data.num_proc after running out of memory) and reran at once;
+    or one older than STALE_FAILURE_S. Without its writer (an older ftlab's file) only its age decides."""
     try:
-        if os.path.getmtime(path + ".failed") < since - STALE_FAILURE_S:
-            return
+        written = os.path.getmtime(path + ".failed")
         with open(path + ".failed") as f:
-            error = f.read().strip()
+            text = f.read().strip()
     except OSError:
         return
-    raise ConfigError(f"data: preparing the cache {path} failed in another process: {error}")
+    try:
+        failure = json.loads(text)
+        error, by = str(failure["error"]), f" (pid {failure['pid']} on {failure['host']})"
+        here = failure["host"] == socket.gethostname()
+    except (ValueError, KeyError, TypeError):
+        error, by, here = text, "", False
+    if written < since and (here or written < since - STALE_FAILURE_S):
+        return
+    raise ConfigError(f"data: preparing the cache {path} failed in another process{by}: {error}")
 
 
 def ensure_prepared(dm: TextDataModule, may_prepare: bool, who: str, num_proc: int, log=print) -> bool:
@@ -306,8 +345,10 @@ def _prepare_locked(dm: TextDataModule, path: str, who: str, num_proc: int) -> b
         write_cache(dm, path, num_proc)
     except BaseException as err:
         if not isinstance(err, KeyboardInterrupt):
+            # who failed, beside what: a waiter tells this host's earlier runs from other nodes' failures
             with open(path + ".failed", "w") as f:
-                f.write(f"{type(err).__name__}: {err}"[:2000])
+                json.dump({"error": f"{type(err).__name__}: {err}"[:2000], "pid": os.getpid(),
+                           "host": socket.gethostname()}, f)
         raise
     finally:
         try:

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from ftlab.data import LanguageModelingData, Seq2SeqData, TextClassificationData
 from ftlab.data.preference import PreferenceData
 from ftlab.data.prepare import MAP_BATCH, is_complete, shard_bounds
 from ftlab.errors import ConfigError
-from tests.conftest import FILLER, NEGATIVE, POSITIVE, REPO, fit_args, run_ftlab
+from tests.conftest import FILLER, NEGATIVE, POSITIVE, REPO, children, fit_args, run_ftlab, start_ftlab
 
 ROWS = 2600  # three encode batches: two processes get shards [0, 2000) and [2000, 2600)
 TEMPLATE = ("{% for m in messages %}{{ m.role }} {{ m.content }} [SEP] {% endfor %}"
@@ -101,6 +102,60 @@ def test_a_killed_worker_fails_the_preparation_instead_of_hanging(tmp_path, tiny
         dm.prepare_data()
     assert not is_complete(dm.cache_path)
     assert os.path.exists(dm.cache_path + ".failed")  # ranks waiting on this preparation raise it too
+
+
+FAIL_SCRIPT = """
+import os, sys
+from tests.data.test_prepare import _KilledInWorker
+dm = _KilledInWorker(sys.argv[1], tokenizer=sys.argv[2], val_size=300, test_size=300, num_proc=2, cache_dir=sys.argv[3])
+dm.parent = os.getpid()
+dm.prepare_data()
+"""
+
+
+def test_a_rerun_right_after_a_failure_prepares(tmp_path, tiny_bert):
+    """A run that fails (out of memory with data.num_proc=2), fixed without changing the cache key (a lower
+    num_proc) and rerun at once: the rerun prepares. The failure is an earlier run's, not one of a holder the
+    rerun waited on (it was refused for 60 s as "failed in another process", with no other process left)."""
+    src, cache = str(_source("classification", tmp_path)), str(tmp_path / "cache")
+    failed = subprocess.run([sys.executable, "-c", FAIL_SCRIPT, src, str(tiny_bert), cache], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "data.num_proc=2: a worker tokenising the data died" in failed.stderr, \
+        failed.stderr[-2000:]
+    dm = _KilledInWorker(src, tokenizer=str(tiny_bert), val_size=300, test_size=300, num_proc=1, cache_dir=cache)
+    dm.parent = os.getpid()
+    assert os.path.exists(dm.cache_path + ".failed")  # the same key
+    dm.prepare_data()
+    assert is_complete(dm.cache_path) and not os.path.exists(dm.cache_path + ".failed")
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended (its new parent reaps it when it can)
+
+
+def test_the_workers_end_with_a_killed_preparer(tmp_path, tiny_bert):
+    """SIGKILL of the preparing process (the OOM killer, scancel, a killed `ftlab prepare`) ends its tokenising
+    workers too: orphaned, they lived on forever, hundreds of MB each."""
+    data = _big_csv(tmp_path / "big.csv", 60_000, 12)
+    cache = tmp_path / "cache"
+    proc = start_ftlab("prepare", *_prepare_args(data, tiny_bert, cache, "--data.num_proc=2"))
+    workers: list[int] = []
+    end = time.time() + 240
+    while len(workers) < 2 or not any(cache.glob(".tmp-*/train/*")):  # both workers started, one tokenising
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < end, f"two workers never tokenised (children: {workers})"
+        workers = children(proc.pid)
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the parent alone, no shutdown: its workers are left to themselves
+    proc.wait()
+    end = time.time() + 10
+    while alive := [pid for pid in workers if _running(pid)]:
+        assert time.time() < end, f"the workers {alive} outlived their killed parent"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -321,3 +376,66 @@ def test_a_failure_during_the_wait_ends_every_process_even_those_that_may_prepar
     monkeypatch.setattr("ftlab.data.prepare.write_cache", write)
     assert ensure_prepared(dm, may_prepare=True, who="rank 0", num_proc=1, log=lambda *_: None)
     assert calls == [dm.cache_path] and not failed.exists()
+
+
+def test_who_failed_decides_whether_a_failure_before_the_wait_is_an_earlier_runs(tmp_path, monkeypatch):
+    """A failure left just before this wait: another host's may be this job's other node (raised, the writer
+    named); this host's is an earlier run's (the next preparer removes it and prepares)."""
+    from types import SimpleNamespace
+
+    from ftlab.data.prepare import ensure_prepared
+
+    dm = SimpleNamespace(cache_path=str(tmp_path / "cache" / "key"))
+    os.makedirs(tmp_path / "cache")
+    failed = Path(dm.cache_path + ".failed")
+    failure = {"error": "ValueError: row 7 has no text", "pid": 4242, "host": "another-node"}
+    failed.write_text(json.dumps(failure))
+    with pytest.raises(ConfigError, match=r"failed in another process \(pid 4242 on another-node\): ValueError: row 7"):
+        ensure_prepared(dm, may_prepare=True, who="rank 8", num_proc=1, log=lambda *_: None)
+    failed.write_text(json.dumps({**failure, "host": socket.gethostname()}))
+    calls = []
+
+    def write(dm, path, num_proc):
+        calls.append(path)
+        os.makedirs(path)
+        Path(path, "meta.json").write_text("{}")
+
+    monkeypatch.setattr("ftlab.data.prepare.write_cache", write)
+    assert ensure_prepared(dm, may_prepare=True, who="rank 0", num_proc=1, log=lambda *_: None)
+    assert calls == [dm.cache_path] and not failed.exists()
+
+
+def test_a_holder_on_this_host_failing_during_the_wait_ends_it(tmp_path, monkeypatch):
+    """This host's failure written while a process waited on its holder is the waiter's too: it raises, it does
+    not take the lock to fail again in turn."""
+    import threading
+    from types import SimpleNamespace
+
+    from ftlab.data import prepare
+
+    monkeypatch.setattr(prepare, "POLL_S", 0.05)
+    started, fail = threading.Event(), threading.Event()
+
+    def write(dm, path, num_proc):  # the holder's preparation, failing once the waiter waits
+        started.set()
+        fail.wait(30)
+        raise ValueError("row 7 has no text")
+
+    monkeypatch.setattr(prepare, "write_cache", write)
+    dm = SimpleNamespace(cache_path=str(tmp_path / "cache" / "key"))
+    raised = []
+
+    def hold():
+        with pytest.raises(ValueError) as err:
+            prepare.ensure_prepared(dm, may_prepare=True, who="the holder", num_proc=1, log=lambda *_: None)
+        raised.append(err.value)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert started.wait(30)
+    by = rf"\(pid {os.getpid()} on {re.escape(socket.gethostname())}\)"
+    with pytest.raises(ConfigError, match=rf"failed in another process {by}: ValueError: row 7 has no text"):
+        # the holder fails once the waiter has found the lock held and says so
+        prepare.ensure_prepared(dm, may_prepare=True, who="a waiter", num_proc=1, log=lambda *_: fail.set())
+    holder.join(30)
+    assert raised and fail.is_set()
