@@ -147,9 +147,9 @@ def main(argv: list[str]) -> int:
     if job is not None:
         return slurm_submit(job, args, argv, name, root, runs, "runs", final=True)
     if not args.report_only:
-        failed = run_all(runs)
-    else:
-        failed = [r for r in runs if not r.finished()]
+        run_all(runs)
+    # what ran and failed, and what is missing otherwise (a run stopped before its test, one made with other settings)
+    failed = [r for r in runs if not r.finished()]
     report = collect(runs)
     if results is not None:
         report["tuning"] = results

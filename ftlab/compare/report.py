@@ -35,7 +35,12 @@ _TASK_METRICS = ("accuracy", "f1", "reward_accuracy", "rougeL_fmeasure", "perple
 
 
 def failure(run: Run) -> str:
-    """Why a run has no summary, in one line: its `ftlab: error:` line, else the last line of its log."""
+    """Why a run did not finish, in one line: made with other settings or stopped before its test (it has a
+    summary), else its `ftlab: error:` line, else the last line of its log."""
+    if os.path.exists(run.summary_path):
+        if not run._same_plan():
+            return "made with other settings (other arguments, or a --config edited since): run the command again"
+        return "trained, but stopped before its test loop finished: run the same command again to rerun it"
     log = os.path.join(run.run_dir, "fit.log")
     if not os.path.exists(log):
         return "not run yet"
@@ -52,7 +57,7 @@ def collect(runs: list[Run]) -> dict:
     summaries: dict[tuple[str, str | None], list[dict]] = {}
     missing: list[dict] = []
     for run in runs:
-        if os.path.exists(run.summary_path):
+        if run.finished():
             with open(run.summary_path) as f:
                 summaries.setdefault((run.variant, run.rows), []).append(
                     {**json.load(f), "seed": run.seed, "dir": run.run_dir})
@@ -73,8 +78,11 @@ def collect(runs: list[Run]) -> dict:
     for name in names:
         for rows in sizes:
             ss = summaries.get((name, rows), [])
-            missing += [{"variant": name, "rows": rows, "seed": s["seed"], "why": f"finished after {s.get('steps')} "
-                         f"step(s) without {key} (no {split} loop ran: raise the budget, or validate more often)"}
+            # a finished run without a test metric was not to test (test_after_fit off, no test split held out)
+            cause = ("its fit ran no test loop: test_after_fit is off, or no test split" if split == "test"
+                     else "no validation within its budget: raise the budget, or validate more often")
+            missing += [{"variant": name, "rows": rows, "seed": s["seed"],
+                         "why": f"finished after {s.get('steps')} step(s) without {key} ({cause})"}
                         for s in ss if s.get(key) is None]
             kept[name, rows] = [s for s in ss if s.get(key) is not None]
     headline = sizes[-1]  # the largest training set (sizes come smallest first)

@@ -12,13 +12,13 @@ import statistics
 
 import yaml
 
-from tests.conftest import run_ftlab
+from tests.conftest import make_rows, run_ftlab, write_csv
 
 
-def config(tmp_path, model, data):
+def config(tmp_path, model, data, **trainer):
     cfg = {
         "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "logger": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+                    "enable_progress_bar": False, "enable_model_summary": False, **trainer},
         "model": {"name_or_path": str(model)},
         "data": {"class_path": "TextClassificationData",
                  "init_args": {"source": str(data), "batch_size": 16, "val_size": 40, "test_size": 40}},
@@ -92,6 +92,51 @@ def test_compare_reports_every_variant_and_reruns_only_what_failed(tmp_path, tin
     assert {n: v["metric_mean"] for n, v in again.items()} == {n: v["metric_mean"] for n, v in report["variants"].items()}
 
 
+def test_an_edited_config_is_another_run(tmp_path, tiny_bert, reviews_csv):
+    """The arguments read the same, the --config file does not (another data.source): its run is made again,
+    not reused."""
+    cfg = config(tmp_path, tiny_bert, reviews_csv)
+    common = ["compare", "--config", str(cfg), "--variants", "freeze", "--budget-steps", "2",
+              "--runs-dir", str(tmp_path / "runs")]
+    first = run_ftlab(*common, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    other = write_csv(tmp_path / "other.csv", make_rows(240, seed=1))
+    cfg.write_text(cfg.read_text().replace(str(reviews_csv), str(other)))
+    second = run_ftlab(*common, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "finished before, reused" not in second.stdout and second.stdout.count(": done in") == 1
+    assert "holds a run made with other settings; it is replaced" in second.stdout
+    run = tmp_path / "runs" / "compare-task" / "freeze" / "seed0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["source"] == str(other)
+
+
+def test_a_run_stopped_before_its_test_is_not_finished(tmp_path, tiny_bert, reviews_csv):
+    """A fit killed after training (its summary written) but before its test loop finished: missing, with that
+    reason, and the command fails until a rerun has made it whole."""
+    cfg = config(tmp_path, tiny_bert, reviews_csv, callbacks=[{"class_path": "tests.compare.stop.KillAtTest"}])
+    common = ["compare", "--config", str(cfg), "--variants", "freeze", "--budget-steps", "2",
+              "--runs-dir", str(tmp_path / "runs")]
+    first = run_ftlab(*common, env={"FTLAB_TEST_KILL_AT_TEST": "1"}, timeout=300)
+    assert first.returncode == 1 and "FAILED" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
+    root = tmp_path / "runs" / "compare-task"
+    summary = json.loads((root / "freeze" / "seed0" / "summary.json").read_text())
+    assert summary["steps"] == 2 and not any(k.startswith("test/") for k in summary)  # trained, not tested
+
+    report_only = run_ftlab(*common, "--report-only", timeout=300)
+    assert report_only.returncode == 1 and "1 run(s) did not finish" in report_only.stderr
+    md = (root / "report.md").read_text()
+    assert "- Missing: freeze seed 0: trained, but stopped before its test loop finished" in md
+    assert "no test loop ran" not in md and json.loads((root / "report.json").read_text())["variants"]["freeze"] == {"seeds": 0}
+
+    again = run_ftlab(*common, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "finished before, reused" not in again.stdout and again.stdout.count(": done in") == 1
+    summary = json.loads((root / "freeze" / "seed0" / "summary.json").read_text())
+    report = json.loads((root / "report.json").read_text())
+    assert report["metric"] == "test/accuracy" and report["variants"]["freeze"]["metric_mean"] == summary["test/accuracy"]
+    assert not report["missing"]
+
+
 def test_report_from_one_seed_and_a_budget_too_short_to_validate(tmp_path, tiny_bert, reviews_csv):
     """The README's quick try (a few steps, no validation within the budget) and one seed: a report, not a
     traceback; a run that recorded no metric is listed with the reason, one seed shows no spread."""
@@ -156,7 +201,9 @@ def test_successive_halving_prunes_the_worse_half_each_rung(tmp_path):
             rung, lr = int(os.path.basename(r.run_dir)[4]), float(r.run_dir.rsplit("-lr", 1)[1])
             os.makedirs(r.run_dir)
             with open(os.path.join(r.run_dir, PLAN_FILE), "w") as f:
-                json.dump({"args": r.args}, f)
+                json.dump(r.record(), f)
+            with open(os.path.join(r.run_dir, "config.yaml"), "w") as f:
+                f.write("test_after_fit: false\n")  # what the fit saved: a rung run does not test
             with open(r.summary_path, "w") as f:
                 json.dump({"main_metric": "accuracy", "higher_is_better": True, "steps": 5 * 2 ** rung,
                            "val/accuracy": val[rung, lr]}, f)
