@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -35,13 +36,42 @@ def _checkpoint_dir(run_dir: str | None) -> str:
     return os.path.join(run_dir or "runs/default", "checkpoints")
 
 
-def _absolute_template_path(cfg) -> None:
-    """A `data.chat_template` file given relative to the working directory, made absolute in the config (and
-    so in the run's config.yaml): `ftlab export --run` and `generate` read it from wherever they start."""
+def _absolute(value):
+    """A path relative to the working directory that names something there (a file, a folder, a glob's
+    matches), made absolute; anything else (a hub id, a named source, pkg://, an inline template) as it is."""
+    if not isinstance(value, str) or not value or "{" in value or "://" in value:
+        return value
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return path
+    found = glob.glob(path) if any(c in path for c in "*?[") else os.path.exists(path)
+    return os.path.abspath(path) if found else value
+
+
+def _absolute_paths(cfg) -> None:
+    """Local paths given relative to the working directory (the model, its GGUF file, a teacher, the data files,
+    a chat template) made absolute in the config, and so in the run's config.yaml: `ftlab export --run`,
+    `generate`, a resume and a Slurm requeue read them from wherever they start."""
+    model = cfg.get("model")
+    if model is not None:
+        for key in ("name_or_path", "gguf_file"):
+            if key in model:
+                model[key] = _absolute(model[key])
+        task = getattr(model.get("task"), "init_args", None)
+        if task is not None and "teacher" in task:
+            task.teacher = _absolute(task.teacher)
     args = getattr(cfg.get("data"), "init_args", None)
-    template = getattr(args, "chat_template", None) if args is not None else None
-    if isinstance(template, str) and "{" not in template and os.path.isfile(os.path.expanduser(template)):
-        args.chat_template = os.path.abspath(os.path.expanduser(template))
+    if args is None:
+        return
+    for key in ("source", "predict_source", "tokenizer", "chat_template"):
+        value = args.get(key)
+        if isinstance(value, dict):
+            args[key] = {split: _absolute(v) for split, v in value.items()}
+        elif value is not None:
+            args[key] = _absolute(value)
+    for spec in args.get("sources") or []:
+        if isinstance(spec, dict) and "source" in spec:
+            spec["source"] = _absolute(spec["source"])
 
 
 class FtlabCLI(LightningCLI):
@@ -103,7 +133,7 @@ class FtlabCLI(LightningCLI):
                       file=sys.stderr)
             cfg["ckpt_path"] = None
         check_ckpt_path(cfg.get("ckpt_path"))
-        _absolute_template_path(cfg)
+        _absolute_paths(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             check_fresh_run_dir(run_dir)  # before the model loads
         resuming = cfg.get("ckpt_path") is not None

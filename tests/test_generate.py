@@ -100,8 +100,10 @@ def test_chat_with_a_causal_lm_applies_the_chat_template_and_keeps_history(tmp_p
                                                                             monkeypatch):
     run = tmp_path / "sft"
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
-    monkeypatch.chdir(tmp_path)  # the template as a path relative to where the fit starts
-    run_cli(task_args(run, tiny_models["llama"], "LanguageModelingData", chat_file, "CausalLM",
+    (tmp_path / "model").symlink_to(tiny_models["llama"])
+    (tmp_path / "chat.jsonl").symlink_to(chat_file)
+    monkeypatch.chdir(tmp_path)  # the model, data and template as paths relative to where the fit starts
+    run_cli(task_args(run, Path("model"), "LanguageModelingData", Path("chat.jsonl"), "CausalLM",
                       "--data.chat_template=chat.jinja", "--data.max_length=64", "--data.batch_size=4",
                       "--trainer.max_epochs=6", "--model.task.max_new_tokens=6", "--data.sample_prompts=0",
                       "--test_after_fit=false"))
@@ -112,8 +114,10 @@ def test_chat_with_a_causal_lm_applies_the_chat_template_and_keeps_history(tmp_p
     assert gen.chat_template == CHAT_TEMPLATE
     # the export carries the run's template (the base tokenizer has none): a server renders chats as training did
     assert AutoTokenizer.from_pretrained(run / "export").chat_template == CHAT_TEMPLATE
-    # the run's config holds the template's absolute path: `ftlab export --run` from elsewhere finds it
-    assert f"chat_template: {tmp_path / 'chat.jinja'}" in (run / "config.yaml").read_text()
+    # the run's config holds the absolute paths: `ftlab export --run` from elsewhere finds them
+    config = (run / "config.yaml").read_text()
+    for key, name in (("chat_template", "chat.jinja"), ("name_or_path", "model"), ("source", "chat.jsonl")):
+        assert f"{key}: {tmp_path / name}\n" in config, key
     out = run_ftlab("export", "--run", str(run), "--out", str(tmp_path / "again"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert AutoTokenizer.from_pretrained(next((tmp_path / "again").glob("**/tokenizer_config.json")).parent
