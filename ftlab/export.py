@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ftlab.checkpoints import replace_path
+from ftlab.checkpoints import recover_path, replace_path
 from ftlab.console import WorkProgress
 from ftlab.errors import ConfigError
 from ftlab.quantization import dequantize_gathered, is_quantized_layer, merge_dequantized
@@ -133,10 +133,22 @@ def write_safetensors(items: Iterable[tuple[str, torch.Tensor]], folder: str,
 
 
 def _atomic_dir(final: str):
-    """Write into a temp dir beside `final`, then swap it in: a crash leaves the old export intact."""
+    """Write into a temp dir beside `final`, then swap it in: a crash leaves the old export intact. What an
+    earlier crash left is dealt with first: its temp dirs removed (an export's worth of disk each), a folder
+    it moved aside put back. The temp dir gets the permissions a plain mkdir gives (mkdtemp's are owner-only:
+    others on a shared cluster could not read the export)."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.tmp-")
+    prefix = f".{os.path.basename(final)}.tmp-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    recover_path(final)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def _write_folder(final: str, fill: Callable[[str], None], tokenizer) -> None:
@@ -624,11 +636,20 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
             skip = skipped_on_save(model)
             _export_hf(model, gather, state_blocks(model, keep=lambda n: n not in skip), out_dir, **options)
             return {"model": out_dir} if writer else None
-        folders = {"adapter": os.path.join(out_dir, "adapter")}
-        _export_adapter(model, gather, folders["adapter"], tokenizer, writer, base_model)
-        if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
-            folders["merged"] = os.path.join(out_dir, "merged")
-            _export_merged(model, gather, folders["merged"], **options)
+        # adapter/ and merged/ are written into one temp folder swapped in whole: never one from this export
+        # beside the other from an earlier one (a failed merge; --no-merge-adapter), which generate would serve
+        stage = _atomic_dir(out_dir) if writer else out_dir
+        try:
+            folders = {"adapter": os.path.join(out_dir, "adapter")}
+            _export_adapter(model, gather, os.path.join(stage, "adapter"), tokenizer, writer, base_model)
+            if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
+                folders["merged"] = os.path.join(out_dir, "merged")
+                _export_merged(model, gather, os.path.join(stage, "merged"), **options)
+            if writer:
+                replace_path(stage, out_dir)
+        finally:
+            if writer:
+                shutil.rmtree(stage, ignore_errors=True)
         return folders if writer else None
     finally:
         model.train(was_training)

@@ -75,6 +75,16 @@ def meta_model_and_pretrained(module: FineTuneModule, data):
     return model, (weights, located)
 
 
+def check_out(out: str | None) -> None:
+    """The export replaces its folder whole: refuse a --out folder that holds anything but an export (a home
+    or models folder would be deleted)."""
+    if out is None or not os.path.isdir(out) or not os.listdir(out):
+        return
+    if not any(os.path.exists(os.path.join(out, name)) for name in ("config.json", "adapter", "merged")):
+        raise ConfigError(f"--out {out!r} holds other files (the export replaces its folder whole); give a new folder, "
+                          f"e.g. --out {os.path.join(out.rstrip('/'), 'export')}")
+
+
 def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True, out: str | None = None,
                max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> dict:
     """Export a checkpoint of the run in `run_dir`; returns {kind: folder}.
@@ -85,6 +95,7 @@ def export_run(run_dir: str, ckpt: str | None = None, merge_adapter: bool = True
     pretrained model.
     """
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    check_out(out)
     module, data = build_from_run(run_dir)
     ckpt = ckpt or last_checkpoint(os.path.join(run_dir, "checkpoints")) or os.path.join(run_dir, "checkpoints", "last.ckpt")
     if not os.path.exists(ckpt):

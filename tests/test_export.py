@@ -137,6 +137,50 @@ def test_a_merged_export_of_an_adapted_tied_weight_unties_it_and_reloads_as_trai
         torch.testing.assert_close(merged(input_ids=IDS, attention_mask=MASK).logits, expected, rtol=0, atol=1e-5)
 
 
+def test_an_adapter_export_is_swapped_in_whole_and_cleans_up_after_a_crash(tmp_path, tiny_models, monkeypatch):
+    """adapter/ and merged/ come from one export (a failed merge or --no-merge-adapter left the older merged/ beside
+    the new adapter/, and generate served it); what a crash left (temp folders, a folder moved aside) is dealt
+    with; the folders are as readable as a plain mkdir makes them; a --out holding other files is refused."""
+    import os
+
+    import ftlab.export
+    from ftlab.export_cli import check_out
+
+    model = Adapter(method="lora", r=4).apply(
+        AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=2), SequenceClassification())
+    out = tmp_path / "export"
+    export_streamed(model, local_gather, str(out))
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    nudge_trainable(model)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ftlab.export, "_export_merged", disk_full)
+        with pytest.raises(OSError):
+            export_streamed(model, local_gather, str(out))
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # the earlier export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp folder left
+
+    # a crash between the two renames of the swap (export moved aside), and a killed export's temp folder
+    out.rename(tmp_path / "export.old")
+    (tmp_path / ".export.tmp-killed").mkdir()
+    export_streamed(model, local_gather, str(out), merge_adapter=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter"]  # no merged/ of the earlier export beside it
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+
+    check_out(str(out))  # an export: replaced
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds other files"):
+        check_out(str(tmp_path / "models"))
+
+
 @pytest.fixture(scope="module")
 def fsdp_adapter_run(tmp_path_factory, tiny_models, reviews_csv):
     """A 2-rank FSDP LoRA fit whose export streams into 20KB shards."""
