@@ -304,8 +304,33 @@ class FineTuneModule(L.LightningModule):
         check_packed_rows(self.attn_implementation, data)
         skeleton = self.skeleton(data)
         self.policy.validate(skeleton, self.task)
+        if stage != "fit" and self.trainer.ckpt_path is None:
+            self._check_untrained_head(skeleton, stage)
         if isinstance(self.trainer.strategy, DeepSpeed):  # before its partitioned init reads the config
             self.trainer.strategy.size_buffers(skeleton.config)
+
+    def _check_untrained_head(self, skeleton: torch.nn.Module, stage: str) -> None:
+        """Evaluating without --ckpt_path runs the pretrained model; where it has no weights for this task's head,
+        the head is random. Predictions of it are refused; a validation or test (a chance-level baseline) says so."""
+        from ftlab.loading import PretrainedWeights
+        from ftlab.policies.layers import find_parts
+
+        weights = PretrainedWeights.find(self.name_or_path, self.gguf_file, self.revision,
+                                         getattr(skeleton, "base_model_prefix", ""))
+        if weights is None:
+            return
+        parts = find_parts(skeleton)
+        head = sorted({n.rsplit(".", 1)[0] for n, _ in skeleton.named_parameters()
+                       if parts.is_head(n) and weights.key(n) is None})
+        if not head:
+            return
+        what = (f"model.name_or_path={self.name_or_path!r} has no weights for the {', '.join(head)} head of task "
+                f"{self.task.name!r}, and no --ckpt_path was given")
+        if stage == "predict":
+            raise ConfigError(f"{what}: its predictions would be random; give the trained run's checkpoint "
+                              "(--ckpt_path runs/NAME/checkpoints/last.ckpt) or its export as model.name_or_path")
+        rank_zero_warn(f"ftlab: {what}: the head is random (scores at chance level); give --ckpt_path to evaluate "
+                       "a trained run")
 
     def configure_model(self) -> None:
         if self.model is not None:

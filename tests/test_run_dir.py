@@ -191,3 +191,17 @@ def test_bf16_mixed_is_the_default_on_a_gpu_that_computes_in_bf16(monkeypatch, c
     cfg = {}
     default_precision(cfg)
     assert cfg.get("precision") is None
+
+
+def test_evaluating_a_new_head_without_a_checkpoint_is_said_and_predicting_with_it_refused(tmp_path, tiny_bert,
+                                                                                         reviews_csv):
+    """tiny_bert has no classifier: without --ckpt_path, validate scores a random head (a chance baseline: said, in
+    a warning and the header) and predict would write random predictions (refused before the model loads)."""
+    args = fit_args(tmp_path / "run", tiny_bert, reviews_csv)[1:]
+    out = run_ftlab("predict", *args)
+    assert out.returncode == 2 and "has no weights for the classifier head of task 'sequence-classification', and " \
+        "no --ckpt_path was given: its predictions would be random" in out.stderr, out.stderr[-2000:]
+    out = run_ftlab("validate", *args, "--trainer.limit_val_batches=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "the head is random (scores at chance level); give --ckpt_path" in out.stderr
+    assert "classifier head: not in the pretrained model (randomly initialised: no --ckpt_path)" in out.stderr + out.stdout

@@ -31,7 +31,9 @@ def _model_line(pl_module, stage: str) -> str:
     if head and stage == "fit":
         line += f"\n{'':11}new {head['names']}: {head['why']}"
     elif head:
-        line += f"\n{'':11}{head['names']}: not in the pretrained model (trained weights come from --ckpt_path)"
+        source = ("trained weights come from --ckpt_path" if pl_module.trainer.ckpt_path
+                  else "randomly initialised: no --ckpt_path")
+        line += f"\n{'':11}{head['names']}: not in the pretrained model ({source})"
     return line
 
 
