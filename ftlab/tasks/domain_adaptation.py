@@ -4,6 +4,7 @@ causal-LM for decoders. The exported model is the starting point of a later fine
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Literal
 
 import torch
@@ -87,21 +88,33 @@ class DomainAdaptation(CausalLM):
         if self.objective != "mlm":
             return batch
         # Dynamic masking, drawn anew each epoch (RoBERTa). Training draws from the global RNG (checkpointed:
-        # a resumed run masks as the uninterrupted one would); evaluation from a fixed seed, so that
-        # every validation scores the same masks.
-        if training:
-            self._masker = self._masker or self._make_masker()
-            masker = self._masker
-        else:
-            self._eval_masker = self._eval_masker or self._make_masker(seed=0)
-            masker = self._eval_masker
+        # a resumed run masks as the uninterrupted one would); evaluation row by row (_mask_rows).
         special_ids = torch.tensor(sorted(self._tokenizer.all_special_ids))
         batch = {k: v for k, v in batch.items() if k not in ("labels", "position_ids")}
         if "attention_mask" not in batch:  # packed rows: only the collator's padding at the end is masked out
             batch["attention_mask"] = (batch["input_ids"] != self._tokenizer.pad_token_id).long()
         special = torch.isin(batch["input_ids"], special_ids)
-        batch["input_ids"], batch["labels"] = masker.torch_mask_tokens(batch["input_ids"].clone(), special)
+        if training:
+            self._masker = self._masker or self._make_masker()
+            batch["input_ids"], batch["labels"] = self._masker.torch_mask_tokens(batch["input_ids"].clone(), special)
+        else:
+            batch["input_ids"], batch["labels"] = self._mask_rows(batch["input_ids"], special,
+                                                                  batch["attention_mask"].bool())
         return batch
+
+    def _mask_rows(self, ids: torch.Tensor, special: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation masks: each row's drawn from a generator seeded by its own tokens (`own`: not padding), so
+        that a row is scored on the same masked tokens at every validation, whatever batch it is in, its
+        padding and the number of ranks (one seed for the batch made them depend on all three)."""
+        masker = self._eval_masker = self._eval_masker or self._make_masker(seed=0)
+        inputs, labels = ids.clone(), torch.full_like(ids, -100)
+        for i in range(ids.shape[0]):
+            pos = own[i].nonzero().squeeze(1)
+            row = ids[i, pos]
+            masker.generator = torch.Generator().manual_seed(zlib.crc32(row.numpy().tobytes()))
+            masked, row_labels = masker.torch_mask_tokens(row[None].clone(), special[i, pos][None])
+            inputs[i, pos], labels[i, pos] = masked[0], row_labels[0]
+        return inputs, labels
 
     def forward(self, model, batch: dict) -> Any:
         return model(**batch) if self.objective == "mlm" else super().forward(model, batch)
@@ -116,4 +129,4 @@ class DomainAdaptation(CausalLM):
         metrics["perplexity"].update(outputs.loss, self.loss_weight(batch))
 
     def validation_end(self, module) -> None:
-        self._eval_masker = None  # the next validation masks the same tokens again
+        """No sample generations (CausalLM's): plain text has no prompts to answer."""

@@ -36,9 +36,16 @@ def test_masking_follows_bert_and_evaluation_masks_the_same_tokens(tmp_path, tin
     assert torch.equal(out["labels"][chosen], batch["input_ids"][chosen])
     assert "position_ids" not in out and out["attention_mask"].sum() == (batch["input_ids"] != 0).sum()
     first = task.transform_batch(dict(batch), training=False)
-    task.validation_end(None)  # the next validation...
     again = task.transform_batch(dict(batch), training=False)
-    assert torch.equal(first["input_ids"], again["input_ids"])  # ...masks the same tokens
+    assert torch.equal(first["input_ids"], again["input_ids"])  # the next validation masks the same tokens...
+    assert 0.1 < (first["labels"] != -100).sum() / (~special).sum() < 0.2
+    # ...and so does each row in another batch, with other padding (another batch size, another rank's share)
+    for part in (rows[:3], rows[3:7]):
+        alone = task.transform_batch(dict(PadCollator(data.tokenizer.pad_token_id)(part)), training=False)
+        for i, row in enumerate(part):
+            j, n = rows.index(row), len(row["input_ids"])
+            assert torch.equal(alone["input_ids"][i, :n], first["input_ids"][j, :n])
+            assert torch.equal(alone["labels"][i, :n], first["labels"][j, :n])
 
 
 def test_mlm_adaptation_then_classification_from_its_export(tmp_path, tiny_bert, text_csv, reviews_csv):
