@@ -88,6 +88,7 @@ class FtlabCLI(LightningCLI):
         parser.link_arguments("model.name_or_path", "data.init_args.tokenizer")
         parser.link_arguments("model.trust_remote_code", "data.init_args.trust_remote_code")
         parser.link_arguments("model.gguf_file", "data.init_args.gguf_file")
+        parser.link_arguments("model.revision", "data.init_args.tokenizer_revision")  # the weights' own tokenizer
         parser.add_argument("--collective_timeout", type=int, default=1800,
                             help="Seconds a rank waits in a collective (all-reduce, barrier) before the job ends "
                                  "with an error naming the rank, instead of hanging when another rank hung or died.")

@@ -35,10 +35,13 @@ def build_from_run(run_dir: str):
         raise ConfigError(f"--run {run_dir!r}: no config.yaml there; give the run directory of a `ftlab fit`")
     with open(path) as f:
         saved = yaml.safe_load(f)
-    # the two links FtlabCLI makes (linked values are not written to config.yaml)
+    # the links FtlabCLI makes from the model to the data (linked values are not written to config.yaml)
     init_args = saved["data"].setdefault("init_args", {})
     init_args.setdefault("tokenizer", saved["model"]["name_or_path"])
-    init_args.setdefault("trust_remote_code", saved["model"].get("trust_remote_code", False))
+    for model_key, data_key in (("trust_remote_code", "trust_remote_code"), ("gguf_file", "gguf_file"),
+                                ("revision", "tokenizer_revision")):
+        if saved["model"].get(model_key) is not None:
+            init_args.setdefault(data_key, saved["model"][model_key])
     init_args.pop("predict_source", None)  # rows a `predict` read: not needed to export, and maybe gone
     parser = ArgumentParser()
     parser.add_class_arguments(FineTuneModule, "model")

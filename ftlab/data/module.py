@@ -108,6 +108,7 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache_shared: bool = False,
         trust_remote_code: bool = False,
+        tokenizer_revision: str | None = None,
         source_format: str | None = None,
         gguf_file: str | None = None,
         predict_source: str | dict[str, str] | None = None,
@@ -147,6 +148,7 @@ class TextDataModule(L.LightningDataModule):
                 each node's local rank 0 prepares unless the cache is already there; on a shared file system
                 the file lock next to the cache still lets one prepare at a time, the others then read.
             trust_remote_code: Allow the tokenizer's own code from its repository (off: safer).
+            tokenizer_revision: Hub revision (branch, tag or commit) of data.tokenizer; by default model.revision.
             source_format: The file format when the extension does not tell it: csv, json, parquet, text,
                 conll (`token<TAB>tag` lines) or chatterbot (chatterbot-corpus YAML).
             gguf_file: The tokenizer's GGUF file (set from model.gguf_file).
@@ -197,6 +199,7 @@ class TextDataModule(L.LightningDataModule):
         self.cache_root = cache_dir or default_cache_dir()
         self.cache_shared = cache_shared
         self.trust_remote_code = trust_remote_code
+        self.tokenizer_revision = tokenizer_revision
         self._tokenizer = None
         self._zero_segment_types: bool | None = None  # see token_outputs
         self._train_sampler: GroupedBatchSampler | None = None
@@ -249,8 +252,9 @@ class TextDataModule(L.LightningDataModule):
 
             try:
                 # the option as the user gave it: data.tokenizer defaults to (is linked from) model.name_or_path
+                revision = {"revision": self.tokenizer_revision} if self.tokenizer_revision else {}
                 tok = load_tokenizer(self.tokenizer_name, self.gguf_file, option="model.name_or_path (data.tokenizer)",
-                                     trust_remote_code=self.trust_remote_code)
+                                     trust_remote_code=self.trust_remote_code, **revision)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"data.tokenizer={self.tokenizer_name!r}: no tokenizer could be loaded "
                                   f"({str(err).splitlines()[0][:200]}); give a hub id or a folder with tokenizer files") from None

@@ -1,6 +1,7 @@
 import bz2
 import gzip
 import json
+import os
 
 import pytest
 
@@ -165,3 +166,32 @@ def test_labels_found_are_the_training_splits_and_an_evaluation_only_label_is_re
     with pytest.raises(ConfigError, match=r"labels 'meh' \(1 rows\) of the validation split \(column 'label'\) are not "
                                           r"in the training split's labels \['neg', 'pos'\]"):
         dm.setup("fit")
+
+
+def test_the_tokenizer_comes_from_the_models_revision(tmp_path, tiny_bert, reviews_csv):
+    """model.revision reaches the tokenizer (data.tokenizer_revision): the main branch's tokenizer beside another
+    revision's weights tokenised the data and went into the export. A hub cache with two revisions, offline."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, fit_args
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for revision, sha, side in (("main", "a" * 40, "right"), ("v2", "b" * 40, "left")):
+        snapshot = repo / "snapshots" / sha
+        shutil.copytree(tiny_bert, snapshot)
+        config = json.loads((snapshot / "tokenizer_config.json").read_text())
+        (snapshot / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": side}))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / revision).write_text(sha)
+    code = ("import sys; from ftlab.cli import parse_fit_config; "
+            "print(parse_fit_config(sys.argv[1:]).datamodule.tokenizer.padding_side)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    sides = []
+    for extra in ([], ["--model.revision=v2"]):
+        out = subprocess.run([sys.executable, "-c", code, *fit_args(tmp_path / "run", "org/tiny", reviews_csv)[1:],
+                              *extra], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        sides.append(out.stdout.split()[-1])
+    assert sides == ["right", "left"]
