@@ -23,8 +23,9 @@ def user_error(err: BaseException) -> ConfigError | None:
     return None
 
 
-def parse_error_line(err: BaseException) -> str | None:
-    """jsonargparse's multi-line parse error (wrong type, unknown or missing key) as one line."""
+def parse_error_line(err: BaseException, argv: list[str] | None = None) -> str | None:
+    """jsonargparse's multi-line parse error (wrong type, unknown or missing key) as one line (`argv`: the
+    command line, whose --config files a YAML error is looked for in)."""
     import argparse
     import re
 
@@ -56,6 +57,15 @@ def parse_error_line(err: BaseException) -> str | None:
         fix = (f"give its class: {' '.join(form)} --{key}.{option}={val}" if form else
                f"give it as a class path (see --help) before --{key}.{option}")
         return f"{key}.{option}={val}: {key} is given by name{given}, which takes no options; {fix}"
+    option = re.search(r"Option '([^']+)' is not accepted", text)
+    owner = re.search(r"Problem with given class_path '([\w.]+)'", text)
+    if key and option and owner:  # a misspelt key inside a class's mapping (`optim: {learning_rate: ...}`)
+        return f"{key}.{option.group(1)}: {owner.group(1).rpartition('.')[2]} has no such option; " \
+               f"{did_you_mean(option.group(1), _init_options(owner.group(1)))}"
+    if "<unicode string>" in text:  # a YAML syntax error: name the file jsonargparse read it from
+        located = _yaml_error_in_configs(sys.argv[1:] if argv is None else argv)
+        if located:
+            return located
     unknown = re.search(r"Expected a dot import path string: (\S+)", text)
     base = re.search(r"Subtypes: \[<class '([\w.]+)'>", text)
     if key and unknown and base:  # a class given by a name that is none of the known ones
@@ -65,6 +75,38 @@ def parse_error_line(err: BaseException) -> str | None:
             return f"{key} is required but not given; set it in the config or as --{key} VALUE"
         return f"{key}={value}: expected {want} (see --help)"
     return " ".join(text.split())[:500] + " (see --help)"
+
+
+def _init_options(path: str) -> list[str]:
+    """The options a class takes (its __init__'s keyword names), for a did-you-mean."""
+    import importlib
+    import inspect
+
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def _yaml_error_in_configs(argv: list[str]) -> str | None:
+    """The first --config file of the command line that is not valid YAML, with where and why."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except OSError:
+            continue
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+            return f"--config {where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the file there"
+    return None
 
 
 def _subclass_names(path: str) -> list[str]:
@@ -151,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 128 + 15
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
-        cause = user_error(err) or parse_error_line(err)
+        cause = user_error(err) or parse_error_line(err, args)
         from ftlab.faults import collective_timeout_report
 
         report = collective_timeout_report(err) if cause is None else None

@@ -100,6 +100,10 @@ MORE = {
     "policy class typo": (["--model.policy=Freez"], "model.policy=Freez: no such class; did you mean 'Freeze'?"),
     "data class typo": (["--data=TextClasificationData"], "data=TextClasificationData: no such class; did you mean "
                                                           "'TextClassificationData'"),
+    "misspelt option in a config mapping": (['--model.optim={{"lr": 0.01, "learning_rate": 0.1}}'],
+                                            "model.optim.learning_rate: Optim has no such option; choose from 'name', "
+                                            "'lr'"),
+    "YAML syntax error in a config file": (["--config={bad_yaml}"], "bad.yaml, line 4, column 4: not valid YAML ("),
     "checkpoints written in the background": (["--trainer.plugins=AsyncCheckpointIO"],
                                               "trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in"),
 }
@@ -111,7 +115,9 @@ def bad_files(tmp_path_factory):
     (root / "empty.csv").write_text("text,label\n")
     (root / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,pos\nfine,neg\n".encode("latin-1"))
     (root / "reviews.xlsx").write_text("not a spreadsheet")
-    return {"empty": root / "empty.csv", "latin1": root / "latin1.csv", "xlsx": root / "reviews.xlsx"}
+    (root / "bad.yaml").write_text("model:\n  optim:\n    lr: 0.01\n   warmup_steps: 3\n")  # one space short
+    return {"empty": root / "empty.csv", "latin1": root / "latin1.csv", "xlsx": root / "reviews.xlsx",
+            "bad_yaml": root / "bad.yaml"}
 
 
 @pytest.mark.parametrize("name", MORE)
