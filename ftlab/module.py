@@ -63,6 +63,20 @@ def keeps_fp32_masters(precision: str, deepspeed: bool) -> bool:
     return precision.endswith("-mixed") and not deepspeed
 
 
+def check_positions(config, data) -> None:
+    """Rows longer than the model's learned positions fail in the embedding (after the model loaded): refused
+    here. The tokenizer's model_max_length is the usable length where positions are offset (RoBERTa: 514, 512)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    length = getattr(data, "max_length", None)
+    if not positions or not length:
+        return
+    usable = getattr(getattr(data, "tokenizer", None), "model_max_length", None)
+    limit = min(positions, usable) if isinstance(usable, int) and usable < positions else positions
+    if length > limit:
+        raise ConfigError(f"data.max_length={length} is longer than the {limit} positions the model has "
+                          f"(max_position_embeddings {positions}); use data.max_length {limit} or less")
+
+
 class FineTuneModule(L.LightningModule):
     """A pretrained Hugging Face model, a task and a policy."""
 
@@ -304,6 +318,7 @@ class FineTuneModule(L.LightningModule):
         check_packed_rows(self.attn_implementation, data)
         skeleton = self.skeleton(data)
         self.policy.validate(skeleton, self.task)
+        check_positions(skeleton.config, data)
         if stage != "fit" and self.trainer.ckpt_path is None:
             self._check_untrained_head(skeleton, stage)
         if isinstance(self.trainer.strategy, DeepSpeed):  # before its partitioned init reads the config

@@ -103,6 +103,8 @@ MORE = {
     "misspelt option in a config mapping": (['--model.optim={{"lr": 0.01, "learning_rate": 0.1}}'],
                                             "model.optim.learning_rate: Optim has no such option; choose from 'name', "
                                             "'lr'"),
+    "rows longer than the model's positions": (["--data.max_length=100"],
+                                               "data.max_length=100 is longer than the 64 positions the model has"),
     "YAML syntax error in a config file": (["--config={bad_yaml}"], "bad.yaml, line 4, column 4: not valid YAML ("),
     "checkpoints written in the background": (["--trainer.plugins=AsyncCheckpointIO"],
                                               "trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in"),
