@@ -65,16 +65,21 @@ def keeps_fp32_masters(precision: str, deepspeed: bool) -> bool:
 
 def check_positions(config, data) -> None:
     """Rows longer than the model's learned positions fail in the embedding (after the model loaded): refused
-    here. The tokenizer's model_max_length is the usable length where positions are offset (RoBERTa: 514, 512)."""
+    here, from the tokenised rows' lengths. The tokenizer's model_max_length is the usable length where
+    positions are offset (RoBERTa: 514, 512)."""
+    import pyarrow.compute as pc
+
     positions = getattr(config, "max_position_embeddings", None)
-    length = getattr(data, "max_length", None)
-    if not positions or not length:
+    if not positions:
         return
     usable = getattr(getattr(data, "tokenizer", None), "model_max_length", None)
     limit = min(positions, usable) if isinstance(usable, int) and usable < positions else positions
-    if length > limit:
-        raise ConfigError(f"data.max_length={length} is longer than the {limit} positions the model has "
-                          f"(max_position_embeddings {positions}); use data.max_length {limit} or less")
+    longest = max((pc.max(ds.data.column("length")).as_py() or 0 for ds in (getattr(data, "splits", None) or {}).values()
+                   if "length" in ds.column_names), default=0)
+    if longest > limit:
+        raise ConfigError(f"data.max_length={getattr(data, 'max_length', None)} makes rows of up to {longest} tokens, "
+                          f"longer than the {limit} positions the model has (max_position_embeddings {positions}); "
+                          f"use data.max_length {limit} or less")
 
 
 class FineTuneModule(L.LightningModule):

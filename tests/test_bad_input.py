@@ -69,9 +69,12 @@ MORE = {
     "zero training rows": (["--data.max_train_rows=0"], "data.max_train_rows=0"),
     "negative workers": (["--data.num_workers=-1"], "data.num_workers=-1"),
     "empty data file": (["--data.source={empty}"], "has no rows"),
+    "0-byte data file": (["--data.source={zero}"], "zero.csv is empty (0 bytes); give a file with a header and rows"),
     "non-UTF-8 data file": (["--data.source={latin1}"], "is not UTF-8 text"),
     "unknown file format": (["--data.source={xlsx}"], "unknown format '.xlsx'"),
     "missing label column": (["--data.label_column=lab"], "column 'lab' is not in the train data"),
+    "filter value in no row": (["--data.keep_rows={{label: [poss, neg]}}"],
+                               "data.keep_rows.label: 'poss' is in no row's 'label'; did you mean 'pos'?"),
     "filter on a missing column": (["--data.keep_rows={{genre: [x]}}"], "column 'genre' is not in the train data"),
     "duplicate label names": (["--data.label_names=[pos,pos]"], "has duplicates"),
     "not a dtype": (["--model.dtype=float33"], "model.dtype='float33' is not a torch dtype"),
@@ -103,8 +106,9 @@ MORE = {
     "misspelt option in a config mapping": (['--model.optim={{"lr": 0.01, "learning_rate": 0.1}}'],
                                             "model.optim.learning_rate: Optim has no such option; choose from 'name', "
                                             "'lr'"),
-    "rows longer than the model's positions": (["--data.max_length=100"],
-                                               "data.max_length=100 is longer than the 64 positions the model has"),
+    "rows longer than the model's positions": (["--data.max_length=100", "--data.source={long}"],
+                                               "data.max_length=100 makes rows of up to 92 tokens, longer than the "
+                                               "64 positions the model has"),
     "YAML syntax error in a config file": (["--config={bad_yaml}"], "bad.yaml, line 4, column 4: not valid YAML ("),
     "checkpoints written in the background": (["--trainer.plugins=AsyncCheckpointIO"],
                                               "trainer.plugins AsyncCheckpointIO: ftlab swaps each checkpoint in"),
@@ -117,9 +121,13 @@ def bad_files(tmp_path_factory):
     (root / "empty.csv").write_text("text,label\n")
     (root / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,pos\nfine,neg\n".encode("latin-1"))
     (root / "reviews.xlsx").write_text("not a spreadsheet")
+    (root / "zero.csv").write_bytes(b"")
+    (root / "long.csv").write_text("text,label\n" + "".join(f"{' '.join(['lovely'] * 90)},pos\n{' '.join(['dull'] * 90)},"
+                                                            f"neg\n" for _ in range(60)))
     (root / "bad.yaml").write_text("model:\n  optim:\n    lr: 0.01\n   warmup_steps: 3\n")  # one space short
     return {"empty": root / "empty.csv", "latin1": root / "latin1.csv", "xlsx": root / "reviews.xlsx",
-            "bad_yaml": root / "bad.yaml"}
+            "bad_yaml": root / "bad.yaml", "zero": root / "zero.csv",
+            "long": root / "long.csv"}
 
 
 @pytest.mark.parametrize("name", MORE)

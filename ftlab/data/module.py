@@ -376,6 +376,24 @@ class TextDataModule(L.LightningDataModule):
                 raise ConfigError(f"data: the {name} split is empty; check data.source, keep_rows and split sizes")
         return splits, meta
 
+    @staticmethod
+    def _check_kept_values(raw, wanted: dict[str, set[str]]) -> None:
+        """A data.keep_rows value that no row holds (a typo: 'poss') is named, not left to empty a class."""
+        from ftlab.errors import did_you_mean
+
+        for column, values in wanted.items():
+            found, seen = set(), set()
+            for ds in raw.values():
+                for batch in ds.select_columns([column]).iter(batch_size=10_000):
+                    cells = {str(v) for v in batch[column]}
+                    found |= cells & values
+                    if len(seen) < 1000:
+                        seen |= cells
+            missing = sorted(values - found)
+            if missing:
+                raise ConfigError(f"data.keep_rows.{column}: {missing[0]!r} is in no row's {column!r}; "
+                                  f"{did_you_mean(missing[0], sorted(seen))}")
+
     def encode_with_length(self, batch: dict) -> dict:
         """encode, plus each row's token count (batching by length reads it)."""
         out = self.encode(batch)
@@ -441,6 +459,7 @@ class TextDataModule(L.LightningDataModule):
         procs = self._parallel(sum(len(ds) for ds in raw.values()))
         if self.keep_rows:
             wanted = {c: {str(v) for v in vals} for c, vals in self.keep_rows.items()}
+            self._check_kept_values(raw, wanted)
             raw = raw.filter(lambda b: [all(str(b[c][i]) in vs for c, vs in wanted.items())
                                         for i in range(len(b[next(iter(wanted))]))],
                              batched=True, num_proc=procs, desc="keep_rows")

@@ -201,6 +201,9 @@ def _materialise(stream, max_rows: int | None, fingerprint: str):
 
 def _read_error(files: dict, builder: str, err: BaseException) -> str:
     """What went wrong reading local files, from the cause `datasets` wraps in its own errors."""
+    empty = [f for fs in files.values() for f in fs if os.path.getsize(f) == 0]
+    if empty:  # datasets fails on them with its generic wrapper (CSV) or an empty StopIteration (JSON)
+        return f"data.source: {', '.join(empty)} is empty (0 bytes); give a file with a header and rows"
     cause, seen = err, 0
     while cause is not None and seen < 10:
         if isinstance(cause, UnicodeDecodeError):
