@@ -5,7 +5,39 @@ all-reduce per state, the same number on every rank)."""
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.text import BLEUScore
+
+
+class KeepStateDtypes:
+    """Metric states keep their dtype when the module is cast: Lightning's bf16-true / 16-true plugins cast the
+    whole LightningModule with `.to(dtype)`, which torchmetrics applies to floating states (it guards only
+    `.half()` and the like). Sums of thousands of tokens or sentences in bf16 stop growing; in fp16 they
+    overflow (a loss weight sum past 65,504 is inf, the mean NaN)."""
+
+    def _apply(self, fn, exclude_state=""):
+        if self._dtype_convert:  # set_dtype: an explicit change of the states' dtype
+            return super()._apply(fn, exclude_state)
+        dtypes = {k: v.dtype for k, v in self._defaults.items() if isinstance(v, torch.Tensor)}
+        this = super()._apply(fn, exclude_state)
+        for key, dtype in dtypes.items():
+            value = getattr(this, key)
+            if isinstance(value, torch.Tensor) and value.dtype != dtype:
+                setattr(this, key, value.to(dtype))
+                this._defaults[key] = this._defaults[key].to(dtype)
+        return this
+
+
+class Mean(KeepStateDtypes, MeanMetric):
+    """A weighted mean (the evaluation loss: weights are token counts) summed in float64, whatever the module's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.set_dtype(torch.float64)
+
+
+class BLEU(KeepStateDtypes, BLEUScore):
+    """torchmetrics' BLEU, its n-gram counts kept in their dtype under a bf16/fp16 module."""
 
 
 def entities(tags: list[str]) -> set[tuple[str, int, int]]:
@@ -54,7 +86,7 @@ class EntityF1(Metric):
         return {"precision": precision.float(), "recall": recall.float(), "f1": f1.float()}
 
 
-class Perplexity(Metric):
+class Perplexity(KeepStateDtypes, Metric):
     """exp(mean negative log-likelihood per predicted token) over an epoch: every token counts once,
     whatever the batch it was in (a mean of batch perplexities would not)."""
 
@@ -67,6 +99,8 @@ class Perplexity(Metric):
         self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, mean_loss: torch.Tensor, tokens: int | torch.Tensor) -> None:
+        if int(tokens) == 0:  # nothing scored (its mean loss is NaN): nothing to add
+            return
         self.nll += mean_loss.detach().double() * tokens
         self.tokens += int(tokens)
 
@@ -74,7 +108,7 @@ class Perplexity(Metric):
         return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
 
 
-class RougeL(Metric):
+class RougeL(KeepStateDtypes, Metric):
     """Mean sentence-level ROUGE-L (precision, recall, F-measure), as torchmetrics' ROUGEScore computes it,
     kept as sums. ROUGEScore keeps one tensor per sentence and syncs them one all-gather each: ranks with
     another number of sentences (an odd evaluation split on 2 ranks) wait on each other forever."""

@@ -43,6 +43,9 @@ def test_each_precision_trains_with_clipping_in_the_dtypes_it_promises(tmp_path,
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["dtypes"] == expected
     assert cli.model.optim.fused is None and cli.trainer.optimizers[0].defaults["fused"]  # the fused kernel ran
+    # the evaluation sums (the loss weighted by tokens) stay float64 in a module bf16-true casts whole: in bf16
+    # a sum of thousands of tokens stops growing, in fp16 it overflows
+    assert cli.model.val_loss.weight.dtype == cli.model.val_loss.mean_value.dtype == torch.float64
     # `ftlab export` of the run's checkpoint writes what the fit's own export wrote: bf16-true's weights in
     # bf16 (it built the model in fp32 before: twice the host memory, and an fp32 export)
     out = run_ftlab("export", f"--run={tmp_path}", f"--out={tmp_path / 'again'}")

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM
 
 from ftlab.errors import ConfigError, did_you_mean
+from ftlab.metrics import Mean
 from ftlab.tasks import chunked_loss
 from ftlab.tasks.base import Task
 from ftlab.tasks.preference_losses import DEFAULT_BETA, LOSSES, NEEDS_REFERENCE, PairLoss
@@ -166,7 +167,7 @@ class Preference(Task):
                 "logps_chosen": outputs["logps_chosen"].detach(), "logps_rejected": outputs["logps_rejected"].detach()}
 
     def metrics(self) -> MetricCollection:
-        return MetricCollection({name: MeanMetric() for name in METRICS}, compute_groups=False)
+        return MetricCollection({name: Mean() for name in METRICS}, compute_groups=False)
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict) -> None:
         for name, values in self.pair_values(outputs).items():

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.text import BLEUScore
 from transformers import AutoModelForSeq2SeqLM
 
 from ftlab.errors import ConfigError
-from ftlab.metrics import RougeL
+from ftlab.metrics import BLEU, RougeL
 from ftlab.tasks.base import Task
 
 
@@ -42,7 +41,7 @@ class Seq2Seq(Task):
 
     def metrics(self) -> MetricCollection:
         # RougeL, not torchmetrics' ROUGEScore: its per-sentence states hang the sync on an uneven split
-        return MetricCollection({"rouge": RougeL(), "bleu": BLEUScore()},
+        return MetricCollection({"rouge": RougeL(), "bleu": BLEU()},
                                 compute_groups=False)
 
     def forward(self, model, batch: dict) -> Any:

@@ -71,6 +71,11 @@ def test_rouge_l_as_sums_equals_torchmetrics():
         metric.update(preds[3:], refs[3:])
     for key, value in theirs.compute().items():
         assert float(ours.compute()[key]) == pytest.approx(float(value), abs=1e-6), key
+    # cast with the module as bf16-true casts it, the sums keep their dtype (in bf16, 300 sentences sum to 256)
+    ours = torch.nn.ModuleDict({"rouge": RougeL()}).to(dtype=torch.bfloat16)["rouge"]
+    for _ in range(300):
+        ours.update(["a b c"], ["a b c"])
+    assert ours.fmeasure.dtype == torch.float64 and float(ours.compute()["rougeL_fmeasure"]) == 1.0
 
 
 def test_freeze_and_lora_on_t5_train_the_decoders_top_not_the_whole_model(tmp_path, tiny_t5, seq2seq_csv):
