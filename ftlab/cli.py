@@ -107,6 +107,26 @@ class FtlabCLI(LightningCLI):
 
         document_fit_parser(parser)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the checkpoint's saved hyperparameters merged into the config; but a file that is no
+        checkpoint refused in one line (it was an unpickling traceback), and the file memory-mapped: Lightning
+        reads all of it, optimizer state included, into every rank's memory to take its hyperparameters."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not os.path.isfile(str(ckpt_path)):
+            return
+        check_ckpt_path(ckpt_path)
+        import torch
+
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+                       .get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = cfg["trainer"]
@@ -243,6 +263,7 @@ class FtlabCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         set_collective_timeout(self.trainer.strategy, cfg.get("collective_timeout"))
         ckpt_path = cfg.get("ckpt_path")
+        self.model.ckpt_given = ckpt_path is not None  # Lightning sets trainer.ckpt_path after the setup hooks
         if ckpt_path == "last":  # the checkpoint Lightning resumes: the newest last*.ckpt
             ckpt_path = last_checkpoint(_checkpoint_dir(self.trainer.default_root_dir),
                                         recover=self.subcommand == "fit") or "last"
@@ -270,6 +291,11 @@ def check_ckpt_path(ckpt_path) -> None:
     if not os.path.exists(str(ckpt_path)):
         raise ConfigError(f"ckpt_path={str(ckpt_path)!r} does not exist; give a checkpoint file or folder (e.g. "
                           "runs/NAME/checkpoints/last.ckpt), or 'last'")
+    import zipfile
+
+    if os.path.isfile(str(ckpt_path)) and not zipfile.is_zipfile(str(ckpt_path)):  # torch.save writes zip archives
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a checkpoint (not a torch.save archive: another file, "
+                          "or one cut short); give a run's checkpoints/last.ckpt")
 
 
 def default_precision(trainer_cfg: dict) -> None:

@@ -10,13 +10,13 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
 
 from ftlab.checkpoints import base_files, base_mismatch, leave_frozen_out, pretrained_held
 from ftlab.compute import check_attention, check_packed_rows, compile_blocks, enable_activation_checkpointing
 from ftlab.data.sources import model_location
 from ftlab.errors import ConfigError, TrainingDiverged
 from ftlab.loading import apply_config_overrides, download_pretrained, load_config, load_model
+from ftlab.metrics import Mean
 from ftlab.optim import Optim
 from ftlab.policies import Full, Policy
 from ftlab.quantization import Quantization, quantized_numels
@@ -173,7 +173,8 @@ class FineTuneModule(L.LightningModule):
             rank_zero_warn(f"ftlab: trust_remote_code is ON: code from {name_or_path!r} will run on this machine")
         self.model: torch.nn.Module | None = None
         self.metrics = torch.nn.ModuleDict()
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = Mean(), Mean()
+        self.ckpt_given: bool | None = None  # set by the CLI: whether --ckpt_path was given (None: not known)
         self.trainable_params = self.total_params = 0
         self._base_files: dict = {}  # checkpoints.base_files of the base the model was built from
         self._pretrained_names: set[str] = set()  # the model's parameters the pretrained files hold (finish_model)
@@ -324,7 +325,8 @@ class FineTuneModule(L.LightningModule):
         skeleton = self.skeleton(data)
         self.policy.validate(skeleton, self.task)
         check_positions(skeleton.config, data)
-        if stage != "fit" and self.trainer.ckpt_path is None:
+        given = self.ckpt_given if self.ckpt_given is not None else self.trainer.ckpt_path is not None
+        if stage != "fit" and not given:
             self._check_untrained_head(skeleton, stage)
         if isinstance(self.trainer.strategy, DeepSpeed):  # before its partitioned init reads the config
             self.trainer.strategy.size_buffers(skeleton.config)

@@ -96,6 +96,7 @@ MORE = {
     "negative progress interval": (["--progress.every_n_seconds=-5"], "progress.every_n_seconds=-5.0 is not"),
     "endless progress interval": (["--progress.every_n_seconds=inf"], "progress.every_n_seconds=inf: expected float"),
     "missing checkpoint to resume": (["--ckpt_path=/nonexistent.ckpt"], "ckpt_path='/nonexistent.ckpt' does not exist"),
+    "checkpoint that is another file": (["--ckpt_path={bad_yaml}"], "bad.yaml' is not a checkpoint (not a torch.save"),
     "time-based validation on two ranks": (["--trainer.val_check_interval=00:00:00:05", "--trainer.devices=2",
                                             "--trainer.strategy=ddp"], "is a time, which each of the 2 ranks reads"),
     "saving on an exception on two ranks": (["--checkpoint.save_on_exception=true", "--trainer.devices=2",
