@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ftlab.errors import ConfigError
@@ -42,6 +43,19 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, **inputs) -> torch.Tensor:
         return self.model(**{**self._inputs, **inputs}).logits
+
+
+def teacher_supports(auto_class, config, kernel: str) -> bool:
+    """Whether the model class `auto_class` builds for `config` has the attention kernel `kernel`."""
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    flag = {"flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn",
+            "sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}.get(kernel)
+    try:
+        cls = _get_model_class(config, auto_class._model_mapping)
+    except (KeyError, ValueError):
+        return True  # not known here: from_config says
+    return flag is None or bool(getattr(cls, flag, False))
 
 
 def teacher_folder(teacher: str) -> str:
@@ -138,8 +152,16 @@ class Distillation(Task):
     def setup(self, module, data) -> None:
         from ftlab.strategies import build_frozen
 
+        options = module.frozen_options(same_model=False)
+        kernel = options.get("attn_implementation")
+        if kernel and not teacher_supports(self.auto_class, load_config(self._teacher_path(), self.teacher_gguf_file),
+                                           kernel):
+            # the student's kernel, which the teacher's class lacks: transformers' default for it (packed rows
+            # stay apart under sdpa and eager too)
+            rank_zero_warn(f"ftlab: the teacher's model class has no {kernel} attention; it runs its default")
+            options.pop("attn_implementation")
         teacher = build_frozen(module.trainer.strategy, self.auto_class, self._teacher_path(), self.teacher_gguf_file,
-                               module.frozen_dtype(), **module.frozen_options(same_model=False))
+                               module.frozen_dtype(), **options)
         module.teacher = self._teacher = FrozenTeacher(teacher)
 
     def metrics(self):

@@ -146,3 +146,15 @@ def test_causal_lm_distillation_runs_and_a_teacher_with_another_vocabulary_is_re
     assert out.returncode == 2
     assert "its vocabulary (36 tokens) differs from the student's (35 tokens" in out.stderr
     assert CausalLM().data_class == Distillation("x", CausalLM()).data_class
+
+
+def test_a_teacher_runs_the_students_attention_kernel_only_where_its_class_has_it():
+    """A GPT-2 teacher has no flex attention: it runs its default instead of failing after the student loaded."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from ftlab.tasks.distillation import teacher_supports
+
+    assert not teacher_supports(AutoModelForCausalLM, GPT2Config(), "flex_attention")
+    assert teacher_supports(AutoModelForCausalLM, LlamaConfig(), "flex_attention")
+    assert teacher_supports(AutoModelForCausalLM, GPT2Config(), "sdpa") and teacher_supports(
+        AutoModelForCausalLM, GPT2Config(), "eager")
