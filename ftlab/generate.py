@@ -39,7 +39,17 @@ def model_folder(path: str) -> str:
     for sub in ("export/merged", "export", "merged"):
         if os.path.isfile(os.path.join(path, sub, "config.json")):
             return os.path.join(path, sub)
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) or os.path.isdir(os.path.join(path, "export", "adapter")):
+    adapter = next((os.path.join(path, sub) for sub in ("", "export/adapter", "adapter")
+                    if os.path.isfile(os.path.join(path, sub, "adapter_config.json"))), None)
+    if adapter is not None:
+        import json
+
+        with open(os.path.join(adapter, "adapter_config.json")) as f:
+            kind = json.load(f).get("peft_type", "")
+        if kind in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"):
+            raise ConfigError(f"{path!r} holds a {kind.lower().replace('_', ' ')} adapter, which cannot be merged into "
+                              f"the weights and which generate does not load; load it with peft: "
+                              f"PeftModel.from_pretrained(base_model, {adapter!r})")
         raise ConfigError(f"{path!r} holds an adapter only; give the export's merged/ folder, or export the run "
                           "with `python -m ftlab export --run RUN_DIR` (it merges the adapter)")
     if os.path.isfile(os.path.join(path, "config.yaml")):

@@ -146,3 +146,16 @@ def test_a_run_without_export_gets_one_line(tmp_path):
     assert out.stderr.strip() == (f"ftlab: error: run {str(tmp_path)!r} has no export yet (the run did not finish, or "
                                   "ran with outputs.export false); export its last checkpoint first: "
                                   f"python -m ftlab export --run {tmp_path}")
+
+
+@pytest.mark.parametrize("peft_type,expected", [
+    ("LORA", "holds an adapter only; give the export's merged/ folder, or export the run"),
+    ("PREFIX_TUNING", "holds a prefix tuning adapter, which cannot be merged into the weights"),
+])
+def test_an_adapter_only_export_says_what_to_do(tmp_path, peft_type, expected):
+    """A LoRA adapter merges (`ftlab export` writes merged/); a prefix-tuning one never does: exporting again, as the
+    LoRA advice says, would not help it."""
+    (tmp_path / "export" / "adapter").mkdir(parents=True)
+    (tmp_path / "export" / "adapter" / "adapter_config.json").write_text(f'{{"peft_type": "{peft_type}"}}')
+    out = run_ftlab("generate", "--run", str(tmp_path), "hello")
+    assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
