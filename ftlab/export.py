@@ -589,7 +589,14 @@ def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder:
         shards.close()
         _save_model_files(hf_model, tmp, dtype or hf_model.dtype, untie)
 
-    _write_folder(folder, fill, tokenizer)
+    try:
+        _write_folder(folder, fill, tokenizer)
+    except Exception:
+        # (e.g. the temp folder could not be made): the other ranks wait in the next gather; take part in the
+        # rest first, so that they end with the export instead of in a collective timeout
+        for _ in items:
+            pass
+        raise
 
 
 def _export_merged(model: PeftModel, gather: Gather, folder: str, **kwargs) -> None:
@@ -638,17 +645,29 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
             return {"model": out_dir} if writer else None
         # adapter/ and merged/ are written into one temp folder swapped in whole: never one from this export
         # beside the other from an earlier one (a failed merge; --no-merge-adapter), which generate would serve
-        stage = _atomic_dir(out_dir) if writer else out_dir
+        stage, failed = out_dir, None
+        if writer:
+            try:
+                stage = _atomic_dir(out_dir)
+            except OSError as err:  # the other ranks gather next: take part as they do, then fail
+                failed, writer, options["writer"] = err, False, False
         try:
             folders = {"adapter": os.path.join(out_dir, "adapter")}
-            _export_adapter(model, gather, os.path.join(stage, "adapter"), tokenizer, writer, base_model)
+            try:
+                _export_adapter(model, gather, os.path.join(stage, "adapter"), tokenizer, writer, base_model)
+            except Exception as err:  # writing it (its gathers are done): the merged export's gathers come next
+                if not writer:
+                    raise
+                failed, writer, options["writer"] = err, False, False
             if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
                 folders["merged"] = os.path.join(out_dir, "merged")
                 _export_merged(model, gather, os.path.join(stage, "merged"), **options)
+            if failed is not None:
+                raise failed
             if writer:
                 replace_path(stage, out_dir)
         finally:
-            if writer:
+            if stage != out_dir:
                 shutil.rmtree(stage, ignore_errors=True)
         return folders if writer else None
     finally:

@@ -174,6 +174,25 @@ def test_an_adapter_export_is_swapped_in_whole_and_cleans_up_after_a_crash(tmp_p
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
 
+    # a failure on the writing rank (here: its temp folder) still takes part in every gather, in the order the
+    # other ranks gather (they would wait in the next collective until the timeout), then fails
+    def counting(seen):
+        def gather(blocks):
+            for block, state in local_gather(blocks):
+                seen.append(block.prefix)
+                yield block, state
+        return gather
+
+    everything, partial = [], []
+    export_streamed(model, counting(everything), str(tmp_path / "again"))
+    for broken in ("_atomic_dir", "_save_model_files"):
+        partial.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(ftlab.export, broken, disk_full)
+            with pytest.raises(OSError):
+                export_streamed(model, counting(partial), str(tmp_path / "again"))
+        assert partial == everything, broken
+
     check_out(str(out))  # an export: replaced
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "notes.txt").write_text("mine")
