@@ -36,6 +36,38 @@ def _checkpoint_dir(run_dir: str | None) -> str:
     return os.path.join(run_dir or "runs/default", "checkpoints")
 
 
+def resume_changes(run_dir: str, cfg) -> list[str]:
+    """What a resume changes of the run's optimizer and data settings (its config.yaml), a line each: the
+    checkpoint's optimizer and schedule go on (a new lr, warmup or schedule is not used), and the position the
+    resumed epoch goes on from counts the rows of the data the run started with."""
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            before = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    import json
+
+    # as YAML holds them (tuples are lists there)
+    now = json.loads(json.dumps(cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg), default=str))
+    lines = []
+    parts = (("model.optim", (before.get("model") or {}).get("optim"), (now.get("model") or {}).get("optim"),
+              "the checkpoint's optimizer and schedule go on; the new value is not used"),
+             ("data", (before.get("data") or {}).get("init_args"), (now.get("data") or {}).get("init_args"),
+              "the resumed epoch goes on from a position counted in the run's earlier data"))
+    rows = {"source", "sources", "max_train_rows", "val_size", "test_size", "split_seed", "keep_rows", "deduplicate",
+            "packing", "max_length"}  # what decides the rows (batch_size mid-epoch is refused on its own)
+    for prefix, old, new, effect in parts:
+        old, new = (part.get("init_args", part) if isinstance(part, dict) else part for part in (old, new))
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key] and (prefix != "data" or key in rows):
+                lines.append(f"ftlab: resuming with {prefix}.{key}={new[key]!r}, the run had {old[key]!r}: {effect}")
+    return lines
+
+
 def _absolute(value):
     """A path relative to the working directory that names something there (a file, a folder, a glob's
     matches), made absolute; anything else (a hub id, a named source, pkg://, an inline template) as it is."""
@@ -157,6 +189,9 @@ class FtlabCLI(LightningCLI):
         _absolute_paths(cfg)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             check_fresh_run_dir(run_dir)  # before the model loads
+        elif self.subcommand == "fit" and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            for line in resume_changes(run_dir, cfg):
+                print(line, file=sys.stderr)
         resuming = cfg.get("ckpt_path") is not None
         loggers = trainer.get("logger")
         for logger in loggers if isinstance(loggers, list) else [loggers]:

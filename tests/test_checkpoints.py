@@ -162,11 +162,15 @@ def test_accumulation_resumed_mid_epoch_equals_the_straight_run_bit_for_bit(tmp_
                               policy="Adapter"))
     assert out.returncode == 2 and "nothing to train" in out.stderr and "trainer.max_steps=4" in out.stderr, out.stderr[-2000:]
     assert f"its Hugging Face export was not written: python -m ftlab export --run {resumed}" in out.stderr, out.stderr[-2000:]
+    assert "resuming with" not in out.stderr  # the same settings: nothing to say
     # another batch size mid-epoch: the rest of the epoch's order is made of batches of the saved size
     out = run_ftlab(*fit_args(resumed, tiny_bert, reviews_csv, *common, "--trainer.max_steps=5", "--ckpt_path=last",
-                              "--data.batch_size=32", policy="Adapter"))
+                              "--data.batch_size=32", "--model.optim.lr=0.5", policy="Adapter"))
     assert out.returncode == 2 and "data.batch_size=32, but the checkpoint stopped mid-epoch with batch_size 16" in \
         out.stderr, out.stderr[-2000:]
+    # a new learning rate is said not to be used (the checkpoint's optimizer and schedule go on)
+    assert "ftlab: resuming with model.optim.lr=0.5, the run had " in out.stderr, out.stderr[-2000:]
+    assert "the checkpoint's optimizer and schedule go on; the new value is not used" in out.stderr
 
 
 class CrashAt(L.Callback):
