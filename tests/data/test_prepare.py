@@ -350,6 +350,16 @@ def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tmp_path, t
     assert is_complete(path)
 
 
+
+def recording_write(calls: list):
+    """Stands for the tokenisation (write_cache): records the preparation and leaves a complete cache."""
+    def write(dm, path, num_proc):
+        calls.append(path)
+        os.makedirs(path)
+        Path(path, "meta.json").write_text("{}")
+    return write
+
+
 def test_a_failure_during_the_wait_ends_every_process_even_those_that_may_prepare(tmp_path, monkeypatch):
     """Node-local preparers on a shared cache: once one has failed, the next must not take the lock and fail
     again in turn (each node's time to fail, on GPU nodes); an old failure (an earlier run's) is retried."""
@@ -367,13 +377,7 @@ def test_a_failure_during_the_wait_ends_every_process_even_those_that_may_prepar
     old = time.time() - STALE_FAILURE_S - 10
     os.utime(failed, (old, old))
     calls = []
-
-    def write(dm, path, num_proc):  # stands for the tokenisation: the retry runs, this run is not stopped
-        calls.append(path)
-        os.makedirs(path)
-        Path(path, "meta.json").write_text("{}")
-
-    monkeypatch.setattr("ftlab.data.prepare.write_cache", write)
+    monkeypatch.setattr("ftlab.data.prepare.write_cache", recording_write(calls))  # the retry runs, not stopped
     assert ensure_prepared(dm, may_prepare=True, who="rank 0", num_proc=1, log=lambda *_: None)
     assert calls == [dm.cache_path] and not failed.exists()
 
@@ -394,13 +398,7 @@ def test_who_failed_decides_whether_a_failure_before_the_wait_is_an_earlier_runs
         ensure_prepared(dm, may_prepare=True, who="rank 8", num_proc=1, log=lambda *_: None)
     failed.write_text(json.dumps({**failure, "host": socket.gethostname()}))
     calls = []
-
-    def write(dm, path, num_proc):
-        calls.append(path)
-        os.makedirs(path)
-        Path(path, "meta.json").write_text("{}")
-
-    monkeypatch.setattr("ftlab.data.prepare.write_cache", write)
+    monkeypatch.setattr("ftlab.data.prepare.write_cache", recording_write(calls))
     assert ensure_prepared(dm, may_prepare=True, who="rank 0", num_proc=1, log=lambda *_: None)
     assert calls == [dm.cache_path] and not failed.exists()
 
