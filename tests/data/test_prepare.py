@@ -350,7 +350,6 @@ def test_ranks_wait_for_the_cache_longer_than_the_collective_timeout(tmp_path, t
     assert is_complete(path)
 
 
-
 def recording_write(calls: list):
     """Stands for the tokenisation (write_cache): records the preparation and leaves a complete cache."""
     def write(dm, path, num_proc):
