@@ -450,3 +450,16 @@ def test_the_class_form_an_error_suggests_is_the_named_strategy(name):
     assert type(built) is type(named)
     if name.startswith("deepspeed"):
         assert built.model_sized_buffers and named.model_sized_buffers and built.config == named.config
+
+
+def test_fsdp_gives_no_unit_of_its_own_to_a_weight_other_modules_hold_too():
+    """T5's encoder and decoder embed_tokens hold `shared`'s weight: as a unit of its own, `shared` would be
+    sharded apart from the copies they kept (the embeddings untied); an untied LM head is a unit still."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from ftlab.strategies.fsdp import _embedding_units
+
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=8, vocab_size=100))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied, as flan-t5's
+    assert model.encoder.embed_tokens.weight is model.shared.weight
+    assert _embedding_units(model) == [model.lm_head]

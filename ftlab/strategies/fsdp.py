@@ -217,11 +217,21 @@ def _embedding_units(model: nn.Module, keep_head_in_root: bool = False) -> list[
     get_out = getattr(model, "get_output_embeddings", None)
     inputs = get_in() if get_in else None
     outputs = get_out() if get_out else None
-    if inputs is None or outputs is None:
-        return [m for m in (inputs, outputs) if isinstance(m, nn.Module)]
-    if any(a is b for a in inputs.parameters() for b in outputs.parameters()):
+    if inputs is not None and outputs is not None and any(a is b for a in inputs.parameters()
+                                                          for b in outputs.parameters()):
         return []
-    return [inputs] if keep_head_in_root else [inputs, outputs]
+    units = [m for m in (inputs, outputs if not keep_head_in_root else None) if isinstance(m, nn.Module)]
+    # nor a weight another module holds too (T5's encoder and decoder embed_tokens share `shared`'s): the
+    # unit's sharded parameter would replace it in the unit only, and the others would keep a copy of their own
+    return [m for m in units if not _held_elsewhere(model, m)]
+
+
+def _held_elsewhere(model: nn.Module, unit: nn.Module) -> bool:
+    """Whether a module outside `unit` holds one of `unit`'s parameters itself."""
+    inside = {id(m) for m in unit.modules()}
+    own = {id(p) for p in unit.parameters()}
+    return any(id(p) in own for m in model.modules() if id(m) not in inside for p in m._parameters.values()
+               if p is not None)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
