@@ -567,10 +567,12 @@ def _items(hf_model: nn.Module, gather: Gather, blocks: list[Block], strip: str,
 
 def _export_hf(hf_model: nn.Module, gather: Gather, blocks: list[Block], folder: str, *, strip: str = "",
                tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: torch.dtype | None = None,
-               writer: bool = True, untie: bool = False) -> None:
+               writer: bool = True, untie: bool = False, shown: str | None = None) -> None:
     """A from_pretrained folder of `hf_model`, its tensors streamed from `gather` (names: state-dict names less
-    `strip`) into shards as they come (`untie`: see _save_model_files)."""
-    items = _items(hf_model, gather, blocks, strip, WorkProgress(f"export to {folder}", len(blocks), "blocks", "gathered"))
+    `strip`) into shards as they come (`untie`: see _save_model_files; `shown`: the folder the progress names,
+    where `folder` is a staging one)."""
+    progress = WorkProgress(f"export to {shown or folder}", len(blocks), "blocks", "gathered")
+    items = _items(hf_model, gather, blocks, strip, progress)
     if not writer:
         for _ in items:  # every rank takes part in each gather
             pass
@@ -661,7 +663,7 @@ def export_streamed(model: nn.Module, gather: Gather, out_dir: str, *, tokenizer
                 failed, writer, options["writer"] = err, False, False
             if merge_adapter and not model.peft_config[model.active_adapter].is_prompt_learning:
                 folders["merged"] = os.path.join(out_dir, "merged")
-                _export_merged(model, gather, os.path.join(stage, "merged"), **options)
+                _export_merged(model, gather, os.path.join(stage, "merged"), shown=folders["merged"], **options)
             if failed is not None:
                 raise failed
             if writer:
