@@ -150,9 +150,8 @@ def label(run: Run) -> str:
     return f"{run.variant}{f' rows {run.rows}' if run.rows else ''} seed {run.seed}"
 
 
-def run_all(runs: list[Run], env: dict[str, str] | None = None) -> list[Run]:
-    """Runs what is not finished; returns the runs that failed. Progress goes to stdout."""
-    failed = []
+def run_all(runs: list[Run], env: dict[str, str] | None = None) -> None:
+    """Runs what is not finished (which ones failed: Run.finished). Progress goes to stdout."""
     for i, run in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {label(run)}"
         if run.finished():
@@ -172,10 +171,8 @@ def run_all(runs: list[Run], env: dict[str, str] | None = None) -> list[Run]:
             print(f"{tag}: FAILED after {took:.0f} s (exit {code}); last lines of {log}:", flush=True)
             with open(log, errors="replace") as f:
                 print("".join(f.readlines()[-5:]), end="", flush=True)
-            failed.append(run)
         else:
             with open(run.summary_path) as f:
                 summary = json.load(f)
             scores = ", ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items()) if k.startswith("test/"))
             print(f"{tag}: done in {took:.0f} s{': ' + scores if scores else ''}", flush=True)
-    return failed
